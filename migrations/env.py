@@ -1,0 +1,39 @@
+"""Alembic environment: runs on the connection handed in by `saga_worker.store.migrate`."""
+
+from __future__ import annotations
+
+from alembic import context
+from sqlalchemy import Connection
+
+from saga_worker.store.tables import metadata
+
+config = context.config
+
+
+def run_migrations_online() -> None:
+    connection: Connection | None = config.attributes.get("connection")
+    if connection is None:
+        from saga_worker.config import Settings
+        from saga_worker.store.repository import create_db_engine
+
+        url = config.get_main_option("sqlalchemy.url") or Settings.from_env().database_url
+        engine = create_db_engine(url, pool=False)
+        with engine.connect() as conn:
+            _run(conn)
+        return
+    _run(connection)
+
+
+def _run(connection: Connection) -> None:
+    context.configure(
+        connection=connection,
+        target_metadata=metadata,
+        render_as_batch=connection.dialect.name == "sqlite",
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+if context.is_offline_mode():
+    raise SystemExit("offline migrations are not supported; run `saga-worker db upgrade`")
+run_migrations_online()

@@ -1,0 +1,107 @@
+"""Settings from SAGA_* environment variables, with embedded defaults when unset."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigurationError
+
+DEFAULT_REDACT_KEYS = (
+    "password",
+    "passwd",
+    "secret",
+    "token",
+    "api_key",
+    "apikey",
+    "authorization",
+    "private_key",
+    "card_number",
+    "cardnumber",
+    "cvv",
+    "iban",
+)
+
+
+def default_home() -> Path:
+    """Where the embedded default keeps its SQLite file and broker folders."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "saga_worker"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of DESIGN.md §6; build with `Settings.from_env()`."""
+
+    database_url: str
+    broker_url: str
+    home: Path
+    imports: tuple[str, ...] = ()
+    queue: str = "celery"
+    metrics_port: int | None = None
+    recovery_interval_seconds: float = 10.0
+    stall_grace_seconds: float = 30.0
+    default_step_timeout_seconds: float = 300.0
+    max_context_bytes: int = 262_144
+    max_context_depth: int = 32
+    signing_key: str | None = None
+    redact_keys: tuple[str, ...] = DEFAULT_REDACT_KEYS
+    max_recoveries: int = 5
+
+    @property
+    def is_embedded_broker(self) -> bool:
+        return self.broker_url.startswith("filesystem://")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        home = Path(env.get("SAGA_HOME") or default_home())
+        extra_redact = tuple(
+            k.strip().lower() for k in env.get("SAGA_REDACT_KEYS", "").split(",") if k.strip()
+        )
+        return cls(
+            database_url=env.get("SAGA_DATABASE_URL") or f"sqlite:///{home / 'saga.sqlite3'}",
+            broker_url=env.get("SAGA_BROKER_URL") or "filesystem://",
+            home=home,
+            imports=tuple(
+                m.strip() for m in env.get("SAGA_IMPORTS", "").split(",") if m.strip()
+            ),
+            queue=env.get("SAGA_QUEUE") or "celery",
+            metrics_port=_int(env, "SAGA_METRICS_PORT", None, minimum=0),
+            recovery_interval_seconds=_float(env, "SAGA_RECOVERY_INTERVAL_SECONDS", 10.0),
+            stall_grace_seconds=_float(env, "SAGA_STALL_GRACE_SECONDS", 30.0),
+            default_step_timeout_seconds=_float(env, "SAGA_DEFAULT_STEP_TIMEOUT_SECONDS", 300.0),
+            max_context_bytes=_int(env, "SAGA_MAX_CONTEXT_BYTES", 262_144, minimum=2) or 262_144,
+            max_context_depth=_int(env, "SAGA_MAX_CONTEXT_DEPTH", 32, minimum=1) or 32,
+            signing_key=env.get("SAGA_SIGNING_KEY") or None,
+            redact_keys=DEFAULT_REDACT_KEYS + extra_redact,
+            max_recoveries=_int(env, "SAGA_MAX_RECOVERIES", 5, minimum=0) or 0,
+        )
+
+
+def _int(env: Mapping[str, str], name: str, default: int | None, *, minimum: int) -> int | None:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigurationError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name} must be a number of seconds, got {raw!r}") from None
+    if not value > 0:
+        raise ConfigurationError(f"{name} must be > 0, got {raw!r}")
+    return value

@@ -1,0 +1,22 @@
+"""What the shell must do after a transition has been committed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from .model import Direction
+
+
+@dataclass(frozen=True)
+class RunAttempt:
+    """Send the task of one step attempt; `not_before` carries the retry backoff."""
+
+    saga_id: str
+    step_index: int
+    direction: Direction
+    attempt: int
+    not_before: datetime
+
+
+Command = RunAttempt

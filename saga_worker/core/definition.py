@@ -1,0 +1,174 @@
+"""Saga and step definitions, validated as a whole when built."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import InvalidSagaDefinition
+from .model import Direction, JSONObject
+from .retry import RetryPolicy
+
+NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,99}$")
+DEFAULT_TIMEOUT_SECONDS = 300.0
+
+
+@dataclass(frozen=True)
+class StepInput:
+    """What a local step function receives."""
+
+    saga_id: str
+    saga_type: str
+    step_name: str
+    direction: Direction
+    attempt: int
+    idempotency_key: str
+    context: JSONObject
+
+
+LocalFunction = Callable[[StepInput], "Mapping[str, Any] | None"]
+
+
+@dataclass(frozen=True)
+class Remote:
+    """A step action or compensation served by another service's Celery workers.
+
+    The task receives kwargs ``context``, ``idempotency_key``, ``saga_id``, ``step_name``
+    and ``attempt``, and returns a JSON object. Its result reaches ``saga.advance`` through
+    Celery's ``link`` / ``link_error`` callbacks, so the other service needs only Celery.
+    """
+
+    task_name: str
+    queue: str
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a saga: an action, an optional compensation, and how to retry them.
+
+    `action` and `compensate` are either a local function taking a `StepInput` and
+    returning a JSON object (merged into the context) or a `Remote` task.
+    """
+
+    name: str
+    action: LocalFunction | Remote
+    compensate: LocalFunction | Remote | None = None
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    timeout_seconds: float | None = None
+    compensation_retry: RetryPolicy | None = None
+    compensation_timeout_seconds: float | None = None
+
+    def target(self, direction: Direction) -> LocalFunction | Remote | None:
+        return self.action if direction is Direction.FORWARD else self.compensate
+
+    def policy(self, direction: Direction) -> RetryPolicy:
+        if direction is Direction.COMPENSATE and self.compensation_retry is not None:
+            return self.compensation_retry
+        return self.retry
+
+    def timeout(self, direction: Direction, default: float = DEFAULT_TIMEOUT_SECONDS) -> float:
+        if direction is Direction.COMPENSATE and self.compensation_timeout_seconds is not None:
+            return self.compensation_timeout_seconds
+        return self.timeout_seconds if self.timeout_seconds is not None else default
+
+
+@dataclass(frozen=True)
+class SagaDefinition:
+    """A named, ordered list of steps. Building one validates all of it at once."""
+
+    saga_type: str
+    steps: tuple[Step, ...]
+    default_timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
+
+    def __init__(
+        self,
+        saga_type: str,
+        steps: Sequence[Step],
+        *,
+        default_timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
+    ) -> None:
+        object.__setattr__(self, "saga_type", saga_type)
+        object.__setattr__(self, "steps", tuple(steps))
+        object.__setattr__(self, "default_timeout_seconds", default_timeout_seconds)
+        problems = self.problems()
+        if problems:
+            raise InvalidSagaDefinition(saga_type, problems)
+
+    def problems(self) -> list[str]:
+        """Every problem of this definition, so that one error can list them all."""
+        found: list[str] = []
+        if not isinstance(self.saga_type, str) or not NAME_RE.match(self.saga_type):
+            found.append(
+                f"saga_type {self.saga_type!r} must match {NAME_RE.pattern} "
+                "(it becomes part of Celery task names)"
+            )
+        if not self.steps:
+            found.append("a saga needs at least one step")
+        if self.default_timeout_seconds <= 0:
+            found.append("default_timeout_seconds must be > 0")
+        seen: set[str] = set()
+        for index, step in enumerate(self.steps):
+            where = f"step {index} ({getattr(step, 'name', '?')!r})"
+            if not isinstance(step, Step):
+                found.append(f"step {index} is a {type(step).__name__}, expected saga_worker.Step")
+                continue
+            if not isinstance(step.name, str) or not NAME_RE.match(step.name):
+                found.append(f"{where}: name must match {NAME_RE.pattern}")
+            elif step.name in seen:
+                found.append(f"{where}: duplicate step name; step names must be unique")
+            seen.add(step.name)
+            for label, target in (("action", step.action), ("compensate", step.compensate)):
+                if target is None and label == "compensate":
+                    continue
+                if isinstance(target, Remote):
+                    if not target.task_name or not isinstance(target.task_name, str):
+                        found.append(f"{where}: remote {label} needs a task_name")
+                    if not target.queue or not isinstance(target.queue, str):
+                        found.append(f"{where}: remote {label} needs a queue")
+                elif not callable(target):
+                    found.append(
+                        f"{where}: {label} must be a function taking StepInput or a Remote(...), "
+                        f"got {type(target).__name__}"
+                    )
+            for label, policy in (
+                ("retry", step.retry),
+                ("compensation_retry", step.compensation_retry),
+            ):
+                if policy is None:
+                    continue
+                if not isinstance(policy, RetryPolicy):
+                    found.append(f"{where}: {label} must be a RetryPolicy")
+                    continue
+                found.extend(f"{where}: {label}: {p}" for p in policy.problems())
+            for label, timeout in (
+                ("timeout_seconds", step.timeout_seconds),
+                ("compensation_timeout_seconds", step.compensation_timeout_seconds),
+            ):
+                if timeout is not None and not timeout > 0:
+                    found.append(f"{where}: {label} must be > 0, got {timeout!r}")
+        return found
+
+    @property
+    def step_names(self) -> tuple[str, ...]:
+        return tuple(step.name for step in self.steps)
+
+    def timeout(self, step_index: int, direction: Direction) -> float:
+        """Timeout of one action or compensation, falling back to the saga default."""
+        return self.steps[step_index].timeout(direction, self.default_timeout_seconds)
+
+    def task_name(self, step_index: int, direction: Direction) -> str:
+        """Celery task name of an attempt: the remote name, or saga.<type>.<step>[.compensate]."""
+        step = self.steps[step_index]
+        target = step.target(direction)
+        if isinstance(target, Remote):
+            return target.task_name
+        suffix = ".compensate" if direction is Direction.COMPENSATE else ""
+        return f"saga.{self.saga_type}.{step.name}{suffix}"
+
+
+def idempotency_key(saga_id: str, step_name: str, direction: Direction) -> str:
+    """Key a step's effect by: stable across attempts and recoveries of the same step."""
+    suffix = ":compensate" if direction is Direction.COMPENSATE else ""
+    return f"{saga_id}:{step_name}{suffix}"

@@ -1,0 +1,70 @@
+"""What can happen to a saga; each event is fed to `transition`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .model import Direction, JSONObject
+
+
+@dataclass(frozen=True)
+class StartRequested:
+    """A producer asked to start a saga (already validated by the shell)."""
+
+    saga_id: str
+    saga_type: str
+    context: JSONObject
+    user_id: str | None = None
+    ip_address: str | None = None
+
+
+@dataclass(frozen=True)
+class StepSucceeded:
+    """An attempt of a step action or compensation returned `output`."""
+
+    step_index: int
+    direction: Direction
+    attempt: int
+    output: JSONObject
+    duration_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class StepFailed:
+    """An attempt raised, timed out, or returned something unusable."""
+
+    step_index: int
+    direction: Direction
+    attempt: int
+    error_type: str
+    message: str
+    stack_trace: str | None = None
+    retryable: bool = True
+    timed_out: bool = False
+    duration_ms: float | None = None
+
+
+@dataclass(frozen=True)
+class AbortRequested:
+    """Someone asked to stop the saga and roll it back."""
+
+    reason: str
+    user_id: str | None = None
+    ip_address: str | None = None
+
+
+@dataclass(frozen=True)
+class AttemptStalled:
+    """The pending attempt passed its deadline with no result recorded.
+
+    `recoveries` is the count the recovery scan saw, so that two scans racing on the
+    same stalled attempt recover it once.
+    """
+
+    step_index: int
+    direction: Direction
+    attempt: int
+    recoveries: int = 0
+
+
+Event = StepSucceeded | StepFailed | AbortRequested | AttemptStalled

@@ -1,0 +1,88 @@
+"""Values that describe a saga at one moment: its state and the attempt it waits for."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import Enum
+from typing import Any
+
+
+class SagaState(str, Enum):
+    """Lifecycle state of a saga (DESIGN.md §3)."""
+
+    RUNNING = "RUNNING"
+    COMPENSATING = "COMPENSATING"
+    COMPLETED = "COMPLETED"
+    COMPENSATED = "COMPENSATED"
+    ABORTED = "ABORTED"
+    FAILED = "FAILED"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES = frozenset(
+    {SagaState.COMPLETED, SagaState.COMPENSATED, SagaState.ABORTED, SagaState.FAILED}
+)
+
+
+class Direction(str, Enum):
+    """Whether an attempt runs a step's action or its compensation."""
+
+    FORWARD = "forward"
+    COMPENSATE = "compensate"
+
+    @property
+    def delta(self) -> int:
+        """+1 walks the step list forward, -1 walks it back (one loop for both)."""
+        return 1 if self is Direction.FORWARD else -1
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """The single attempt a non-terminal saga waits for.
+
+    A result is accepted only when its (step_index, direction, number) equals this one,
+    which is what turns duplicated and late messages into no-ops.
+    """
+
+    step_index: int
+    direction: Direction
+    number: int
+    not_before: datetime
+    deadline: datetime
+    recoveries: int = 0
+
+    def key(self) -> tuple[int, Direction, int]:
+        return (self.step_index, self.direction, self.number)
+
+
+JSONObject = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Saga:
+    """A saga's checkpoint: everything needed to decide its next transition."""
+
+    saga_id: str
+    saga_type: str
+    state: SagaState
+    context: JSONObject
+    current_step_index: int
+    total_steps: int
+    started_at: datetime
+    updated_at: datetime
+    pending: Attempt | None
+    completed_steps: tuple[str, ...] = ()
+    compensated_steps: tuple[str, ...] = ()
+    failed_compensations: tuple[str, ...] = ()
+    error: str | None = None
+    retries: int = 0
+    user_id: str | None = None
+    ip_address: str | None = None
+    abort_requested: bool = False
+    version: int = 0
+    extra: Mapping[str, Any] = field(default_factory=dict)

@@ -1,0 +1,381 @@
+"""The saga state machine: (definition, saga, event, now) -> Decision.
+
+Pure: no I/O, no clock (``now`` is an argument), no randomness beyond a seeded jitter.
+A result that does not match the pending attempt, or arrives after the end, is ignored
+rather than raised: duplicates and late messages are expected on an at-least-once queue.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from .commands import Command, RunAttempt
+from .definition import SagaDefinition
+from .events import (
+    AbortRequested,
+    AttemptStalled,
+    Event,
+    StartRequested,
+    StepFailed,
+    StepSucceeded,
+)
+from .model import Attempt, Direction, Saga, SagaState
+from .retry import backoff_seconds
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Engine-wide settings the state machine needs (from configuration, passed in)."""
+
+    stall_grace_seconds: float = 30.0
+    max_recoveries: int = 5
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """An audit row as the core knows it; the shell adds time, snapshot and hashes."""
+
+    event_type: str
+    state_before: SagaState | None
+    state_after: SagaState
+    step_name: str | None = None
+    step_index: int | None = None
+    event_data: Mapping[str, Any] = field(default_factory=dict)
+    error_message: str | None = None
+    error_stack_trace: str | None = None
+    duration_ms: float | None = None
+    retry_count: int | None = None
+    user_id: str | None = None
+    ip_address: str | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of one transition.
+
+    When `ignored` is set nothing must be written or sent: `saga` is the unchanged input.
+    """
+
+    saga: Saga
+    audit: tuple[AuditEvent, ...] = ()
+    commands: tuple[Command, ...] = ()
+    ignored: str | None = None
+
+    @property
+    def changed(self) -> bool:
+        return self.ignored is None
+
+
+def start(
+    definition: SagaDefinition, event: StartRequested, now: datetime, limits: Limits = Limits()
+) -> Decision:
+    """Create a saga from a validated start request and schedule its first step."""
+    saga = Saga(
+        saga_id=event.saga_id,
+        saga_type=definition.saga_type,
+        state=SagaState.RUNNING,
+        context=dict(event.context),
+        current_step_index=0,
+        total_steps=len(definition.steps),
+        started_at=now,
+        updated_at=now,
+        pending=None,
+        user_id=event.user_id,
+        ip_address=event.ip_address,
+    )
+    b = _Builder(definition, saga, now, limits)
+    b.audit("saga_start", None, event_data={"saga_type": definition.saga_type})
+    b.run(0, Direction.FORWARD, 1, now)
+    return b.decision()
+
+
+def transition(
+    definition: SagaDefinition,
+    saga: Saga,
+    event: Event,
+    now: datetime,
+    limits: Limits = Limits(),
+) -> Decision:
+    """Apply one event to a saga and say what to persist and what to send next."""
+    if saga.state.is_terminal:
+        return Decision(saga, ignored=f"saga is already {saga.state.value}")
+    b = _Builder(definition, saga, now, limits)
+    if isinstance(event, AbortRequested):
+        return _abort(b, event)
+    pending = saga.pending
+    if pending is None or pending.key() != (event.step_index, event.direction, event.attempt):
+        return Decision(
+            saga,
+            ignored=(
+                f"result for step {event.step_index} {event.direction.value} attempt "
+                f"{event.attempt} does not match the pending attempt "
+                f"{pending.key() if pending else None}: duplicate or late"
+            ),
+        )
+    if isinstance(event, AttemptStalled):
+        if event.recoveries != pending.recoveries:
+            return Decision(saga, ignored="attempt was already recovered by another scan")
+        return _recover(b, pending)
+    if isinstance(event, StepSucceeded):
+        return _succeeded(b, event)
+    return _failed(b, event)
+
+
+class _Builder:
+    """Accumulates the new saga value, audit events and commands of one transition."""
+
+    def __init__(self, definition: SagaDefinition, saga: Saga, now: datetime, limits: Limits):
+        self.definition = definition
+        self.saga = saga
+        self.now = now
+        self.limits = limits
+        self.events: list[AuditEvent] = []
+        self.commands: list[Command] = []
+
+    def update(self, **changes: Any) -> None:
+        self.saga = replace(self.saga, **changes)
+
+    def audit(
+        self,
+        event_type: str,
+        step_index: int | None,
+        *,
+        state_before: SagaState | None = None,
+        **fields: Any,
+    ) -> None:
+        before = state_before if state_before is not None else (
+            None if event_type == "saga_start" else self.saga.state
+        )
+        fields.setdefault("user_id", self.saga.user_id)
+        fields.setdefault("ip_address", self.saga.ip_address)
+        self.events.append(
+            AuditEvent(
+                event_type=event_type,
+                state_before=before,
+                state_after=self.saga.state,
+                step_name=None if step_index is None else self.definition.steps[step_index].name,
+                step_index=step_index,
+                **fields,
+            )
+        )
+
+    def run(
+        self, step_index: int, direction: Direction, number: int, not_before: datetime,
+        *, recoveries: int = 0, retry_count: int | None = None,
+    ) -> None:
+        """Make (step, direction, number) the pending attempt and send it."""
+        timeout = self.definition.timeout(step_index, direction)
+        deadline = not_before + timedelta(seconds=timeout + self.limits.stall_grace_seconds)
+        attempt = Attempt(step_index, direction, number, not_before, deadline, recoveries)
+        self.update(pending=attempt, current_step_index=step_index)
+        kind = "step_start" if direction is Direction.FORWARD else "compensation_start"
+        data: dict[str, Any] = {"attempt": number, "timeout_seconds": timeout}
+        if not_before > self.now:
+            data["not_before"] = not_before.isoformat()
+        self.audit(kind, step_index, event_data=data, retry_count=retry_count)
+        self.commands.append(
+            RunAttempt(self.saga.saga_id, step_index, direction, number, not_before)
+        )
+
+    def decision(self) -> Decision:
+        saga = replace(self.saga, updated_at=self.now)
+        return Decision(saga, tuple(self.events), tuple(self.commands))
+
+
+def _abort(b: _Builder, event: AbortRequested) -> Decision:
+    if b.saga.abort_requested:
+        return Decision(b.saga, ignored="abort was already requested")
+    if b.saga.state is SagaState.COMPENSATING:
+        return Decision(b.saga, ignored="saga is already rolling back")
+    b.update(abort_requested=True)
+    b.audit(
+        "abort_requested",
+        b.saga.pending.step_index if b.saga.pending else None,
+        event_data={"reason": event.reason},
+        user_id=event.user_id,
+        ip_address=event.ip_address,
+    )
+    # A forward attempt in flight cannot be recalled from the queue: its result decides
+    # whether that step needs compensating, so rollback begins when it reports.
+    return b.decision()
+
+
+def _succeeded(b: _Builder, event: StepSucceeded) -> Decision:
+    saga = b.saga
+    index = event.step_index
+    name = b.definition.steps[index].name
+    b.update(context={**saga.context, **event.output}, pending=None)
+    if event.direction is Direction.FORWARD:
+        b.update(completed_steps=(*saga.completed_steps, name))
+        b.audit(
+            "step_complete",
+            index,
+            event_data={"attempt": event.attempt, "output_keys": sorted(event.output)},
+            duration_ms=event.duration_ms,
+        )
+        if saga.abort_requested:
+            _rollback_from(b, index)
+        elif index + 1 < len(b.definition.steps):
+            b.run(index + 1, Direction.FORWARD, 1, b.now)
+        else:
+            _finish(b, SagaState.COMPLETED, "saga_complete", index)
+        return b.decision()
+    b.update(compensated_steps=(*saga.compensated_steps, name))
+    b.audit(
+        "compensation_complete",
+        index,
+        event_data={"attempt": event.attempt},
+        duration_ms=event.duration_ms,
+    )
+    _rollback_from(b, index - 1)
+    return b.decision()
+
+
+def _failed(b: _Builder, event: StepFailed) -> Decision:
+    saga = b.saga
+    index = event.step_index
+    step = b.definition.steps[index]
+    forward = event.direction is Direction.FORWARD
+    policy = step.policy(event.direction)
+    error_data = {
+        "attempt": event.attempt,
+        "error_type": event.error_type,
+        "timed_out": event.timed_out,
+        "retryable": event.retryable,
+    }
+    can_retry = (
+        event.retryable
+        and event.attempt < policy.max_attempts
+        and not (forward and saga.abort_requested)
+    )
+    if can_retry:
+        delay = backoff_seconds(
+            policy, event.attempt, f"{saga.saga_id}:{step.name}:{event.direction.value}"
+        )
+        not_before = b.now + timedelta(seconds=delay)
+        b.update(retries=saga.retries + 1)
+        b.audit(
+            "step_retry" if forward else "compensation_retry",
+            index,
+            event_data={**error_data, "delay_seconds": round(delay, 6)},
+            error_message=event.message,
+            error_stack_trace=event.stack_trace,
+            duration_ms=event.duration_ms,
+            retry_count=event.attempt,
+        )
+        b.run(index, event.direction, event.attempt + 1, not_before, retry_count=event.attempt)
+        return b.decision()
+    b.update(pending=None)
+    if forward:
+        b.update(error=f"step {step.name!r} failed: {event.message}", state=SagaState.COMPENSATING)
+        b.audit(
+            "step_failed",
+            index,
+            state_before=saga.state,
+            event_data=error_data,
+            error_message=event.message,
+            error_stack_trace=event.stack_trace,
+            duration_ms=event.duration_ms,
+            retry_count=event.attempt - 1,
+        )
+        _rollback_from(b, index - 1)
+        return b.decision()
+    b.update(failed_compensations=(*saga.failed_compensations, step.name))
+    b.audit(
+        "compensation_failed",
+        index,
+        event_data=error_data,
+        error_message=event.message,
+        error_stack_trace=event.stack_trace,
+        duration_ms=event.duration_ms,
+        retry_count=event.attempt - 1,
+    )
+    # A failed compensation is recorded and the rollback goes on with the rest.
+    _rollback_from(b, index - 1)
+    return b.decision()
+
+
+def _rollback_from(b: _Builder, index: int) -> None:
+    """Compensate completed steps from `index` down to 0, or finish when none is left."""
+    if b.saga.state is SagaState.RUNNING:
+        b.update(state=SagaState.COMPENSATING)
+    completed = set(b.saga.completed_steps)
+    for candidate in range(index, -1, -1):
+        step = b.definition.steps[candidate]
+        if step.name in completed and step.compensate is not None:
+            b.run(candidate, Direction.COMPENSATE, 1, b.now)
+            return
+    last = max(index, 0)
+    if b.saga.failed_compensations:
+        failed = ", ".join(b.saga.failed_compensations)
+        b.update(error=_join(b.saga.error, f"compensation failed for: {failed}"))
+        _finish(b, SagaState.FAILED, "saga_failed", last)
+    elif b.saga.abort_requested:
+        _finish(b, SagaState.ABORTED, "saga_aborted", last)
+    else:
+        _finish(b, SagaState.COMPENSATED, "saga_compensated", last)
+
+
+def _finish(b: _Builder, state: SagaState, event_type: str, step_index: int) -> None:
+    before = b.saga.state
+    b.update(state=state, pending=None, current_step_index=step_index)
+    duration_ms = (b.now - b.saga.started_at).total_seconds() * 1000
+    data: dict[str, Any] = {
+        "completed_steps": list(b.saga.completed_steps),
+        "compensated_steps": list(b.saga.compensated_steps),
+    }
+    if b.saga.failed_compensations:
+        data["failed_compensations"] = list(b.saga.failed_compensations)
+    b.audit(
+        event_type,
+        None,
+        state_before=before,
+        event_data=data,
+        error_message=b.saga.error if state is not SagaState.COMPLETED else None,
+        duration_ms=duration_ms,
+    )
+
+
+def _recover(b: _Builder, pending: Attempt) -> Decision:
+    """Re-send a stalled attempt unchanged, or fail it after too many recoveries."""
+    if pending.recoveries >= b.limits.max_recoveries:
+        return _failed(
+            b,
+            StepFailed(
+                pending.step_index,
+                pending.direction,
+                pending.number,
+                error_type="StalledTooOften",
+                message=(
+                    f"attempt {pending.number} stalled {pending.recoveries + 1} times "
+                    f"(max_recoveries={b.limits.max_recoveries}); giving up on it"
+                ),
+                retryable=False,
+                timed_out=True,
+            ),
+        )
+    b.audit(
+        "saga_recovered",
+        pending.step_index,
+        event_data={
+            "attempt": pending.number,
+            "direction": pending.direction.value,
+            "recoveries": pending.recoveries + 1,
+            "deadline": pending.deadline.isoformat(),
+        },
+    )
+    b.run(
+        pending.step_index,
+        pending.direction,
+        pending.number,
+        b.now,
+        recoveries=pending.recoveries + 1,
+    )
+    return b.decision()
+
+
+def _join(first: str | None, second: str) -> str:
+    return second if not first else f"{first}; {second}"

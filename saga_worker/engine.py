@@ -1,0 +1,163 @@
+"""Load -> transition -> commit checkpoint and audit in one transaction -> dispatch."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from . import registry
+from .core.commands import RunAttempt
+from .core.definition import SagaDefinition
+from .core.events import Event, StartRequested
+from .core.model import Saga, SagaState
+from .core.transition import AuditEvent, Decision, Limits, start, transition
+from .errors import ConcurrencyConflict, SagaNotFound
+from .store.repository import SagaStore, retry_transient
+
+log = logging.getLogger(__name__)
+
+MAX_CONFLICT_RETRIES = 50
+
+
+class Dispatcher(Protocol):
+    """Sends the task of an attempt; implemented over Celery in worker/dispatch.py."""
+
+    def send(self, definition: SagaDefinition, saga: Saga, command: RunAttempt) -> None: ...
+
+
+class EngineHooks(Protocol):
+    """Observers of committed transitions (metrics subscribe here, never the core)."""
+
+    def on_committed(
+        self, definition: SagaDefinition, before: Saga | None, decision: Decision
+    ) -> None: ...
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class StartResult:
+    """What `SagaEngine.start` did: `created` is False for a duplicate saga_id."""
+
+    saga_id: str
+    created: bool
+    decision: Decision | None
+
+
+class SagaEngine:
+    """The thin imperative shell around `core.transition`."""
+
+    def __init__(
+        self,
+        store: SagaStore,
+        dispatcher: Dispatcher,
+        limits: Limits,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+        hooks: Sequence[EngineHooks] = (),
+        db_retry_seconds: float = 60.0,
+    ) -> None:
+        self.store = store
+        self.dispatcher = dispatcher
+        self.limits = limits
+        self.clock = clock
+        self.hooks = list(hooks)
+        self.db_retry_seconds = db_retry_seconds
+
+    def start(self, request: StartRequested) -> StartResult:
+        """Create the saga and send its first step; a known saga_id is a silent duplicate."""
+        definition = registry.get(request.saga_type)
+        now = self.clock()
+        decision = start(definition, request, now, self.limits)
+        created = retry_transient(
+            lambda: self.store.create(decision, now),
+            max_wait_seconds=self.db_retry_seconds,
+            what=f"start of saga {request.saga_id}",
+        )
+        if not created:
+            log.info("saga %s already exists: duplicate start ignored", request.saga_id)
+            return StartResult(request.saga_id, False, None)
+        self._after_commit(definition, None, decision)
+        return StartResult(request.saga_id, True, decision)
+
+    def handle(self, saga_id: str, event: Event) -> Decision:
+        """Apply one event; conflicts with concurrent writers are retried from a fresh load."""
+        for _ in range(MAX_CONFLICT_RETRIES):
+            definition_box: list[SagaDefinition] = []
+
+            def decide(saga: Saga, now: datetime) -> Decision:
+                definition = registry.get(saga.saga_type)
+                definition_box.append(definition)
+                return transition(definition, saga, event, now, self.limits)
+
+            try:
+                now = self.clock()
+                outcome = retry_transient(
+                    lambda now=now: self.store.apply(saga_id, lambda s: decide(s, now), now),  # type: ignore[misc]
+                    max_wait_seconds=self.db_retry_seconds,
+                    what=f"transition of saga {saga_id}",
+                )
+            except ConcurrencyConflict:
+                continue
+            if outcome is None:
+                raise SagaNotFound(saga_id)
+            before, decision = outcome
+            if decision.ignored:
+                log.info("saga %s: %s ignored: %s", saga_id, type(event).__name__, decision.ignored)
+                return decision
+            self._after_commit(definition_box[-1], before, decision)
+            return decision
+        raise ConcurrencyConflict(
+            f"saga {saga_id} kept changing under {MAX_CONFLICT_RETRIES} attempts to apply "
+            f"{type(event).__name__}"
+        )
+
+    def reject(
+        self,
+        saga_id: str,
+        reason: str,
+        *,
+        user_id: str | None = None,
+        ip_address: str | None = None,
+        data: Mapping[str, Any] | None = None,
+    ) -> bool:
+        """Audit a refused start under a valid saga_id that has no saga yet."""
+        event = AuditEvent(
+            event_type="saga_rejected",
+            state_before=None,
+            state_after=SagaState.FAILED,
+            event_data=dict(data or {}),
+            error_message=reason,
+            user_id=user_id,
+            ip_address=ip_address,
+        )
+        return retry_transient(
+            lambda: self.store.record_rejection(saga_id, (event,), {}, self.clock()),
+            max_wait_seconds=self.db_retry_seconds,
+            what=f"rejection of saga {saga_id}",
+        )
+
+    def _after_commit(
+        self, definition: SagaDefinition, before: Saga | None, decision: Decision
+    ) -> None:
+        # Persist first, then send: a crash in between leaves a stalled saga that the
+        # recovery scan re-sends, never a step whose transition was not recorded.
+        for command in decision.commands:
+            try:
+                self.dispatcher.send(definition, decision.saga, command)
+            except Exception:
+                log.exception(
+                    "saga %s: sending step %s %s attempt %s failed; recovery will re-send it",
+                    decision.saga.saga_id, command.step_index, command.direction.value,
+                    command.attempt,
+                )
+        for hook in self.hooks:
+            try:
+                hook.on_committed(definition, before, decision)
+            except Exception:
+                log.exception("engine hook %r failed", hook)

@@ -1,0 +1,91 @@
+"""The exceptions saga_worker raises, each with a stable code and a message that says what to fix.
+
+Standard library only, so that the pure core can raise them too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class SagaError(Exception):
+    """Base of every error saga_worker raises on purpose."""
+
+    code = "saga_error"
+
+
+class ConfigurationError(SagaError):
+    """A SAGA_* setting is missing or malformed."""
+
+    code = "configuration_error"
+
+
+class InvalidSagaDefinition(SagaError):
+    """A saga definition has one or more problems; all of them are listed at once."""
+
+    code = "invalid_saga_definition"
+
+    def __init__(self, saga_type: str, problems: Sequence[str]) -> None:
+        self.saga_type = saga_type
+        self.problems = tuple(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"saga definition {saga_type!r} is invalid:\n{lines}")
+
+
+class UnknownSagaType(SagaError):
+    """A start names a saga type that no imported module registered."""
+
+    code = "unknown_saga_type"
+
+    def __init__(self, saga_type: str, known: Sequence[str]) -> None:
+        self.saga_type = saga_type
+        known_list = ", ".join(sorted(known)) or "none"
+        super().__init__(
+            f"unknown saga_type {saga_type!r} (registered: {known_list}); "
+            "did you forget to list its module in SAGA_IMPORTS?"
+        )
+
+
+class DuplicateSagaType(SagaError):
+    """Two different definitions were registered under one saga type."""
+
+    code = "duplicate_saga_type"
+
+
+class InvalidRequest(SagaError):
+    """A saga.start / saga.abort message broke a rule; `field` names what to fix."""
+
+    code = "invalid_request"
+
+    def __init__(self, field: str, rule: str) -> None:
+        self.field = field
+        self.rule = rule
+        super().__init__(f"{field}: {rule}")
+
+
+class SagaNotFound(SagaError):
+    """No checkpoint exists for this saga_id."""
+
+    code = "saga_not_found"
+
+    def __init__(self, saga_id: str) -> None:
+        self.saga_id = saga_id
+        super().__init__(f"no saga with saga_id {saga_id!r}")
+
+
+class ConcurrencyConflict(SagaError):
+    """Another process advanced the saga first; the caller reloads and decides again."""
+
+    code = "concurrency_conflict"
+
+
+class StepOutputError(SagaError):
+    """A step returned something that cannot be merged into the saga context."""
+
+    code = "step_output_error"
+
+
+class NonRetryableStepError(SagaError):
+    """Raise from a step to fail it at once, without its remaining attempts."""
+
+    code = "non_retryable_step_error"

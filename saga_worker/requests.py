@@ -1,0 +1,135 @@
+"""Validation of producer messages (saga.start / saga.abort) into core events."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import re
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from .config import Settings
+from .core.events import AbortRequested, StartRequested
+from .errors import InvalidRequest
+
+SAGA_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,255}$")
+START_FIELDS = frozenset({"saga_type", "context", "saga_id", "user_id", "ip_address"})
+ABORT_FIELDS = frozenset({"saga_id", "reason", "user_id", "ip_address"})
+MAX_TEXT = 255
+
+
+def valid_saga_id(value: object) -> bool:
+    return isinstance(value, str) and SAGA_ID_RE.match(value) is not None
+
+
+def parse_start(args: tuple[Any, ...], kwargs: Mapping[str, Any], settings: Settings) -> StartRequested:
+    """A `StartRequested` from saga.start's arguments, or InvalidRequest naming field and rule."""
+    _no_positional(args, "saga.start")
+    _known_fields(kwargs, START_FIELDS, "saga.start")
+    saga_id = kwargs.get("saga_id")
+    if saga_id is None:
+        saga_id = str(uuid.uuid4())
+    elif not valid_saga_id(saga_id):
+        raise InvalidRequest("saga_id", "must be 1-255 characters of A-Z a-z 0-9 . _ : -")
+    saga_type = kwargs.get("saga_type")
+    if not isinstance(saga_type, str) or not saga_type:
+        raise InvalidRequest("saga_type", "is required and must be a non-empty string")
+    if "context" not in kwargs:
+        raise InvalidRequest("context", "is required (a JSON object, {} for none)")
+    context = kwargs["context"]
+    check_context(context, settings, "context")
+    return StartRequested(
+        saga_id=saga_id,
+        saga_type=saga_type,
+        context=context,
+        user_id=_optional_text(kwargs, "user_id"),
+        ip_address=_optional_ip(kwargs),
+    )
+
+
+def parse_abort(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[str, AbortRequested]:
+    """(saga_id, AbortRequested) from saga.abort's arguments."""
+    _no_positional(args, "saga.abort")
+    _known_fields(kwargs, ABORT_FIELDS, "saga.abort")
+    saga_id = kwargs.get("saga_id")
+    if not valid_saga_id(saga_id):
+        raise InvalidRequest("saga_id", "is required: 1-255 characters of A-Z a-z 0-9 . _ : -")
+    reason = kwargs.get("reason", "")
+    if not isinstance(reason, str) or len(reason) > 2000:
+        raise InvalidRequest("reason", "must be a string of at most 2000 characters")
+    assert isinstance(saga_id, str)
+    return saga_id, AbortRequested(
+        reason=reason or "abort requested",
+        user_id=_optional_text(kwargs, "user_id"),
+        ip_address=_optional_ip(kwargs),
+    )
+
+
+def check_context(value: object, settings: Settings, field: str) -> None:
+    """A JSON object within the size and nesting limits, or InvalidRequest."""
+    if not isinstance(value, Mapping):
+        raise InvalidRequest(field, f"must be a JSON object, got {type(value).__name__}")
+    _check_json(value, field, 1, settings.max_context_depth)
+    size = len(json.dumps(value, ensure_ascii=False, allow_nan=False).encode())
+    if size > settings.max_context_bytes:
+        raise InvalidRequest(
+            field,
+            f"is {size} bytes as JSON, over the limit of {settings.max_context_bytes} "
+            "(SAGA_MAX_CONTEXT_BYTES)",
+        )
+
+
+def _check_json(value: object, field: str, depth: int, max_depth: int) -> None:
+    if depth > max_depth:
+        raise InvalidRequest(field, f"nests deeper than {max_depth} levels (SAGA_MAX_CONTEXT_DEPTH)")
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise InvalidRequest(field, "object keys must be strings")
+            _check_json(item, field, depth + 1, max_depth)
+    elif isinstance(value, list):
+        for item in value:
+            _check_json(item, field, depth + 1, max_depth)
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidRequest(field, "numbers must be finite (no NaN or Infinity)")
+    elif value is not None and not isinstance(value, str | int | bool):
+        raise InvalidRequest(field, f"holds a {type(value).__name__}, which is not JSON")
+
+
+def _no_positional(args: tuple[Any, ...], task: str) -> None:
+    if args:
+        raise InvalidRequest("args", f"{task} takes keyword arguments only (kwargs=...)")
+
+
+def _known_fields(kwargs: Mapping[str, Any], allowed: frozenset[str], task: str) -> None:
+    extra = sorted(str(k) for k in kwargs if k not in allowed)
+    if extra:
+        raise InvalidRequest(
+            extra[0], f"unknown argument for {task}; allowed: {', '.join(sorted(allowed))}"
+        )
+
+
+def _optional_text(kwargs: Mapping[str, Any], field: str) -> str | None:
+    value = kwargs.get(field)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_TEXT:
+        raise InvalidRequest(field, f"must be a string of 1-{MAX_TEXT} characters")
+    if any(ord(ch) < 32 for ch in value):
+        raise InvalidRequest(field, "must not contain control characters")
+    return value
+
+
+def _optional_ip(kwargs: Mapping[str, Any]) -> str | None:
+    value = kwargs.get("ip_address")
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidRequest("ip_address", "must be an IPv4 or IPv6 address string")
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise InvalidRequest("ip_address", f"{value[:60]!r} is not an IPv4 or IPv6 address") from None

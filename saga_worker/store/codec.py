@@ -1,0 +1,82 @@
+"""Row <-> `Saga` conversion for the checkpoint table."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from ..core.model import Attempt, Direction, Saga, SagaState
+
+
+def pending_to_json(attempt: Attempt | None) -> dict[str, Any] | None:
+    if attempt is None:
+        return None
+    return {
+        "step_index": attempt.step_index,
+        "direction": attempt.direction.value,
+        "number": attempt.number,
+        "not_before": attempt.not_before.isoformat(),
+        "deadline": attempt.deadline.isoformat(),
+        "recoveries": attempt.recoveries,
+    }
+
+
+def pending_from_json(data: Mapping[str, Any] | None) -> Attempt | None:
+    if not data:
+        return None
+    return Attempt(
+        step_index=int(data["step_index"]),
+        direction=Direction(data["direction"]),
+        number=int(data["number"]),
+        not_before=datetime.fromisoformat(data["not_before"]),
+        deadline=datetime.fromisoformat(data["deadline"]),
+        recoveries=int(data.get("recoveries", 0)),
+    )
+
+
+def saga_to_row(saga: Saga) -> dict[str, Any]:
+    """Checkpoint columns of a saga, except version and audit_head (the store owns those)."""
+    return {
+        "saga_id": saga.saga_id,
+        "saga_type": saga.saga_type,
+        "state": saga.state.value,
+        "current_step_index": saga.current_step_index,
+        "completed_steps": list(saga.completed_steps),
+        "compensated_steps": list(saga.compensated_steps),
+        "context": dict(saga.context),
+        "error": saga.error,
+        "started_at": saga.started_at,
+        "updated_at": saga.updated_at,
+        "total_steps": saga.total_steps,
+        "retries": saga.retries,
+        "user_id": saga.user_id,
+        "ip_address": saga.ip_address,
+        "pending": pending_to_json(saga.pending),
+        "deadline": saga.pending.deadline if saga.pending else None,
+        "failed_compensations": list(saga.failed_compensations),
+        "abort_requested": saga.abort_requested,
+    }
+
+
+def saga_from_row(row: Mapping[str, Any]) -> Saga:
+    return Saga(
+        saga_id=row["saga_id"],
+        saga_type=row["saga_type"],
+        state=SagaState(row["state"]),
+        context=dict(row["context"] or {}),
+        current_step_index=row["current_step_index"],
+        total_steps=row["total_steps"],
+        started_at=row["started_at"],
+        updated_at=row["updated_at"],
+        pending=pending_from_json(row["pending"]),
+        completed_steps=tuple(row["completed_steps"] or ()),
+        compensated_steps=tuple(row["compensated_steps"] or ()),
+        failed_compensations=tuple(row["failed_compensations"] or ()),
+        error=row["error"],
+        retries=row["retries"],
+        user_id=row["user_id"],
+        ip_address=row["ip_address"],
+        abort_requested=bool(row["abort_requested"]),
+        version=row["version"],
+    )

@@ -1,0 +1,130 @@
+"""The two tables of DESIGN.md §4 (plus a small key/value table), as SQLAlchemy Core."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    Dialect,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    text,
+)
+from sqlalchemy.types import TypeDecorator
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """TIMESTAMP WITH TIME ZONE that always stores and returns aware UTC datetimes.
+
+    SQLite has no time zone type; values are written in UTC and tagged UTC on the way back.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column; pass an aware datetime")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+metadata = MetaData()
+
+# SQLite only autoincrements an INTEGER PRIMARY KEY.
+_BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+checkpoints = Table(
+    "saga_checkpoints",
+    metadata,
+    Column("saga_id", String(255), primary_key=True),
+    Column("saga_type", String(100), nullable=False),
+    Column("state", String(20), nullable=False),
+    Column("current_step_index", Integer, nullable=False),
+    Column("completed_steps", JSON, nullable=False),
+    Column("compensated_steps", JSON, nullable=False),
+    Column("context", JSON, nullable=False),
+    Column("error", Text),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("updated_at", UTCDateTime, nullable=False),
+    Column("total_steps", Integer, nullable=False),
+    Column("retries", Integer, nullable=False),
+    Column("user_id", String(255)),
+    Column("ip_address", String(45)),
+    # Engine columns: optimistic concurrency, the pending attempt and its stall deadline.
+    Column("version", Integer, nullable=False),
+    Column("pending", JSON),
+    Column("deadline", UTCDateTime),
+    Column("failed_compensations", JSON, nullable=False),
+    Column("abort_requested", Boolean, nullable=False),
+    Column("audit_head", String(64), nullable=False),
+    Index("ix_saga_checkpoints_state", "state"),
+    Index("ix_saga_checkpoints_updated_at", "updated_at"),
+    Index("ix_saga_checkpoints_saga_type_state", "saga_type", "state"),
+    Index("ix_saga_checkpoints_user_id", "user_id"),
+    # Terminal sagas have no deadline, so the recovery scan's index holds only live ones.
+    Index(
+        "ix_saga_checkpoints_deadline_live",
+        "deadline",
+        postgresql_where=text("deadline IS NOT NULL"),
+        sqlite_where=text("deadline IS NOT NULL"),
+    ),
+)
+
+audit_logs = Table(
+    "saga_audit_logs",
+    metadata,
+    Column("id", _BigId, primary_key=True, autoincrement=True),
+    Column("saga_id", String(255), nullable=False),
+    Column("event_type", String(50), nullable=False),
+    Column("step_name", String(100)),
+    Column("step_index", Integer),
+    Column("event_data", JSON),
+    Column("context_snapshot", JSON),
+    Column("error_message", Text),
+    Column("error_stack_trace", Text),
+    Column("timestamp", UTCDateTime, nullable=False),
+    Column("duration_ms", Float),
+    Column("user_id", String(255)),
+    Column("ip_address", String(45)),
+    Column("saga_state_before", String(20)),
+    Column("saga_state_after", String(20)),
+    Column("retry_count", Integer),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+    Index("ix_saga_audit_logs_saga_id", "saga_id"),
+    Index("ix_saga_audit_logs_event_type", "event_type"),
+    Index("ix_saga_audit_logs_step_name", "step_name"),
+    Index("ix_saga_audit_logs_timestamp", "timestamp"),
+    Index("ix_saga_audit_logs_user_id", "user_id"),
+    Index("ix_saga_audit_logs_saga_id_timestamp", "saga_id", "timestamp"),
+    Index("ix_saga_audit_logs_event_type_timestamp", "event_type", "timestamp"),
+    Index("ix_saga_audit_logs_user_id_timestamp", "user_id", "timestamp"),
+)
+
+settings_table = Table(
+    "saga_settings",
+    metadata,
+    Column("key", String(100), primary_key=True),
+    Column("value", Text, nullable=False),
+)

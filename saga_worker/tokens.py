@@ -1,0 +1,21 @@
+"""HMAC tokens that bind a dispatched attempt to (saga_id, step, direction, attempt)."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+
+def attempt_token(key: str, saga_id: str, step_index: int, direction: str, attempt: int) -> str:
+    """The token a step carries and must hand back with its result."""
+    message = f"{saga_id}\x1f{step_index}\x1f{direction}\x1f{attempt}".encode()
+    return hmac.new(key.encode(), message, hashlib.sha256).hexdigest()
+
+
+def token_valid(
+    key: str, token: object, saga_id: str, step_index: int, direction: str, attempt: int
+) -> bool:
+    if not isinstance(token, str):
+        return False
+    expected = attempt_token(key, saga_id, step_index, direction, attempt)
+    return hmac.compare_digest(expected, token)

@@ -1,0 +1,1 @@
+"""Celery adapter: app factory, tasks, dispatch."""

@@ -1,0 +1,85 @@
+"""The Celery app factory: at-least-once settings, JSON only, tasks and beat schedule."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+from kombu import Queue
+
+from .. import registry
+from ..config import Settings
+from ..engine import utcnow
+from ..recovery import sweep
+from .runtime import RuntimeFactory
+from .tasks import register_core_tasks, register_step_tasks
+
+log = logging.getLogger(__name__)
+
+
+def broker_options(settings: Settings) -> dict[str, Any]:
+    """Transport options; the embedded filesystem broker gets its folders under SAGA_HOME."""
+    if settings.is_embedded_broker:
+        root = Path(settings.broker_url.removeprefix("filesystem://") or settings.home / "broker")
+        if not root.is_absolute():
+            root = settings.home / "broker"
+        folders = {"data_folder_in": root / "queue", "data_folder_out": root / "queue",
+                   "control_folder": root / "control", "processed_folder": root / "processed"}
+        for folder in folders.values():
+            folder.mkdir(parents=True, exist_ok=True)
+        return {**{k: str(v) for k, v in folders.items()}, "polling_interval": 0.05}
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        return {"visibility_timeout": 3600}
+    return {}
+
+
+def create_app(settings: Settings | None = None) -> Celery:
+    """A Celery app running every registered saga, configured for at-least-once delivery."""
+    settings = settings or Settings.from_env()
+    broker_url = "filesystem://" if settings.is_embedded_broker else settings.broker_url
+    app = Celery("saga_worker", broker=broker_url, set_as_current=False)
+    app.conf.update(
+        broker_transport_options=broker_options(settings),
+        broker_connection_retry_on_startup=True,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        event_serializer="json",
+        result_accept_content=["json"],
+        task_ignore_result=True,
+        result_backend=None,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue=settings.queue,
+        task_queues=[Queue(settings.queue)],
+        task_send_sent_event=True,
+        worker_send_task_events=True,
+        worker_hijack_root_logger=False,
+        enable_utc=True,
+        timezone="UTC",
+        beat_schedule={
+            "saga-recover": {
+                "task": "saga.recover",
+                "schedule": settings.recovery_interval_seconds,
+                "options": {"expires": settings.recovery_interval_seconds * 2},
+            }
+        },
+    )
+    runtimes = RuntimeFactory(app, settings)
+    app.saga_runtimes = runtimes
+    register_core_tasks(app, runtimes)
+
+    @app.task(name="saga.recover", acks_late=True)  # type: ignore[untyped-decorator]
+    def saga_recover() -> dict[str, int]:
+        rt = runtimes.get()
+        result = sweep(rt.store, rt.engine, utcnow())
+        return {"examined": result.examined, "recovered": result.recovered, "failed": result.failed}
+
+    registry.on_register(lambda definition: register_step_tasks(app, runtimes, definition))
+    for module in settings.imports:
+        importlib.import_module(module)
+    return app

@@ -1,0 +1,76 @@
+"""Turns a `RunAttempt` command into a Celery message (local step or remote task)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from ..config import Settings
+from ..core.commands import RunAttempt
+from ..core.definition import Remote, SagaDefinition, idempotency_key
+from ..core.model import Direction, Saga
+from ..tokens import attempt_token
+
+ADVANCE_TASK = "saga.advance"
+# Past the soft limit a step gets this long to clean up before its process is killed.
+HARD_LIMIT_MARGIN_SECONDS = 10.0
+
+
+class CeleryDispatcher:
+    """Sends attempts with `send_task`, so remote task names need not be importable."""
+
+    def __init__(self, app: Any, settings: Settings, signing_key: str) -> None:
+        self.app = app
+        self.settings = settings
+        self.signing_key = signing_key
+
+    def token(self, saga_id: str, step_index: int, direction: Direction, attempt: int) -> str:
+        return attempt_token(self.signing_key, saga_id, step_index, direction.value, attempt)
+
+    def send(self, definition: SagaDefinition, saga: Saga, command: RunAttempt) -> None:
+        step = definition.steps[command.step_index]
+        target = step.target(command.direction)
+        timeout = definition.timeout(command.step_index, command.direction)
+        token = self.token(saga.saga_id, command.step_index, command.direction, command.attempt)
+        options: dict[str, Any] = {
+            "soft_time_limit": timeout,
+            "time_limit": timeout + HARD_LIMIT_MARGIN_SECONDS,
+        }
+        delay = (command.not_before - datetime.now(UTC)).total_seconds()
+        if delay > 0.001:
+            options["countdown"] = delay
+        reply = {
+            "saga_id": saga.saga_id,
+            "step_index": command.step_index,
+            "direction": command.direction.value,
+            "attempt": command.attempt,
+            "token": token,
+        }
+        if isinstance(target, Remote):
+            # The remote worker only needs Celery: its result (or its failure) is handed to
+            # saga.advance by Celery's link callbacks, which carry the token back untouched.
+            self.app.send_task(
+                target.task_name,
+                kwargs={
+                    "context": dict(saga.context),
+                    "idempotency_key": idempotency_key(saga.saga_id, step.name, command.direction),
+                    "saga_id": saga.saga_id,
+                    "step_name": step.name,
+                    "attempt": command.attempt,
+                },
+                queue=target.queue,
+                link=self.app.signature(
+                    ADVANCE_TASK, kwargs={**reply, "outcome": "success"}, queue=self.settings.queue
+                ),
+                link_error=self.app.signature(
+                    ADVANCE_TASK, kwargs={**reply, "outcome": "failure"}, queue=self.settings.queue
+                ),
+                **options,
+            )
+            return
+        self.app.send_task(
+            definition.task_name(command.step_index, command.direction),
+            kwargs={**reply, "saga_type": saga.saga_type, "context": dict(saga.context)},
+            queue=self.settings.queue,
+            **options,
+        )

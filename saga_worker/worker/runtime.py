@@ -1,0 +1,60 @@
+"""Per-process wiring of settings, store and engine (rebuilt after a prefork fork)."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..audit import Redactor
+from ..config import Settings
+from ..core.transition import Limits
+from ..engine import EngineHooks, SagaEngine
+from ..store.repository import SagaStore, create_db_engine
+from .dispatch import CeleryDispatcher
+
+
+@dataclass
+class Runtime:
+    """Everything a task needs; one per process because database pools must not cross fork."""
+
+    settings: Settings
+    store: SagaStore
+    engine: SagaEngine
+    dispatcher: CeleryDispatcher
+    signing_key: str
+
+
+@dataclass
+class RuntimeFactory:
+    """Builds the `Runtime` lazily, once per process id."""
+
+    app: Any
+    settings: Settings
+    hooks: list[EngineHooks] = field(default_factory=list)
+    _runtime: Runtime | None = None
+    _pid: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def get(self) -> Runtime:
+        pid = os.getpid()
+        if self._runtime is not None and self._pid == pid:
+            return self._runtime
+        with self._lock:
+            if self._runtime is None or self._pid != pid:
+                self._runtime = self._build()
+                self._pid = pid
+            return self._runtime
+
+    def _build(self) -> Runtime:
+        settings = self.settings
+        store = SagaStore(create_db_engine(settings.database_url), Redactor(settings.redact_keys))
+        key = settings.signing_key or store.signing_key()
+        dispatcher = CeleryDispatcher(self.app, settings, key)
+        limits = Limits(
+            stall_grace_seconds=settings.stall_grace_seconds,
+            max_recoveries=settings.max_recoveries,
+        )
+        engine = SagaEngine(store, dispatcher, limits, hooks=self.hooks)
+        return Runtime(settings, store, engine, dispatcher, key)
