@@ -1,0 +1,240 @@
+"""Real services for integration tests: PostgreSQL, Redis and Celery worker processes.
+
+The services come from SAGA_TEST_DATABASE_URL / SAGA_TEST_BROKER_URL (scripts/test.sh starts
+them). When they are missing the tests fail in CI and skip elsewhere, with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from celery import Celery
+from sqlalchemy import select, text
+
+from saga_worker.audit import Redactor, verify_chain
+from saga_worker.core.model import Saga
+from saga_worker.examples.backtest import example_backtests
+from saga_worker.store.migrate import upgrade
+from saga_worker.store.repository import SagaStore, create_db_engine
+
+REPO = Path(__file__).resolve().parents[2]
+WORKER_IMPORTS = "saga_worker.examples,tests.fixtures.sagas"
+
+
+def _require(name: str) -> str:
+    value = os.environ.get(name)
+    if value:
+        return value
+    message = f"{name} is not set: run the suite with scripts/test.sh, which starts the servers"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def broker_url() -> str:
+    return _require("SAGA_TEST_BROKER_URL")
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url() -> str:
+    return _require("SAGA_TEST_DATABASE_URL")
+
+
+def fresh_postgres_database(admin_url: str) -> str:
+    """A new empty database on the test server, migrated; returns its URL."""
+    name = f"it_{uuid.uuid4().hex[:12]}"
+    admin = create_db_engine(admin_url, pool=False).execution_options(isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    url = admin_url.rsplit("/", 1)[0] + "/" + name
+    engine = create_db_engine(url, pool=False)
+    upgrade(engine)
+    engine.dispose()
+    return url
+
+
+def fresh_sqlite_database(folder: Path) -> str:
+    url = f"sqlite:///{folder / 'saga.sqlite3'}"
+    engine = create_db_engine(url)
+    upgrade(engine)
+    engine.dispose()
+    return url
+
+
+@dataclass
+class WorkerProcess:
+    """A `celery worker` subprocess and its log file."""
+
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log_tail(self, lines: int = 80) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "<no log>"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> None:
+        if self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, sig)
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def start_worker(
+    app_module: str,
+    env: dict[str, str],
+    queues: str,
+    log_path: Path,
+    *,
+    concurrency: int = 2,
+    extra_args: tuple[str, ...] = (),
+) -> WorkerProcess:
+    """Start a real Celery worker process and wait until it says it is ready."""
+    full_env = {**os.environ, **env, "PYTHONPATH": str(REPO)}
+    log_file = log_path.open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", app_module, "worker", "-Q", queues,
+         "--pool", "prefork", "--concurrency", str(concurrency), "--loglevel", "INFO",
+         "--without-mingle", "--without-gossip", "-n", f"{uuid.uuid4().hex[:8]}@%h",
+         *extra_args],
+        env=full_env, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO,
+        start_new_session=True,
+    )
+    worker = WorkerProcess(process, log_path)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"worker exited with {process.returncode}:\n{worker.log_tail()}")
+        if b" ready." in log_path.read_bytes():
+            return worker
+        time.sleep(0.1)
+    worker.stop(signal.SIGKILL)
+    raise RuntimeError(f"worker not ready within 60 s:\n{worker.log_tail()}")
+
+
+@dataclass
+class Stack:
+    """One backend under test: its database, a saga worker, a producer and a remote service."""
+
+    backend: str
+    database_url: str
+    broker_url: str
+    queue: str
+    remote_queue: str
+    store: SagaStore
+    producer: Celery
+    workers: list[WorkerProcess] = field(default_factory=list)
+
+    def start(self, saga_type: str, context: dict[str, Any], **fields: Any) -> str:
+        """Start a saga exactly as an outside producer does: send_task by name."""
+        saga_id = fields.pop("saga_id", None) or f"{self.backend}-{uuid.uuid4().hex[:12]}"
+        self.producer.send_task(
+            "saga.start",
+            kwargs={"saga_type": saga_type, "context": context, "saga_id": saga_id, **fields},
+            queue=self.queue,
+        )
+        return saga_id
+
+    def send(self, name: str, kwargs: dict[str, Any]) -> None:
+        self.producer.send_task(name, kwargs=kwargs, queue=self.queue)
+
+    def wait(self, saga_id: str, timeout: float = 60, states: tuple[str, ...] = ()) -> Saga:
+        """Wait until the saga is terminal (or in one of `states`)."""
+        deadline = time.monotonic() + timeout
+        saga = None
+        while time.monotonic() < deadline:
+            saga = self.store.load(saga_id)
+            if saga is not None and (
+                saga.state.value in states if states else saga.state.is_terminal
+            ):
+                return saga
+            time.sleep(0.05)
+        logs = "\n---\n".join(w.log_tail(40) for w in self.workers)
+        raise AssertionError(f"saga {saga_id} not settled in {timeout}s: {saga}\n{logs}")
+
+    def wait_all(self, saga_ids: list[str], timeout: float = 180) -> dict[str, Saga]:
+        deadline = time.monotonic() + timeout
+        pending = set(saga_ids)
+        found: dict[str, Saga] = {}
+        while pending and time.monotonic() < deadline:
+            for saga_id in list(pending):
+                saga = self.store.load(saga_id)
+                if saga is not None and saga.state.is_terminal:
+                    found[saga_id] = saga
+                    pending.discard(saga_id)
+            if pending:
+                time.sleep(0.25)
+        assert not pending, f"{len(pending)} sagas not terminal after {timeout}s: {sorted(pending)[:5]}"
+        return found
+
+    def events(self, saga_id: str) -> list[str]:
+        return [row["event_type"] for row in self.store.audit_trail(saga_id)]
+
+    def assert_chain_ok(self, saga_id: str) -> None:
+        assert verify_chain(self.store.audit_trail(saga_id)) == []
+
+    def example_row(self, saga_id: str) -> dict[str, Any] | None:
+        with self.store.engine.connect() as conn:
+            row = conn.execute(
+                select(example_backtests).where(example_backtests.c.saga_id == saga_id)
+            ).mappings().first()
+        return None if row is None else dict(row)
+
+
+@pytest.fixture(scope="session", params=["postgres", "sqlite"])
+def stack(
+    request: pytest.FixtureRequest, broker_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """A running saga worker (prefork, 2 processes) plus a remote-service worker."""
+    backend = request.param
+    folder = tmp_path_factory.mktemp(f"stack-{backend}")
+    if backend == "postgres":
+        database_url = fresh_postgres_database(request.getfixturevalue("pg_admin_url"))
+    else:
+        database_url = fresh_sqlite_database(folder)
+    tag = uuid.uuid4().hex[:8]
+    queue, remote_queue = f"it-{backend}-{tag}", f"it-remote-{backend}-{tag}"
+    env = {
+        "SAGA_DATABASE_URL": database_url,
+        "SAGA_BROKER_URL": broker_url,
+        "SAGA_QUEUE": queue,
+        "SAGA_IMPORTS": WORKER_IMPORTS,
+        "SAGA_HOME": str(folder),
+        "IT_REMOTE_QUEUE": remote_queue,
+        "IT_REMOTE_BROKER_URL": broker_url,
+    }
+    # The test process imports the fixture sagas too (for the definitions), with the same queue.
+    os.environ["IT_REMOTE_QUEUE"] = remote_queue
+    producer = Celery("it-producer", broker=broker_url, set_as_current=False)
+    producer.conf.update(task_serializer="json", accept_content=["json"])
+    store = SagaStore(create_db_engine(database_url), Redactor([]))
+    result = Stack(backend, database_url, broker_url, queue, remote_queue, store, producer)
+    try:
+        result.workers.append(start_worker("saga_worker.app", env, queue, folder / "worker.log"))
+        result.workers.append(
+            start_worker("tests.fixtures.remote_service", env, remote_queue,
+                         folder / "remote.log", concurrency=1)
+        )
+        yield result
+    finally:
+        for worker in result.workers:
+            worker.stop()
+        producer.close()
+        store.engine.dispose()

@@ -1,0 +1,287 @@
+"""The engine end to end: real Celery worker processes, real Redis, PostgreSQL and SQLite."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter
+
+import pytest
+
+from saga_worker.examples.backtest import simulate
+from saga_worker.tokens import attempt_token
+
+from .conftest import Stack
+
+pytestmark = pytest.mark.integration
+
+HAPPY = [
+    "saga_start",
+    "step_start", "step_complete",
+    "step_start", "step_complete",
+    "step_start", "step_complete",
+    "saga_complete",
+]
+
+
+def test_completes_and_records_every_transition(stack: Stack) -> None:
+    saga_id = stack.start("backtest_workflow", {"strategy_id": 42}, user_id="user_123",
+                          ip_address="192.168.1.1")
+    saga = stack.wait(saga_id)
+    assert saga.state.value == "COMPLETED"
+    assert saga.completed_steps == ("create_backtest", "run_strategy", "save_results")
+    assert saga.compensated_steps == ()
+    assert saga.pending is None
+    assert saga.context["results"] == simulate(42)
+    rows = stack.store.audit_trail(saga_id)
+    assert [r["event_type"] for r in rows] == HAPPY
+    assert {r["user_id"] for r in rows} == {"user_123"}
+    assert {r["ip_address"] for r in rows} == {"192.168.1.1"}
+    assert [r["step_index"] for r in rows if r["event_type"] == "step_complete"] == [0, 1, 2]
+    assert all(r["duration_ms"] is not None for r in rows if r["event_type"] == "step_complete")
+    assert rows[-1]["saga_state_before"] == "RUNNING" and rows[-1]["saga_state_after"] == "COMPLETED"
+    stack.assert_chain_ok(saga_id)
+    row = stack.example_row(saga_id)
+    assert row is not None and row["strategy_id"] == 42 and row["results"] == simulate(42)
+
+
+def test_failure_compensates_completed_steps_in_reverse(stack: Stack) -> None:
+    saga_id = stack.start("backtest_workflow", {"strategy_id": 7, "fail_step": "save_results"})
+    saga = stack.wait(saga_id)
+    assert saga.state.value == "COMPENSATED"
+    assert saga.compensated_steps == ("run_strategy", "create_backtest")
+    assert "injected failure of step save_results" in (saga.error or "")
+    rows = stack.store.audit_trail(saga_id)
+    kinds = [r["event_type"] for r in rows]
+    # 3 attempts: two audited retries, then one step_failed
+    assert [r["retry_count"] for r in rows if r["event_type"] == "step_retry"] == [1, 2]
+    assert kinds.count("step_failed") == 1
+    failed = next(r for r in rows if r["event_type"] == "step_failed")
+    assert failed["step_name"] == "save_results" and "InjectedFailure" in failed["error_stack_trace"]
+    assert failed["saga_state_after"] == "COMPENSATING"
+    compensated = [r["step_name"] for r in rows if r["event_type"] == "compensation_complete"]
+    assert compensated == ["run_strategy", "create_backtest"]
+    assert kinds[-1] == "saga_compensated"
+    assert stack.example_row(saga_id) is None
+    stack.assert_chain_ok(saga_id)
+
+
+def test_flaky_step_is_retried_then_completes(stack: Stack) -> None:
+    saga_id = stack.start(
+        "backtest_workflow",
+        {"strategy_id": 3, "flaky_step": {"step": "run_strategy", "failures": 2}},
+    )
+    saga = stack.wait(saga_id)
+    assert saga.state.value == "COMPLETED"
+    assert saga.retries == 2
+    rows = stack.store.audit_trail(saga_id)
+    run = [(r["event_type"], r["retry_count"]) for r in rows if r["step_name"] == "run_strategy"]
+    assert run == [
+        ("step_start", None), ("step_retry", 1),
+        ("step_start", 1), ("step_retry", 2),
+        ("step_start", 2), ("step_complete", None),
+    ]
+    assert stack.example_row(saga_id)["results"] == simulate(3)  # type: ignore[index]
+
+
+def test_step_past_its_timeout_is_a_failed_attempt(stack: Stack) -> None:
+    # `sleepy` has a 1 s timeout and 2 attempts; it sleeps 4 s each time.
+    saga_id = stack.start("it_timeout", {"sleep": 4})
+    saga = stack.wait(saga_id, timeout=60)
+    assert saga.state.value == "COMPENSATED"
+    rows = stack.store.audit_trail(saga_id)
+    retry = next(r for r in rows if r["event_type"] == "step_retry")
+    failed = next(r for r in rows if r["event_type"] == "step_failed")
+    for row in (retry, failed):
+        assert row["step_name"] == "sleepy"
+        assert row["event_data"]["timed_out"] is True
+        assert row["event_data"]["error_type"] == "StepTimeout"
+        assert row["duration_ms"] < 3000  # interrupted by the soft limit, not slept out
+    assert [r["step_name"] for r in rows if r["event_type"] == "compensation_complete"] == ["prepare"]
+
+
+def test_context_flows_from_step_to_step(stack: Stack) -> None:
+    saga_id = stack.start("it_context", {"seed": 1, "nested": {"x": [1, 2]}})
+    saga = stack.wait(saga_id)
+    assert saga.state.value == "COMPLETED"
+    ctx = saga.context
+    assert ctx["a"] == 2 and ctx["b"] == 20 and ctx["c"] == 22
+    assert ctx["nested"] == {"x": [1, 2]}
+    assert ctx["seen_by_first"] == ["nested", "seed"]
+    assert ctx["key_second"] == f"{saga_id}:second"
+    snapshots = [r["context_snapshot"] for r in stack.store.audit_trail(saga_id)]
+    assert snapshots[0] == {"seed": 1, "nested": {"x": [1, 2]}}
+    assert snapshots[-1]["c"] == 22
+
+
+def test_duplicate_start_never_starts_a_second_saga(stack: Stack) -> None:
+    saga_id = f"dup-{uuid.uuid4().hex[:10]}"
+    for strategy in (1, 2, 3):
+        stack.start("backtest_workflow", {"strategy_id": strategy}, saga_id=saga_id)
+    saga = stack.wait(saga_id)
+    # a late duplicate after completion is ignored too, even with other content
+    stack.start("backtest_workflow", {"strategy_id": 99, "fail_step": "run_strategy"},
+                saga_id=saga_id)
+    stack.start("no_such_saga", {}, saga_id=saga_id)
+    time.sleep(1.5)
+    assert saga.state.value == "COMPLETED"
+    kinds = stack.events(saga_id)
+    assert kinds == HAPPY
+    assert stack.store.load(saga_id).version == saga.version  # type: ignore[union-attr]
+    row = stack.example_row(saga_id)
+    assert row is not None and row["strategy_id"] == saga.context["strategy_id"]
+
+
+def test_abort_mid_run_compensates_and_ends_aborted(stack: Stack) -> None:
+    saga_id = stack.start(
+        "backtest_workflow",
+        {"strategy_id": 5, "slow_step": {"step": "run_strategy", "seconds": 2}},
+    )
+    stack.wait(saga_id, states=("RUNNING",), timeout=20)
+    deadline = time.monotonic() + 20
+    while stack.store.load(saga_id).current_step_index < 1:  # type: ignore[union-attr]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    stack.send("saga.abort", {"saga_id": saga_id, "reason": "operator test", "user_id": "ops"})
+    saga = stack.wait(saga_id, timeout=30)
+    assert saga.state.value == "ABORTED"
+    assert "save_results" not in saga.completed_steps
+    assert saga.compensated_steps == tuple(reversed(saga.completed_steps))
+    rows = stack.store.audit_trail(saga_id)
+    abort = next(r for r in rows if r["event_type"] == "abort_requested")
+    assert abort["user_id"] == "ops" and abort["event_data"]["reason"] == "operator test"
+    assert rows[-1]["event_type"] == "saga_aborted"
+    assert stack.example_row(saga_id) is None
+    stack.assert_chain_ok(saga_id)
+
+
+def test_failed_compensation_is_recorded_and_rollback_goes_on(stack: Stack) -> None:
+    saga_id = stack.start(
+        "backtest_workflow",
+        {"strategy_id": 11, "fail_step": "save_results", "fail_compensation": "run_strategy"},
+    )
+    saga = stack.wait(saga_id)
+    assert saga.state.value == "FAILED"
+    assert saga.failed_compensations == ("run_strategy",)
+    assert saga.compensated_steps == ("create_backtest",)
+    rows = stack.store.audit_trail(saga_id)
+    kinds = [r["event_type"] for r in rows]
+    assert [r["retry_count"] for r in rows if r["event_type"] == "compensation_retry"] == [1, 2]
+    assert kinds.count("compensation_failed") == 1
+    assert kinds.index("compensation_failed") < kinds.index("compensation_complete")
+    assert kinds[-1] == "saga_failed"
+    # create_backtest's compensation ran, so the row is gone
+    assert stack.example_row(saga_id) is None
+
+
+def test_failed_compensation_of_first_step_leaves_its_row(stack: Stack) -> None:
+    saga_id = stack.start(
+        "backtest_workflow",
+        {"strategy_id": 12, "fail_step": "run_strategy", "fail_compensation": "create_backtest"},
+    )
+    saga = stack.wait(saga_id)
+    assert saga.state.value == "FAILED"
+    assert stack.example_row(saga_id) is not None
+
+
+def test_remote_step_served_by_another_service(stack: Stack) -> None:
+    saga_id = stack.start("it_remote", {"qty": 5})
+    saga = stack.wait(saga_id)
+    assert saga.state.value == "COMPLETED", saga.error
+    assert saga.context["price"] == 110
+    assert saga.context["quoted_by"] == "it_pricing"
+    assert saga.context["quote_key"] == f"{saga_id}:quote"
+    assert b"it_pricing.quote" in stack.workers[1].log_path.read_bytes()
+
+
+def test_remote_step_failure_retries_then_compensates(stack: Stack) -> None:
+    saga_id = stack.start("it_remote", {"qty": 1, "remote_fail": True})
+    saga = stack.wait(saga_id)
+    assert saga.state.value == "COMPENSATED"
+    rows = stack.store.audit_trail(saga_id)
+    assert [r["event_type"] for r in rows if r["step_name"] == "quote"] == [
+        "step_start", "step_retry", "step_start", "step_failed"]
+    assert saga.compensated_steps == ("reserve",)
+
+
+def test_replayed_step_message_changes_nothing(stack: Stack) -> None:
+    saga_id = stack.start("backtest_workflow", {"strategy_id": 21})
+    saga = stack.wait(saga_id)
+    before = stack.store.audit_trail(saga_id)
+    key = stack.store.signing_key()
+    for index, name in enumerate(("create_backtest", "run_strategy", "save_results")):
+        stack.send(
+            f"saga.backtest_workflow.{name}",
+            {"saga_id": saga_id, "saga_type": "backtest_workflow", "step_index": index,
+             "direction": "forward", "attempt": 1,
+             "token": attempt_token(key, saga_id, index, "forward", 1),
+             "context": dict(saga.context)},
+        )
+        stack.send(
+            "saga.advance",
+            {"saga_id": saga_id, "step_index": index, "direction": "forward", "attempt": 1,
+             "token": attempt_token(key, saga_id, index, "forward", 1), "outcome": "success",
+             "output": {"forged": True}},
+        )
+    # a forged result with a wrong token for a live-looking attempt
+    stack.send("saga.advance", {"saga_id": saga_id, "step_index": 0, "direction": "forward",
+                                "attempt": 1, "token": "0" * 64, "outcome": "failure"})
+    time.sleep(2)
+    assert stack.store.audit_trail(saga_id) == before
+    assert stack.store.load(saga_id).version == saga.version  # type: ignore[union-attr]
+
+
+def test_unknown_saga_type_is_rejected_and_audited(stack: Stack) -> None:
+    saga_id = f"rej-{uuid.uuid4().hex[:10]}"
+    stack.start("no_such_saga", {"x": 1}, saga_id=saga_id, user_id="u1")
+    deadline = time.monotonic() + 20
+    while not stack.store.audit_trail(saga_id):
+        assert time.monotonic() < deadline, "no saga_rejected row"
+        time.sleep(0.1)
+    rows = stack.store.audit_trail(saga_id)
+    assert [r["event_type"] for r in rows] == ["saga_rejected"]
+    assert "unknown saga_type 'no_such_saga'" in rows[0]["error_message"]
+    assert rows[0]["user_id"] == "u1"
+    assert stack.store.load(saga_id) is None
+
+
+def test_two_hundred_concurrent_sagas_settle_consistently(stack: Stack) -> None:
+    plans = []
+    for i in range(200):
+        kind = i % 5
+        ctx: dict[str, object] = {"strategy_id": i}
+        expected = "COMPLETED"
+        if kind == 1:
+            ctx["fail_step"] = ["create_backtest", "run_strategy", "save_results"][i % 3]
+            expected = "COMPENSATED"
+        elif kind == 2:
+            ctx["flaky_step"] = {"step": "save_results", "failures": 1}
+        elif kind == 3:
+            ctx.update(fail_step="save_results", fail_compensation="run_strategy")
+            expected = "FAILED"
+        plans.append((stack.start("backtest_workflow", ctx), expected, ctx))
+    started = time.monotonic()
+    final = stack.wait_all([p[0] for p in plans], timeout=240)
+    elapsed = time.monotonic() - started
+    outcomes = Counter(s.state.value for s in final.values())
+    print(f"\n[{stack.backend}] 200 sagas settled in {elapsed:.1f}s: {dict(outcomes)}")
+    for saga_id, expected, ctx in plans:
+        saga = final[saga_id]
+        assert saga.state.value == expected, (saga_id, ctx, saga.error)
+        rows = stack.store.audit_trail(saga_id)
+        kinds = [r["event_type"] for r in rows]
+        assert kinds[0] == "saga_start"
+        assert kinds[-1] == {"COMPLETED": "saga_complete", "COMPENSATED": "saga_compensated",
+                             "FAILED": "saga_failed"}[expected]
+        assert kinds.count("step_complete") == len(saga.completed_steps)
+        assert kinds.count("compensation_complete") == len(saga.compensated_steps)
+        assert kinds.count("saga_start") == 1
+        assert saga.pending is None
+        assert [r["step_index"] for r in rows if r["event_type"] == "step_complete"] == list(
+            range(len(saga.completed_steps)))
+        stack.assert_chain_ok(saga_id)
+        row = stack.example_row(saga_id)
+        if expected == "COMPLETED":
+            assert row is not None and row["results"] == simulate(int(ctx["strategy_id"]))  # type: ignore[call-overload]
+        else:
+            assert row is None

@@ -1,0 +1,346 @@
+"""Property tests of `transition` in a simulated at-least-once environment.
+
+The simulation keeps a "network": a multiset of messages that can still be delivered.
+Every RunAttempt the core asks for puts a result of that attempt (success or failure,
+chosen by hypothesis) into the network. Hypothesis then picks, step by step, which message
+to deliver, redelivers messages already delivered, makes old attempts run again (so stale
+and contradictory results arrive), injects AbortRequested, and injects AttemptStalled for the
+pending attempt with a correct or a stale recoveries count. After each transition the saga
+must be valid and the decision coherent; once injections stop and the network is drained,
+the saga must be terminal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from saga_worker.core.commands import RunAttempt
+from saga_worker.core.definition import SagaDefinition, Step
+from saga_worker.core.events import (
+    AbortRequested,
+    AttemptStalled,
+    StartRequested,
+    StepFailed,
+    StepSucceeded,
+)
+from saga_worker.core.model import Direction, Saga, SagaState
+from saga_worker.core.retry import RetryPolicy
+from saga_worker.core.transition import Decision, Limits, start, transition
+
+T0 = datetime(2026, 1, 15, 12, 0, 0, tzinfo=UTC)
+NOOP: Any = lambda call: {}  # noqa: E731
+LIMITS = Limits(stall_grace_seconds=5.0, max_recoveries=1)
+
+ResultEvent = StepSucceeded | StepFailed
+
+
+@st.composite
+def definitions(draw: st.DrawFn) -> SagaDefinition:
+    n = draw(st.integers(1, 4))
+    steps = []
+    for i in range(n):
+        steps.append(
+            Step(
+                f"s{i}",
+                NOOP,
+                NOOP if draw(st.booleans()) else None,
+                retry=RetryPolicy(
+                    max_attempts=draw(st.integers(1, 3)),
+                    initial_delay_seconds=draw(st.sampled_from([0.0, 1.0, 2.5])),
+                    jitter=draw(st.sampled_from([0.0, 0.5])),
+                ),
+                compensation_retry=RetryPolicy(max_attempts=draw(st.integers(1, 3))),
+                timeout_seconds=draw(st.sampled_from([1.0, 30.0])),
+            )
+        )
+    return SagaDefinition("prop", steps)
+
+
+@dataclass
+class Sim:
+    """The saga under test plus the network around it and what was observed so far."""
+
+    definition: SagaDefinition
+    data: st.DataObject
+    saga: Saga
+    now: datetime = T0
+    network: list[Any] = field(default_factory=list)
+    delivered: list[Any] = field(default_factory=list)
+    issued: list[RunAttempt] = field(default_factory=list)
+    accepted_successes: set[tuple[int, Direction]] = field(default_factory=set)
+    seen_audit_types: list[str] = field(default_factory=list)
+    given_up_errors: list[str] = field(default_factory=list)
+
+    # ------------------------------------------------------------ environment ---
+
+    def result_for(self, cmd: RunAttempt) -> ResultEvent:
+        """What one run of an attempt reports; hypothesis decides how it went."""
+        kind = self.data.draw(st.sampled_from(["ok", "ok", "fail", "fatal"]), label="outcome")
+        if kind == "ok":
+            tag = f"{cmd.step_index}:{cmd.direction.value}:{cmd.attempt}"
+            return StepSucceeded(cmd.step_index, cmd.direction, cmd.attempt, {"last": tag})
+        return StepFailed(
+            cmd.step_index,
+            cmd.direction,
+            cmd.attempt,
+            "RuntimeError",
+            "boom",
+            retryable=kind == "fail",
+            timed_out=self.data.draw(st.booleans(), label="timed_out"),
+        )
+
+    def send(self, commands: tuple[RunAttempt, ...]) -> None:
+        for cmd in commands:
+            assert cmd.saga_id == self.saga.saga_id
+            self.issued.append(cmd)
+            self.network.append(self.result_for(cmd))
+
+    # ------------------------------------------------------------------ steps ---
+
+    def apply(self, event: Any) -> Decision:
+        self.now += timedelta(seconds=self.data.draw(st.integers(0, 90), label="elapsed"))
+        before = self.saga
+        decision = transition(self.definition, before, event, self.now, LIMITS)
+        check_decision(self, before, event, decision)
+        self.saga = decision.saga
+        check_saga(self.definition, self.saga)
+        self.send(decision.commands)
+        if decision.ignored is None:
+            # Idempotence: the very same event again right away is a no-op.
+            again = transition(self.definition, self.saga, event, self.now, LIMITS)
+            assert again.ignored is not None, (event, self.saga)
+            assert again.saga == self.saga and again.audit == () and again.commands == ()
+        check_liveness(self)
+        return decision
+
+    def deliver(self, index: int) -> None:
+        event = self.network.pop(index)
+        self.delivered.append(event)
+        self.apply(event)
+
+    def act(self) -> None:
+        """One move of the adversarial environment, chosen by hypothesis."""
+        moves = []
+        if self.network:
+            moves += ["deliver"] * 4
+        if self.delivered:
+            moves.append("redeliver")
+        if self.issued:
+            moves.append("rerun")
+        moves.append("abort")
+        if self.saga.pending is not None:
+            moves += ["stall"] * 2
+        move = self.data.draw(st.sampled_from(moves), label="move")
+        if move == "deliver":
+            self.deliver(self.data.draw(st.integers(0, len(self.network) - 1), label="which"))
+        elif move == "redeliver":
+            self.apply(self.data.draw(st.sampled_from(self.delivered), label="duplicate"))
+        elif move == "rerun":
+            # The broker ran an old task message again: a fresh (maybe different) result.
+            cmd = self.data.draw(st.sampled_from(self.issued), label="rerun of")
+            self.network.append(self.result_for(cmd))
+        elif move == "abort":
+            self.apply(AbortRequested(reason="test", user_id="op"))
+        else:
+            pending = self.saga.pending
+            assert pending is not None
+            recoveries = self.data.draw(
+                st.sampled_from(sorted({pending.recoveries, max(0, pending.recoveries - 1)})),
+                label="recoveries seen",
+            )
+            self.apply(
+                AttemptStalled(pending.step_index, pending.direction, pending.number, recoveries)
+            )
+
+
+# ---------------------------------------------------------------- properties ---
+
+
+def check_saga(definition: SagaDefinition, saga: Saga) -> None:
+    """The invariants every persisted saga state must satisfy."""
+    names = definition.step_names
+    state = saga.state
+    pending = saga.pending
+    comps = {s.name for s in definition.steps if s.compensate is not None}
+    completed = saga.completed_steps
+    compensated = saga.compensated_steps
+    failed = saga.failed_compensations
+
+    assert saga.total_steps == len(names)
+    if state.is_terminal:
+        assert pending is None
+    else:
+        assert pending is not None
+        assert saga.current_step_index == pending.step_index
+        assert pending.deadline > pending.not_before
+        assert pending.number >= 1
+    if state is SagaState.RUNNING:
+        assert pending is not None and pending.direction is Direction.FORWARD
+        assert compensated == () and failed == ()
+        assert names[pending.step_index] not in completed
+        assert pending.step_index == len(completed)
+    if state is SagaState.COMPENSATING:
+        assert pending is not None and pending.direction is Direction.COMPENSATE
+        assert names[pending.step_index] in completed
+        assert names[pending.step_index] in comps
+        assert names[pending.step_index] not in compensated + failed
+    # completed_steps: a prefix of the step names, in order, no duplicates
+    assert completed == names[: len(completed)]
+    # compensated_steps: distinct, each completed, in reverse order of completion
+    assert len(set(compensated)) == len(compensated)
+    assert set(compensated) <= set(completed)
+    positions = [completed.index(n) for n in compensated]
+    assert positions == sorted(positions, reverse=True)
+    assert set(compensated) <= comps
+    assert len(set(failed)) == len(failed)
+    assert set(failed) <= set(completed) & comps
+    assert not set(failed) & set(compensated)
+    if state is SagaState.COMPLETED:
+        assert completed == names
+        assert compensated == () and failed == ()
+        assert not saga.abort_requested
+    if state in (SagaState.COMPENSATED, SagaState.ABORTED):
+        assert {n for n in completed if n in comps} == set(compensated)
+        assert failed == ()
+    if state is SagaState.COMPENSATED:
+        assert not saga.abort_requested
+        assert saga.error  # the step failure that caused the rollback
+    if state is SagaState.ABORTED:
+        assert saga.abort_requested
+    if state is SagaState.FAILED:
+        assert failed != ()
+        assert {n for n in completed if n in comps} == set(compensated) | set(failed)
+        assert saga.error
+    if state in (SagaState.COMPENSATED, SagaState.ABORTED, SagaState.FAILED):
+        assert len(completed) < len(names) or saga.abort_requested
+
+
+def check_decision(sim: Sim, before: Saga, event: Any, decision: Decision) -> None:
+    after = decision.saga
+    if decision.ignored is not None:
+        assert decision.audit == ()
+        assert decision.commands == ()
+        assert after == before
+        return
+    assert not before.state.is_terminal
+    assert decision.audit, "an accepted transition is always audited"
+    assert decision.audit[0].state_before == before.state
+    assert decision.audit[-1].state_after == after.state
+    assert after.updated_at == sim.now
+    assert (after.saga_id, after.started_at) == (before.saga_id, before.started_at)
+    sim.seen_audit_types.extend(e.event_type for e in decision.audit)
+    sim.given_up_errors.extend(
+        str(e.event_data.get("error_type"))
+        for e in decision.audit
+        if e.event_type in ("step_failed", "compensation_failed")
+    )
+    # Commands: exactly the new pending attempt, or nothing.
+    if after.pending is None:
+        assert decision.commands == ()
+    elif isinstance(event, AbortRequested):
+        assert decision.commands == () and after.pending == before.pending
+    else:
+        (cmd,) = decision.commands
+        assert (cmd.step_index, cmd.direction, cmd.attempt) == after.pending.key()
+        assert cmd.not_before == after.pending.not_before
+        assert cmd.not_before >= sim.now
+        if cmd.direction is Direction.COMPENSATE:
+            assert sim.definition.step_names[cmd.step_index] in after.completed_steps
+    # Never two accepted successes for the same (step, direction).
+    if isinstance(event, StepSucceeded):
+        key = (event.step_index, event.direction)
+        assert key not in sim.accepted_successes, f"{key} accepted as succeeded twice"
+        sim.accepted_successes.add(key)
+        name = sim.definition.step_names[event.step_index]
+        grown = (
+            after.completed_steps
+            if event.direction is Direction.FORWARD
+            else after.compensated_steps
+        )
+        assert grown[-1] == name
+    # Each forward success accepted adds exactly one completed step, and vice versa.
+    forward_ok = {i for i, d in sim.accepted_successes if d is Direction.FORWARD}
+    assert {sim.definition.step_names[i] for i in forward_ok} == set(after.completed_steps)
+    comp_ok = {i for i, d in sim.accepted_successes if d is Direction.COMPENSATE}
+    assert {sim.definition.step_names[i] for i in comp_ok} == set(after.compensated_steps)
+
+
+def check_liveness(sim: Sim) -> None:
+    """A non-terminal saga always has a result for its pending attempt on the way."""
+    pending = sim.saga.pending
+    if pending is None:
+        return
+    assert any(
+        (m.step_index, m.direction, m.attempt) == pending.key() for m in sim.network
+    ), "the pending attempt has no result in the network: the saga would wedge"
+
+
+# --------------------------------------------------------------------- tests ---
+
+
+def _run(data: st.DataObject, definition: SagaDefinition, moves: int) -> Sim:
+    decision = start(
+        definition, StartRequested("saga-p", "prop", {"seed": 1}, user_id="u"), T0, LIMITS
+    )
+    assert [e.event_type for e in decision.audit] == ["saga_start", "step_start"]
+    sim = Sim(definition, data, decision.saga)
+    check_saga(definition, sim.saga)
+    sim.send(decision.commands)
+    for _ in range(moves):
+        sim.act()
+    # Drain: deliver everything still in flight, in an order hypothesis picks, no injections.
+    budget = 500
+    while sim.network and not sim.saga.state.is_terminal:
+        budget -= 1
+        assert budget > 0, "draining the network did not terminate"
+        sim.deliver(data.draw(st.integers(0, len(sim.network) - 1), label="drain"))
+    assert sim.saga.state.is_terminal, sim.saga
+    # Whatever is left over is stale by now.
+    for leftover in [*sim.network, *sim.delivered]:
+        sim.apply(leftover)
+        assert sim.saga.state.is_terminal
+    return sim
+
+
+@settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+@given(data=st.data(), definition=definitions(), moves=st.integers(0, 40))
+def test_at_least_once_delivery_keeps_the_saga_valid(
+    data: st.DataObject, definition: SagaDefinition, moves: int
+) -> None:
+    sim = _run(data, definition, moves)
+    end = sim.saga.state
+    types = sim.seen_audit_types
+    event(f"end state {end.value}")
+    event(f"gave up after stalls: {'StalledTooOften' in sim.given_up_errors}")
+    event(f"abort requested: {sim.saga.abort_requested}")
+    terminal_events = {
+        SagaState.COMPLETED: "saga_complete",
+        SagaState.COMPENSATED: "saga_compensated",
+        SagaState.ABORTED: "saga_aborted",
+        SagaState.FAILED: "saga_failed",
+    }
+    assert types[-1] == terminal_events[end]
+    assert sum(t in terminal_events.values() for t in types) == 1
+    # step_failed at most once per step; compensation_failed at most once per step too
+    assert types.count("step_failed") <= 1
+    assert types.count("abort_requested") <= 1
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), definition=definitions())
+def test_in_order_delivery_without_faults_completes_or_rolls_back(
+    data: st.DataObject, definition: SagaDefinition
+) -> None:
+    """With no injections at all, draining alone reaches a terminal state."""
+    sim = _run(data, definition, moves=0)
+    assert sim.saga.state in (SagaState.COMPLETED, SagaState.COMPENSATED, SagaState.FAILED)
+    assert not sim.saga.abort_requested
