@@ -176,7 +176,9 @@ def verify_chain(rows: Iterable[Mapping[str, Any]]) -> list[ChainProblem]:
         saga_id = row["saga_id"]
         expected_prev = heads.get(saga_id, GENESIS_HASH)
         if row_hash(row) != row.get("hash"):
-            problems.append(ChainProblem(saga_id, row.get("id"), "hash does not match the row's content"))
+            problems.append(
+                ChainProblem(saga_id, row.get("id"), "hash does not match the row's content")
+            )
         if row.get("prev_hash") != expected_prev:
             problems.append(
                 ChainProblem(

@@ -32,12 +32,18 @@ class SagaClient:
 
     def start(self, saga_type: str, context: dict[str, Any], **fields: Any) -> None:
         """Send saga.start exactly as a producer would."""
-        self.app.send_task("saga.start", kwargs={"saga_type": saga_type, "context": context, **fields},
-                           queue=self.settings.queue)
+        self.app.send_task(
+            "saga.start",
+            kwargs={"saga_type": saga_type, "context": context, **fields},
+            queue=self.settings.queue,
+        )
 
     def abort(self, saga_id: str, reason: str, user_id: str | None = None) -> None:
-        self.app.send_task("saga.abort", kwargs={"saga_id": saga_id, "reason": reason,
-                                                 "user_id": user_id}, queue=self.settings.queue)
+        self.app.send_task(
+            "saga.abort",
+            kwargs={"saga_id": saga_id, "reason": reason, "user_id": user_id},
+            queue=self.settings.queue,
+        )
 
     def get(self, saga_id: str) -> Saga | None:
         return self.store.load(saga_id)
@@ -45,7 +51,9 @@ class SagaClient:
     def audit_trail(self, saga_id: str) -> list[dict[str, Any]]:
         return self.store.audit_trail(saga_id)
 
-    def wait_terminal(self, saga_ids: Iterable[str], timeout: float = 60.0) -> dict[str, Saga | None]:
+    def wait_terminal(
+        self, saga_ids: Iterable[str], timeout: float = 60.0
+    ) -> dict[str, Saga | None]:
         """Poll until every saga is terminal or `timeout` passes; returns the last seen states."""
         ids = list(saga_ids)
         deadline = time.monotonic() + timeout

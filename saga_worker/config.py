@@ -65,9 +65,7 @@ class Settings:
             database_url=env.get("SAGA_DATABASE_URL") or f"sqlite:///{home / 'saga.sqlite3'}",
             broker_url=env.get("SAGA_BROKER_URL") or "filesystem://",
             home=home,
-            imports=tuple(
-                m.strip() for m in env.get("SAGA_IMPORTS", "").split(",") if m.strip()
-            ),
+            imports=tuple(m.strip() for m in env.get("SAGA_IMPORTS", "").split(",") if m.strip()),
             queue=env.get("SAGA_QUEUE") or "celery",
             metrics_port=_int(env, "SAGA_METRICS_PORT", None, minimum=0),
             recovery_interval_seconds=_float(env, "SAGA_RECOVERY_INTERVAL_SECONDS", 10.0),

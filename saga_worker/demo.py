@@ -19,10 +19,16 @@ from .store.migrate import upgrade
 
 SCENARIOS: list[tuple[str, str, dict[str, Any]]] = [
     ("demo-complete", "completes", {"strategy_id": 42}),
-    ("demo-compensate", "fails at save_results and is compensated",
-     {"strategy_id": 7, "fail_step": "save_results"}),
-    ("demo-flaky", "retries a flaky step, then completes",
-     {"strategy_id": 9, "flaky_step": {"step": "run_strategy", "failures": 2}}),
+    (
+        "demo-compensate",
+        "fails at save_results and is compensated",
+        {"strategy_id": 7, "fail_step": "save_results"},
+    ),
+    (
+        "demo-flaky",
+        "retries a flaky step, then completes",
+        {"strategy_id": 9, "flaky_step": {"step": "run_strategy", "failures": 2}},
+    ),
 ]
 
 
@@ -36,9 +42,22 @@ def run_demo(echo: Callable[[str], None], keep: bool = False, timeout: float = 9
     client = SagaClient(settings)
     upgrade(client.store.engine)
     worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "saga_worker.app", "worker",
-         "--pool", "prefork", "--concurrency", "2", "--loglevel", "WARNING",
-         "--without-mingle", "--without-gossip"],
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "saga_worker.app",
+            "worker",
+            "--pool",
+            "prefork",
+            "--concurrency",
+            "2",
+            "--loglevel",
+            "WARNING",
+            "--without-mingle",
+            "--without-gossip",
+        ],
         env=env,
         stdout=subprocess.DEVNULL if not keep else None,
         stderr=subprocess.STDOUT if not keep else None,
@@ -47,13 +66,21 @@ def run_demo(echo: Callable[[str], None], keep: bool = False, timeout: float = 9
     try:
         echo(f"started a Celery worker (pid {worker.pid}); sending {len(SCENARIOS)} sagas")
         for saga_id, _, context in SCENARIOS:
-            client.start("backtest_workflow", context, saga_id=saga_id, user_id="demo",
-                         ip_address="127.0.0.1")
+            client.start(
+                "backtest_workflow",
+                context,
+                saga_id=saga_id,
+                user_id="demo",
+                ip_address="127.0.0.1",
+            )
         started = time.monotonic()
         final = client.wait_terminal([s[0] for s in SCENARIOS], timeout=timeout)
         echo(f"all sagas settled in {time.monotonic() - started:.1f}s\n")
-        expected = {"demo-complete": "COMPLETED", "demo-compensate": "COMPENSATED",
-                    "demo-flaky": "COMPLETED"}
+        expected = {
+            "demo-complete": "COMPLETED",
+            "demo-compensate": "COMPENSATED",
+            "demo-flaky": "COMPLETED",
+        }
         ok = True
         for saga_id, description, _ in SCENARIOS:
             saga = final[saga_id]
@@ -66,9 +93,11 @@ def run_demo(echo: Callable[[str], None], keep: bool = False, timeout: float = 9
                 step = row["step_name"] or ""
                 extra = f" retry={row['retry_count']}" if row["retry_count"] else ""
                 duration = f" {row['duration_ms']:.1f}ms" if row["duration_ms"] is not None else ""
-                echo(f"   {row['timestamp']:%H:%M:%S.%f}  {row['event_type']:<22} {step:<16}"
-                     f"{row['saga_state_before'] or '-':>12} -> {row['saga_state_after']:<12}"
-                     f"{extra}{duration}")
+                echo(
+                    f"   {row['timestamp']:%H:%M:%S.%f}  {row['event_type']:<22} {step:<16}"
+                    f"{row['saga_state_before'] or '-':>12} -> {row['saga_state_after']:<12}"
+                    f"{extra}{duration}"
+                )
             echo("")
         return ok
     finally:

@@ -88,17 +88,9 @@ class SagaEngine:
     def handle(self, saga_id: str, event: Event) -> Decision:
         """Apply one event; conflicts with concurrent writers are retried from a fresh load."""
         for _ in range(MAX_CONFLICT_RETRIES):
-            definition_box: list[SagaDefinition] = []
-
-            def decide(saga: Saga, now: datetime) -> Decision:
-                definition = registry.get(saga.saga_type)
-                definition_box.append(definition)
-                return transition(definition, saga, event, now, self.limits)
-
             try:
-                now = self.clock()
                 outcome = retry_transient(
-                    lambda now=now: self.store.apply(saga_id, lambda s: decide(s, now), now),  # type: ignore[misc]
+                    lambda: self._apply_once(saga_id, event),
                     max_wait_seconds=self.db_retry_seconds,
                     what=f"transition of saga {saga_id}",
                 )
@@ -106,16 +98,33 @@ class SagaEngine:
                 continue
             if outcome is None:
                 raise SagaNotFound(saga_id)
-            before, decision = outcome
+            definition, before, decision = outcome
             if decision.ignored:
                 log.info("saga %s: %s ignored: %s", saga_id, type(event).__name__, decision.ignored)
                 return decision
-            self._after_commit(definition_box[-1], before, decision)
+            self._after_commit(definition, before, decision)
             return decision
         raise ConcurrencyConflict(
             f"saga {saga_id} kept changing under {MAX_CONFLICT_RETRIES} attempts to apply "
             f"{type(event).__name__}"
         )
+
+    def _apply_once(
+        self, saga_id: str, event: Event
+    ) -> tuple[SagaDefinition, Saga, Decision] | None:
+        now = self.clock()
+        definitions: list[SagaDefinition] = []
+
+        def decide(saga: Saga) -> Decision:
+            definition = registry.get(saga.saga_type)
+            definitions.append(definition)
+            return transition(definition, saga, event, now, self.limits)
+
+        applied = self.store.apply(saga_id, decide, now)
+        if applied is None:
+            return None
+        before, decision = applied
+        return definitions[-1], before, decision
 
     def reject(
         self,
@@ -153,7 +162,9 @@ class SagaEngine:
             except Exception:
                 log.exception(
                     "saga %s: sending step %s %s attempt %s failed; recovery will re-send it",
-                    decision.saga.saga_id, command.step_index, command.direction.value,
+                    decision.saga.saga_id,
+                    command.step_index,
+                    command.direction.value,
                     command.attempt,
                 )
         for hook in self.hooks:

@@ -43,7 +43,10 @@ def sweep(store: SagaStore, engine: SagaEngine, now: datetime, batch: int = 500)
                 recovered += 1
                 log.warning(
                     "saga %s: attempt %s of step %s (%s) stalled past %s; re-sent",
-                    saga_id, pending.number, pending.step_index, pending.direction.value,
+                    saga_id,
+                    pending.number,
+                    pending.step_index,
+                    pending.direction.value,
                     pending.deadline.isoformat(),
                 )
         except Exception:

@@ -24,7 +24,9 @@ def valid_saga_id(value: object) -> bool:
     return isinstance(value, str) and SAGA_ID_RE.match(value) is not None
 
 
-def parse_start(args: tuple[Any, ...], kwargs: Mapping[str, Any], settings: Settings) -> StartRequested:
+def parse_start(
+    args: tuple[Any, ...], kwargs: Mapping[str, Any], settings: Settings
+) -> StartRequested:
     """A `StartRequested` from saga.start's arguments, or InvalidRequest naming field and rule."""
     _no_positional(args, "saga.start")
     _known_fields(kwargs, START_FIELDS, "saga.start")
@@ -83,7 +85,9 @@ def check_context(value: object, settings: Settings, field: str) -> None:
 
 def _check_json(value: object, field: str, depth: int, max_depth: int) -> None:
     if depth > max_depth:
-        raise InvalidRequest(field, f"nests deeper than {max_depth} levels (SAGA_MAX_CONTEXT_DEPTH)")
+        raise InvalidRequest(
+            field, f"nests deeper than {max_depth} levels (SAGA_MAX_CONTEXT_DEPTH)"
+        )
     if isinstance(value, Mapping):
         for key, item in value.items():
             if not isinstance(key, str):
@@ -132,4 +136,6 @@ def _optional_ip(kwargs: Mapping[str, Any]) -> str | None:
     try:
         return str(ipaddress.ip_address(value))
     except ValueError:
-        raise InvalidRequest("ip_address", f"{value[:60]!r} is not an IPv4 or IPv6 address") from None
+        raise InvalidRequest(
+            "ip_address", f"{value[:60]!r} is not an IPv4 or IPv6 address"
+        ) from None

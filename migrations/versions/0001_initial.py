@@ -57,7 +57,9 @@ def upgrade() -> None:
     )
     op.create_index("ix_saga_checkpoints_state", "saga_checkpoints", ["state"])
     op.create_index("ix_saga_checkpoints_updated_at", "saga_checkpoints", ["updated_at"])
-    op.create_index("ix_saga_checkpoints_saga_type_state", "saga_checkpoints", ["saga_type", "state"])
+    op.create_index(
+        "ix_saga_checkpoints_saga_type_state", "saga_checkpoints", ["saga_type", "state"]
+    )
     op.create_index("ix_saga_checkpoints_user_id", "saga_checkpoints", ["user_id"])
     op.create_index(
         "ix_saga_checkpoints_deadline_live",

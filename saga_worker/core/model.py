@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 
-class SagaState(str, Enum):
+class SagaState(StrEnum):
     """Lifecycle state of a saga (DESIGN.md §3)."""
 
     RUNNING = "RUNNING"
@@ -29,7 +29,7 @@ TERMINAL_STATES = frozenset(
 )
 
 
-class Direction(str, Enum):
+class Direction(StrEnum):
     """Whether an attempt runs a step's action or its compensation."""
 
     FORWARD = "forward"

@@ -27,9 +27,7 @@ class RetryPolicy:
         if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
             found.append(f"max_attempts must be an integer >= 1, got {self.max_attempts!r}")
         if self.initial_delay_seconds < 0:
-            found.append(
-                f"initial_delay_seconds must be >= 0, got {self.initial_delay_seconds!r}"
-            )
+            found.append(f"initial_delay_seconds must be >= 0, got {self.initial_delay_seconds!r}")
         if self.backoff_factor < 1:
             found.append(f"backoff_factor must be >= 1, got {self.backoff_factor!r}")
         if self.max_delay_seconds < self.initial_delay_seconds:
@@ -48,7 +46,9 @@ def backoff_seconds(policy: RetryPolicy, retry_number: int, seed: str) -> float:
         raise ValueError(f"retry_number starts at 1, got {retry_number}")
     # Cap the exponent so a huge attempt count cannot overflow the float.
     exponent = min(retry_number - 1, 64)
-    base = min(policy.max_delay_seconds, policy.initial_delay_seconds * policy.backoff_factor**exponent)
+    base = min(
+        policy.max_delay_seconds, policy.initial_delay_seconds * policy.backoff_factor**exponent
+    )
     if policy.jitter == 0 or base == 0:
         return base
     spread = random.Random(seed).uniform(-policy.jitter, policy.jitter)

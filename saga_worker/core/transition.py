@@ -146,8 +146,10 @@ class _Builder:
         state_before: SagaState | None = None,
         **fields: Any,
     ) -> None:
-        before = state_before if state_before is not None else (
-            None if event_type == "saga_start" else self.saga.state
+        before = (
+            state_before
+            if state_before is not None
+            else (None if event_type == "saga_start" else self.saga.state)
         )
         fields.setdefault("user_id", self.saga.user_id)
         fields.setdefault("ip_address", self.saga.ip_address)
@@ -163,8 +165,14 @@ class _Builder:
         )
 
     def run(
-        self, step_index: int, direction: Direction, number: int, not_before: datetime,
-        *, recoveries: int = 0, retry_count: int | None = None,
+        self,
+        step_index: int,
+        direction: Direction,
+        number: int,
+        not_before: datetime,
+        *,
+        recoveries: int = 0,
+        retry_count: int | None = None,
     ) -> None:
         """Make (step, direction, number) the pending attempt and send it."""
         timeout = self.definition.timeout(step_index, direction)

@@ -191,19 +191,35 @@ def simulate(strategy_id: int, days: int = 250) -> dict[str, Any]:
     }
 
 
-_policy = RetryPolicy(max_attempts=3, initial_delay_seconds=0.5, backoff_factor=2.0,
-                      max_delay_seconds=5.0)
+_policy = RetryPolicy(
+    max_attempts=3, initial_delay_seconds=0.5, backoff_factor=2.0, max_delay_seconds=5.0
+)
 
 backtest_workflow = register(
     SagaDefinition(
         "backtest_workflow",
         [
-            Step("create_backtest", create_backtest, compensate=delete_backtest,
-                 retry=_policy, timeout_seconds=30),
-            Step("run_strategy", run_strategy, compensate=clear_results,
-                 retry=_policy, timeout_seconds=30),
-            Step("save_results", save_results, compensate=unsave_results,
-                 retry=_policy, timeout_seconds=30),
+            Step(
+                "create_backtest",
+                create_backtest,
+                compensate=delete_backtest,
+                retry=_policy,
+                timeout_seconds=30,
+            ),
+            Step(
+                "run_strategy",
+                run_strategy,
+                compensate=clear_results,
+                retry=_policy,
+                timeout_seconds=30,
+            ),
+            Step(
+                "save_results",
+                save_results,
+                compensate=unsave_results,
+                retry=_policy,
+                timeout_seconds=30,
+            ),
         ],
     )
 )

@@ -59,7 +59,7 @@ def saga_to_row(saga: Saga) -> dict[str, Any]:
     }
 
 
-def saga_from_row(row: Mapping[str, Any]) -> Saga:
+def saga_from_row(row: Mapping[Any, Any]) -> Saga:
     return Saga(
         saga_id=row["saga_id"],
         saga_type=row["saga_type"],

@@ -92,7 +92,9 @@ class SagaStore:
                 rows = build_rows(saga, decision.audit, now, head, self.redactor)
                 conn.execute(
                     insert(checkpoints).values(
-                        **saga_to_row(saga), version=1, audit_head=rows[-1]["hash"] if rows else head
+                        **saga_to_row(saga),
+                        version=1,
+                        audit_head=rows[-1]["hash"] if rows else head,
                     )
                 )
                 if rows:
@@ -110,7 +112,11 @@ class SagaStore:
         Raises ConcurrencyConflict when another process committed first: load again.
         """
         with self.engine.begin() as conn:
-            row = conn.execute(select(checkpoints).where(checkpoints.c.saga_id == saga_id)).mappings().first()
+            row = (
+                conn.execute(select(checkpoints).where(checkpoints.c.saga_id == saga_id))
+                .mappings()
+                .first()
+            )
             if row is None:
                 return None
             before = saga_from_row(row)
@@ -134,7 +140,11 @@ class SagaStore:
         return before, decision
 
     def record_rejection(
-        self, saga_id: str, events: tuple[AuditEvent, ...], context: Mapping[str, Any], now: datetime
+        self,
+        saga_id: str,
+        events: tuple[AuditEvent, ...],
+        context: Mapping[str, Any],
+        now: datetime,
     ) -> bool:
         """Write a `saga_rejected` row for a saga_id that has no checkpoint; False if it has one."""
         with self.engine.begin() as conn:
@@ -142,8 +152,15 @@ class SagaStore:
                 return False
             head = self._audit_head_txn(conn, saga_id)
             stub = Saga(
-                saga_id=saga_id, saga_type="", state=SagaState.FAILED, context=context,
-                current_step_index=0, total_steps=0, started_at=now, updated_at=now, pending=None,
+                saga_id=saga_id,
+                saga_type="",
+                state=SagaState.FAILED,
+                context=context,
+                current_step_index=0,
+                total_steps=0,
+                started_at=now,
+                updated_at=now,
+                pending=None,
             )
             conn.execute(insert(audit_logs), build_rows(stub, events, now, head, self.redactor))
         return True
@@ -152,7 +169,11 @@ class SagaStore:
 
     def load(self, saga_id: str) -> Saga | None:
         with self.engine.connect() as conn:
-            row = conn.execute(select(checkpoints).where(checkpoints.c.saga_id == saga_id)).mappings().first()
+            row = (
+                conn.execute(select(checkpoints).where(checkpoints.c.saga_id == saga_id))
+                .mappings()
+                .first()
+            )
         return None if row is None else saga_from_row(row)
 
     def pending_key(self, saga_id: str) -> tuple[int, str, int] | None:
@@ -162,7 +183,11 @@ class SagaStore:
                 select(checkpoints.c.pending).where(checkpoints.c.saga_id == saga_id)
             ).scalar()
         attempt = pending_from_json(data)
-        return None if attempt is None else (attempt.step_index, attempt.direction.value, attempt.number)
+        return (
+            None
+            if attempt is None
+            else (attempt.step_index, attempt.direction.value, attempt.number)
+        )
 
     def stalled(self, now: datetime, limit: int) -> list[tuple[str, dict[str, Any]]]:
         """Up to `limit` (saga_id, pending) whose pending attempt passed its deadline.
@@ -198,7 +223,10 @@ class SagaStore:
                 rows = [
                     dict(r)
                     for r in conn.execute(
-                        select(audit_logs).where(audit_logs.c.id > last).order_by(audit_logs.c.id).limit(batch)
+                        select(audit_logs)
+                        .where(audit_logs.c.id > last)
+                        .order_by(audit_logs.c.id)
+                        .limit(batch)
                     ).mappings()
                 ]
             if not rows:
@@ -216,7 +244,9 @@ class SagaStore:
                 return str(key)
         try:
             with self.engine.begin() as conn:
-                conn.execute(insert(settings_table).values(key="signing_key", value=secrets.token_hex(32)))
+                conn.execute(
+                    insert(settings_table).values(key="signing_key", value=secrets.token_hex(32))
+                )
         except IntegrityError:
             pass  # another process created it first; read theirs
         with self.engine.connect() as conn:
@@ -230,7 +260,12 @@ class SagaStore:
 
     @staticmethod
     def _exists_txn(conn: Connection, saga_id: str) -> bool:
-        return conn.execute(select(checkpoints.c.saga_id).where(checkpoints.c.saga_id == saga_id)).first() is not None
+        return (
+            conn.execute(
+                select(checkpoints.c.saga_id).where(checkpoints.c.saga_id == saga_id)
+            ).first()
+            is not None
+        )
 
     @staticmethod
     def _audit_head_txn(conn: Connection, saga_id: str) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
-from kombu import Queue
+from kombu.entity import Queue
 
 from .. import registry
 from ..config import Settings
@@ -26,8 +26,12 @@ def broker_options(settings: Settings) -> dict[str, Any]:
         root = Path(settings.broker_url.removeprefix("filesystem://") or settings.home / "broker")
         if not root.is_absolute():
             root = settings.home / "broker"
-        folders = {"data_folder_in": root / "queue", "data_folder_out": root / "queue",
-                   "control_folder": root / "control", "processed_folder": root / "processed"}
+        folders = {
+            "data_folder_in": root / "queue",
+            "data_folder_out": root / "queue",
+            "control_folder": root / "control",
+            "processed_folder": root / "processed",
+        }
         for folder in folders.values():
             folder.mkdir(parents=True, exist_ok=True)
         return {**{k: str(v) for k, v in folders.items()}, "polling_interval": 0.05}
@@ -55,7 +59,7 @@ def create_app(settings: Settings | None = None) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_default_queue=settings.queue,
-        task_queues=[Queue(settings.queue)],
+        task_queues=[Queue(settings.queue)],  # type: ignore[no-untyped-call]
         task_send_sent_event=True,
         worker_send_task_events=True,
         worker_hijack_root_logger=False,

@@ -76,7 +76,10 @@ def register_core_tasks(app: Any, runtimes: RuntimeFactory) -> None:
             event: StepSucceeded | StepFailed
             if problem is None:
                 event = StepSucceeded(
-                    step_index, direction, attempt, dict(output or {}),
+                    step_index,
+                    direction,
+                    attempt,
+                    dict(output or {}),
                     duration_ms=kwargs.get("duration_ms"),
                 )
             else:
@@ -135,8 +138,13 @@ def _step_task(runtimes: RuntimeFactory, task_name: str) -> Any:
         pending = retry_transient(lambda: rt.store.pending_key(saga_id), what="pending check")
         if pending != (step_index, dir_.value, attempt):
             # A redelivered or superseded attempt: running it again could only repeat work.
-            log.info("%s for %s: attempt %s is not pending (%s); skipped", task_name, saga_id,
-                     attempt, pending)
+            log.info(
+                "%s for %s: attempt %s is not pending (%s); skipped",
+                task_name,
+                saga_id,
+                attempt,
+                pending,
+            )
             return {"ran": False, "reason": "not pending"}
         definition = registry.get(saga_type)
         step = definition.steps[step_index]
@@ -161,8 +169,9 @@ def _step_task(runtimes: RuntimeFactory, task_name: str) -> Any:
             if elapsed_ms > timeout * 1000:
                 event = _timed_out(step_index, dir_, attempt, timeout, elapsed_ms)
             elif problem is not None:
-                event = StepFailed(step_index, dir_, attempt, "StepOutputError", problem,
-                                   duration_ms=elapsed_ms)
+                event = StepFailed(
+                    step_index, dir_, attempt, "StepOutputError", problem, duration_ms=elapsed_ms
+                )
             else:
                 event = StepSucceeded(step_index, dir_, attempt, dict(output or {}), elapsed_ms)
         except SoftTimeLimitExceeded:
@@ -220,7 +229,9 @@ def _describe(exc: BaseException) -> str:
     return (text or type(exc).__name__)[:MAX_ERROR_CHARS]
 
 
-def _reject_start(rt: Any, raw_id: Any, kwargs: Mapping[str, Any], exc: SagaError) -> dict[str, Any]:
+def _reject_start(
+    rt: Any, raw_id: Any, kwargs: Mapping[str, Any], exc: SagaError
+) -> dict[str, Any]:
     reason = str(exc)
     if not valid_saga_id(raw_id):
         log.warning("saga.start refused (saga_id not usable, nothing recorded): %s", reason)
@@ -234,8 +245,13 @@ def _reject_start(rt: Any, raw_id: Any, kwargs: Mapping[str, Any], exc: SagaErro
         data["saga_type"] = saga_type[:100]
     user_id = kwargs.get("user_id") if isinstance(kwargs.get("user_id"), str) else None
     ip = kwargs.get("ip_address") if isinstance(kwargs.get("ip_address"), str) else None
-    rt.engine.reject(raw_id, reason, user_id=(user_id or None) and user_id[:255],
-                     ip_address=(ip or None) and ip[:45], data=data)
+    rt.engine.reject(
+        raw_id,
+        reason,
+        user_id=(user_id or None) and user_id[:255],
+        ip_address=(ip or None) and ip[:45],
+        data=data,
+    )
     log.warning("saga.start %s rejected: %s", raw_id, reason)
     return {"accepted": False, "error": reason}
 

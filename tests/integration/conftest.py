@@ -110,11 +110,31 @@ def start_worker(
     full_env = {**os.environ, **env, "PYTHONPATH": str(REPO)}
     log_file = log_path.open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", app_module, "worker", "-Q", queues,
-         "--pool", "prefork", "--concurrency", str(concurrency), "--loglevel", "INFO",
-         "--without-mingle", "--without-gossip", "-n", f"{uuid.uuid4().hex[:8]}@%h",
-         *extra_args],
-        env=full_env, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            app_module,
+            "worker",
+            "-Q",
+            queues,
+            "--pool",
+            "prefork",
+            "--concurrency",
+            str(concurrency),
+            "--loglevel",
+            "INFO",
+            "--without-mingle",
+            "--without-gossip",
+            "-n",
+            f"{uuid.uuid4().hex[:8]}@%h",
+            *extra_args,
+        ],
+        env=full_env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
         start_new_session=True,
     )
     worker = WorkerProcess(process, log_path)
@@ -181,7 +201,9 @@ class Stack:
                     pending.discard(saga_id)
             if pending:
                 time.sleep(0.25)
-        assert not pending, f"{len(pending)} sagas not terminal after {timeout}s: {sorted(pending)[:5]}"
+        assert not pending, (
+            f"{len(pending)} sagas not terminal after {timeout}s: {sorted(pending)[:5]}"
+        )
         return found
 
     def events(self, saga_id: str) -> list[str]:
@@ -192,9 +214,13 @@ class Stack:
 
     def example_row(self, saga_id: str) -> dict[str, Any] | None:
         with self.store.engine.connect() as conn:
-            row = conn.execute(
-                select(example_backtests).where(example_backtests.c.saga_id == saga_id)
-            ).mappings().first()
+            row = (
+                conn.execute(
+                    select(example_backtests).where(example_backtests.c.saga_id == saga_id)
+                )
+                .mappings()
+                .first()
+            )
         return None if row is None else dict(row)
 
 
@@ -229,8 +255,13 @@ def stack(
     try:
         result.workers.append(start_worker("saga_worker.app", env, queue, folder / "worker.log"))
         result.workers.append(
-            start_worker("tests.fixtures.remote_service", env, remote_queue,
-                         folder / "remote.log", concurrency=1)
+            start_worker(
+                "tests.fixtures.remote_service",
+                env,
+                remote_queue,
+                folder / "remote.log",
+                concurrency=1,
+            )
         )
         yield result
     finally:

@@ -17,16 +17,20 @@ pytestmark = pytest.mark.integration
 
 HAPPY = [
     "saga_start",
-    "step_start", "step_complete",
-    "step_start", "step_complete",
-    "step_start", "step_complete",
+    "step_start",
+    "step_complete",
+    "step_start",
+    "step_complete",
+    "step_start",
+    "step_complete",
     "saga_complete",
 ]
 
 
 def test_completes_and_records_every_transition(stack: Stack) -> None:
-    saga_id = stack.start("backtest_workflow", {"strategy_id": 42}, user_id="user_123",
-                          ip_address="192.168.1.1")
+    saga_id = stack.start(
+        "backtest_workflow", {"strategy_id": 42}, user_id="user_123", ip_address="192.168.1.1"
+    )
     saga = stack.wait(saga_id)
     assert saga.state.value == "COMPLETED"
     assert saga.completed_steps == ("create_backtest", "run_strategy", "save_results")
@@ -39,7 +43,9 @@ def test_completes_and_records_every_transition(stack: Stack) -> None:
     assert {r["ip_address"] for r in rows} == {"192.168.1.1"}
     assert [r["step_index"] for r in rows if r["event_type"] == "step_complete"] == [0, 1, 2]
     assert all(r["duration_ms"] is not None for r in rows if r["event_type"] == "step_complete")
-    assert rows[-1]["saga_state_before"] == "RUNNING" and rows[-1]["saga_state_after"] == "COMPLETED"
+    assert (
+        rows[-1]["saga_state_before"] == "RUNNING" and rows[-1]["saga_state_after"] == "COMPLETED"
+    )
     stack.assert_chain_ok(saga_id)
     row = stack.example_row(saga_id)
     assert row is not None and row["strategy_id"] == 42 and row["results"] == simulate(42)
@@ -57,7 +63,9 @@ def test_failure_compensates_completed_steps_in_reverse(stack: Stack) -> None:
     assert [r["retry_count"] for r in rows if r["event_type"] == "step_retry"] == [1, 2]
     assert kinds.count("step_failed") == 1
     failed = next(r for r in rows if r["event_type"] == "step_failed")
-    assert failed["step_name"] == "save_results" and "InjectedFailure" in failed["error_stack_trace"]
+    assert (
+        failed["step_name"] == "save_results" and "InjectedFailure" in failed["error_stack_trace"]
+    )
     assert failed["saga_state_after"] == "COMPENSATING"
     compensated = [r["step_name"] for r in rows if r["event_type"] == "compensation_complete"]
     assert compensated == ["run_strategy", "create_backtest"]
@@ -77,9 +85,12 @@ def test_flaky_step_is_retried_then_completes(stack: Stack) -> None:
     rows = stack.store.audit_trail(saga_id)
     run = [(r["event_type"], r["retry_count"]) for r in rows if r["step_name"] == "run_strategy"]
     assert run == [
-        ("step_start", None), ("step_retry", 1),
-        ("step_start", 1), ("step_retry", 2),
-        ("step_start", 2), ("step_complete", None),
+        ("step_start", None),
+        ("step_retry", 1),
+        ("step_start", 1),
+        ("step_retry", 2),
+        ("step_start", 2),
+        ("step_complete", None),
     ]
     assert stack.example_row(saga_id)["results"] == simulate(3)  # type: ignore[index]
 
@@ -97,7 +108,9 @@ def test_step_past_its_timeout_is_a_failed_attempt(stack: Stack) -> None:
         assert row["event_data"]["timed_out"] is True
         assert row["event_data"]["error_type"] == "StepTimeout"
         assert row["duration_ms"] < 3000  # interrupted by the soft limit, not slept out
-    assert [r["step_name"] for r in rows if r["event_type"] == "compensation_complete"] == ["prepare"]
+    assert [r["step_name"] for r in rows if r["event_type"] == "compensation_complete"] == [
+        "prepare"
+    ]
 
 
 def test_context_flows_from_step_to_step(stack: Stack) -> None:
@@ -120,8 +133,9 @@ def test_duplicate_start_never_starts_a_second_saga(stack: Stack) -> None:
         stack.start("backtest_workflow", {"strategy_id": strategy}, saga_id=saga_id)
     saga = stack.wait(saga_id)
     # a late duplicate after completion is ignored too, even with other content
-    stack.start("backtest_workflow", {"strategy_id": 99, "fail_step": "run_strategy"},
-                saga_id=saga_id)
+    stack.start(
+        "backtest_workflow", {"strategy_id": 99, "fail_step": "run_strategy"}, saga_id=saga_id
+    )
     stack.start("no_such_saga", {}, saga_id=saga_id)
     time.sleep(1.5)
     assert saga.state.value == "COMPLETED"
@@ -200,7 +214,11 @@ def test_remote_step_failure_retries_then_compensates(stack: Stack) -> None:
     assert saga.state.value == "COMPENSATED"
     rows = stack.store.audit_trail(saga_id)
     assert [r["event_type"] for r in rows if r["step_name"] == "quote"] == [
-        "step_start", "step_retry", "step_start", "step_failed"]
+        "step_start",
+        "step_retry",
+        "step_start",
+        "step_failed",
+    ]
     assert saga.compensated_steps == ("reserve",)
 
 
@@ -212,20 +230,40 @@ def test_replayed_step_message_changes_nothing(stack: Stack) -> None:
     for index, name in enumerate(("create_backtest", "run_strategy", "save_results")):
         stack.send(
             f"saga.backtest_workflow.{name}",
-            {"saga_id": saga_id, "saga_type": "backtest_workflow", "step_index": index,
-             "direction": "forward", "attempt": 1,
-             "token": attempt_token(key, saga_id, index, "forward", 1),
-             "context": dict(saga.context)},
+            {
+                "saga_id": saga_id,
+                "saga_type": "backtest_workflow",
+                "step_index": index,
+                "direction": "forward",
+                "attempt": 1,
+                "token": attempt_token(key, saga_id, index, "forward", 1),
+                "context": dict(saga.context),
+            },
         )
         stack.send(
             "saga.advance",
-            {"saga_id": saga_id, "step_index": index, "direction": "forward", "attempt": 1,
-             "token": attempt_token(key, saga_id, index, "forward", 1), "outcome": "success",
-             "output": {"forged": True}},
+            {
+                "saga_id": saga_id,
+                "step_index": index,
+                "direction": "forward",
+                "attempt": 1,
+                "token": attempt_token(key, saga_id, index, "forward", 1),
+                "outcome": "success",
+                "output": {"forged": True},
+            },
         )
     # a forged result with a wrong token for a live-looking attempt
-    stack.send("saga.advance", {"saga_id": saga_id, "step_index": 0, "direction": "forward",
-                                "attempt": 1, "token": "0" * 64, "outcome": "failure"})
+    stack.send(
+        "saga.advance",
+        {
+            "saga_id": saga_id,
+            "step_index": 0,
+            "direction": "forward",
+            "attempt": 1,
+            "token": "0" * 64,
+            "outcome": "failure",
+        },
+    )
     time.sleep(2)
     assert stack.store.audit_trail(saga_id) == before
     assert stack.store.load(saga_id).version == saga.version  # type: ignore[union-attr]
@@ -271,14 +309,21 @@ def test_two_hundred_concurrent_sagas_settle_consistently(stack: Stack) -> None:
         rows = stack.store.audit_trail(saga_id)
         kinds = [r["event_type"] for r in rows]
         assert kinds[0] == "saga_start"
-        assert kinds[-1] == {"COMPLETED": "saga_complete", "COMPENSATED": "saga_compensated",
-                             "FAILED": "saga_failed"}[expected]
+        assert (
+            kinds[-1]
+            == {
+                "COMPLETED": "saga_complete",
+                "COMPENSATED": "saga_compensated",
+                "FAILED": "saga_failed",
+            }[expected]
+        )
         assert kinds.count("step_complete") == len(saga.completed_steps)
         assert kinds.count("compensation_complete") == len(saga.compensated_steps)
         assert kinds.count("saga_start") == 1
         assert saga.pending is None
         assert [r["step_index"] for r in rows if r["event_type"] == "step_complete"] == list(
-            range(len(saga.completed_steps)))
+            range(len(saga.completed_steps))
+        )
         stack.assert_chain_ok(saga_id)
         row = stack.example_row(saga_id)
         if expected == "COMPLETED":
