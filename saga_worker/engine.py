@@ -85,12 +85,16 @@ class SagaEngine:
         self._after_commit(definition, None, decision)
         return StartResult(request.saga_id, True, decision)
 
-    def handle(self, saga_id: str, event: Event) -> Decision:
-        """Apply one event; conflicts with concurrent writers are retried from a fresh load."""
+    def handle(self, saga_id: str, event: Event, *, skip_locked: bool = False) -> Decision:
+        """Apply one event; conflicts with concurrent writers are retried from a fresh load.
+
+        `skip_locked` is for the recovery sweep: a saga another sweep holds raises
+        SkippedLocked instead of waiting for it.
+        """
         for _ in range(MAX_CONFLICT_RETRIES):
             try:
                 outcome = retry_transient(
-                    lambda: self._apply_once(saga_id, event),
+                    lambda: self._apply_once(saga_id, event, skip_locked),
                     max_wait_seconds=self.db_retry_seconds,
                     what=f"transition of saga {saga_id}",
                 )
@@ -110,7 +114,7 @@ class SagaEngine:
         )
 
     def _apply_once(
-        self, saga_id: str, event: Event
+        self, saga_id: str, event: Event, skip_locked: bool
     ) -> tuple[SagaDefinition, Saga, Decision] | None:
         now = self.clock()
         definitions: list[SagaDefinition] = []
@@ -120,7 +124,7 @@ class SagaEngine:
             definitions.append(definition)
             return transition(definition, saga, event, now, self.limits)
 
-        applied = self.store.apply(saga_id, decide, now)
+        applied = self.store.apply(saga_id, decide, now, skip_locked=skip_locked)
         if applied is None:
             return None
         before, decision = applied

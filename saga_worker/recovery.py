@@ -9,7 +9,7 @@ from datetime import datetime
 from .core.events import AttemptStalled
 from .engine import SagaEngine
 from .store.codec import pending_from_json
-from .store.repository import SagaStore
+from .store.repository import SagaStore, SkippedLocked
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ def sweep(store: SagaStore, engine: SagaEngine, now: datetime, batch: int = 500)
                 AttemptStalled(
                     pending.step_index, pending.direction, pending.number, pending.recoveries
                 ),
+                skip_locked=True,
             )
             if decision.changed:
                 recovered += 1
@@ -49,6 +50,8 @@ def sweep(store: SagaStore, engine: SagaEngine, now: datetime, batch: int = 500)
                     pending.direction.value,
                     pending.deadline.isoformat(),
                 )
+        except SkippedLocked:
+            log.info("saga %s: claimed by another recovery sweep; skipped", saga_id)
         except Exception:
             failed += 1
             log.exception("saga %s: recovery failed; will try again next sweep", saga_id)

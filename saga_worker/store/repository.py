@@ -72,6 +72,10 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
+class SkippedLocked(Exception):
+    """The row is locked by another transaction (another recovery sweep claimed it)."""
+
+
 class SagaStore:
     """Loads and saves sagas; each public write owns one transaction."""
 
@@ -105,19 +109,27 @@ class SagaStore:
         return True
 
     def apply(
-        self, saga_id: str, decide: Callable[[Saga], Decision], now: datetime
+        self,
+        saga_id: str,
+        decide: Callable[[Saga], Decision],
+        now: datetime,
+        *,
+        skip_locked: bool = False,
     ) -> tuple[Saga, Decision] | None:
         """Load a saga, ask `decide` for a transition, commit it; None when the saga is unknown.
 
         Raises ConcurrencyConflict when another process committed first: load again.
+        With `skip_locked` (the recovery sweep, PostgreSQL only) a row another transaction
+        holds is skipped: SkippedLocked is raised and the caller moves on.
         """
         with self.engine.begin() as conn:
-            row = (
-                conn.execute(select(checkpoints).where(checkpoints.c.saga_id == saga_id))
-                .mappings()
-                .first()
-            )
+            query = select(checkpoints).where(checkpoints.c.saga_id == saga_id)
+            if skip_locked and conn.dialect.name == "postgresql":
+                query = query.with_for_update(skip_locked=True)
+            row = conn.execute(query).mappings().first()
             if row is None:
+                if skip_locked and self.exists(saga_id):
+                    raise SkippedLocked(saga_id)
                 return None
             before = saga_from_row(row)
             decision = decide(before)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import traceback
@@ -10,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from .. import registry
 from ..core.definition import SagaDefinition, StepInput, idempotency_key
@@ -25,11 +25,22 @@ log = logging.getLogger(__name__)
 
 MAX_ERROR_CHARS = 4000
 
+# While the database is down, a task whose in-process retries ran out is re-published with
+# backoff rather than dropped: the broker keeps the transition until the database is back.
+DB_OUTAGE_RETRY: dict[str, Any] = {
+    "acks_late": True,
+    "autoretry_for": (OperationalError, DBAPIError),
+    "retry_backoff": 1,
+    "retry_backoff_max": 30,
+    "retry_jitter": True,
+    "max_retries": None,
+}
+
 
 def register_core_tasks(app: Any, runtimes: RuntimeFactory) -> None:
     """Register the stable task names of DESIGN.md §2 on `app`."""
 
-    @app.task(name="saga.start", acks_late=True)  # type: ignore[untyped-decorator]
+    @app.task(name="saga.start", **DB_OUTAGE_RETRY)  # type: ignore[untyped-decorator]
     def saga_start(*args: Any, **kwargs: Any) -> dict[str, Any]:
         rt = runtimes.get()
         raw_id = kwargs.get("saga_id")
@@ -41,7 +52,7 @@ def register_core_tasks(app: Any, runtimes: RuntimeFactory) -> None:
         result = rt.engine.start(request)
         return {"saga_id": result.saga_id, "created": result.created}
 
-    @app.task(name="saga.abort", acks_late=True)  # type: ignore[untyped-decorator]
+    @app.task(name="saga.abort", **DB_OUTAGE_RETRY)  # type: ignore[untyped-decorator]
     def saga_abort(*args: Any, **kwargs: Any) -> dict[str, Any]:
         rt = runtimes.get()
         try:
@@ -52,7 +63,7 @@ def register_core_tasks(app: Any, runtimes: RuntimeFactory) -> None:
             return {"accepted": False, "error": str(exc)}
         return {"accepted": decision.changed, "ignored": decision.ignored}
 
-    @app.task(name="saga.advance", acks_late=True)  # type: ignore[untyped-decorator]
+    @app.task(name="saga.advance", **DB_OUTAGE_RETRY)  # type: ignore[untyped-decorator]
     def saga_advance(result: Any = None, **kwargs: Any) -> dict[str, Any]:
         """Results of remote steps (via link/link_error) and of local steps sent late."""
         rt = runtimes.get()
@@ -116,10 +127,10 @@ def register_step_tasks(app: Any, runtimes: RuntimeFactory, definition: SagaDefi
             name = definition.task_name(index, direction)
             if name in app.tasks:
                 continue
-            app.task(name=name, acks_late=True, bind=False)(_step_task(runtimes, name))
+            app.task(name=name, **DB_OUTAGE_RETRY)(_step_task(app, runtimes, name))
 
 
-def _step_task(runtimes: RuntimeFactory, task_name: str) -> Any:
+def _step_task(app: Any, runtimes: RuntimeFactory, task_name: str) -> Any:
     def run_step(
         *,
         saga_id: str,
@@ -189,12 +200,51 @@ def _step_task(runtimes: RuntimeFactory, task_name: str) -> Any:
                 retryable=not isinstance(exc, NonRetryableStepError),
                 duration_ms=elapsed_ms,
             )
-        decision = rt.engine.handle(saga_id, event)
+        try:
+            decision = rt.engine.handle(saga_id, event)
+        except (OperationalError, DBAPIError):
+            # The action ran but its result cannot be committed now. Hand the result to
+            # saga.advance, which retries until the database is back, instead of re-running it.
+            log.warning(
+                "%s for %s: database unavailable; result deferred to saga.advance",
+                task_name,
+                saga_id,
+            )
+            app.send_task(
+                "saga.advance",
+                kwargs=_result_kwargs(event, saga_id, token),
+                queue=rt.settings.queue,
+                countdown=2,
+            )
+            return {"ran": True, "outcome": type(event).__name__, "deferred": True}
         return {"ran": True, "outcome": type(event).__name__, "ignored": decision.ignored}
 
     run_step.__name__ = task_name.replace(".", "_")
     run_step.__qualname__ = run_step.__name__
     return run_step
+
+
+def _result_kwargs(event: StepSucceeded | StepFailed, saga_id: str, token: str) -> dict[str, Any]:
+    """saga.advance kwargs carrying a local step's result."""
+    kwargs: dict[str, Any] = {
+        "saga_id": saga_id,
+        "step_index": event.step_index,
+        "direction": event.direction.value,
+        "attempt": event.attempt,
+        "token": token,
+        "duration_ms": event.duration_ms,
+    }
+    if isinstance(event, StepSucceeded):
+        return {**kwargs, "outcome": "success", "output": dict(event.output)}
+    return {
+        **kwargs,
+        "outcome": "failure",
+        "error_type": event.error_type,
+        "message": event.message,
+        "stack_trace": event.stack_trace,
+        "retryable": event.retryable,
+        "timed_out": event.timed_out,
+    }
 
 
 def _timed_out(
@@ -254,7 +304,3 @@ def _reject_start(
     )
     log.warning("saga.start %s rejected: %s", raw_id, reason)
     return {"accepted": False, "error": reason}
-
-
-def _json_safe(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
