@@ -49,7 +49,7 @@ class Redactor:
         self._inline = re.compile(
             rf"""(?ix)
             (["']?[\w-]*(?:{alternatives})[\w-]*["']?\s*[:=]\s*)
-            ("[^"]*"|'[^']*'|[^\s,;}}&]+)
+            ("[^"]*"|'[^']*'|(?:(?:bearer|basic|token|digest)\s+)?[^\s,;}}&]+)
             """
         )
 
@@ -68,6 +68,12 @@ class Redactor:
             return [self.value(v) for v in value]
         if isinstance(value, str):
             return self.text(value)
+        if (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and 13 <= len(str(abs(value))) <= 19
+        ):
+            return self.text(str(value)) if _luhn_ok(str(abs(value))) else value
         return value
 
     def text(self, text: str | None) -> str | None:

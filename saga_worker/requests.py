@@ -14,14 +14,14 @@ from .config import Settings
 from .core.events import AbortRequested, StartRequested
 from .errors import InvalidRequest
 
-SAGA_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,255}$")
+SAGA_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,255}")
 START_FIELDS = frozenset({"saga_type", "context", "saga_id", "user_id", "ip_address"})
 ABORT_FIELDS = frozenset({"saga_id", "reason", "user_id", "ip_address"})
 MAX_TEXT = 255
 
 
 def valid_saga_id(value: object) -> bool:
-    return isinstance(value, str) and SAGA_ID_RE.match(value) is not None
+    return isinstance(value, str) and SAGA_ID_RE.fullmatch(value) is not None
 
 
 def parse_start(

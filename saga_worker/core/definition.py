@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -11,7 +12,7 @@ from ..errors import InvalidSagaDefinition
 from .model import Direction, JSONObject
 from .retry import RetryPolicy
 
-NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,99}$")
+NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}")
 DEFAULT_TIMEOUT_SECONDS = 300.0
 
 
@@ -99,22 +100,25 @@ class SagaDefinition:
     def problems(self) -> list[str]:
         """Every problem of this definition, so that one error can list them all."""
         found: list[str] = []
-        if not isinstance(self.saga_type, str) or not NAME_RE.match(self.saga_type):
+        if not isinstance(self.saga_type, str) or not NAME_RE.fullmatch(self.saga_type):
             found.append(
                 f"saga_type {self.saga_type!r} must match {NAME_RE.pattern} "
                 "(it becomes part of Celery task names)"
             )
         if not self.steps:
             found.append("a saga needs at least one step")
-        if self.default_timeout_seconds <= 0:
-            found.append("default_timeout_seconds must be > 0")
+        if not _positive_finite(self.default_timeout_seconds):
+            found.append(
+                f"default_timeout_seconds must be a finite number > 0, "
+                f"got {self.default_timeout_seconds!r}"
+            )
         seen: set[str] = set()
         for index, step in enumerate(self.steps):
             where = f"step {index} ({getattr(step, 'name', '?')!r})"
             if not isinstance(step, Step):
                 found.append(f"step {index} is a {type(step).__name__}, expected saga_worker.Step")
                 continue
-            if not isinstance(step.name, str) or not NAME_RE.match(step.name):
+            if not isinstance(step.name, str) or not NAME_RE.fullmatch(step.name):
                 found.append(f"{where}: name must match {NAME_RE.pattern}")
             elif step.name in seen:
                 found.append(f"{where}: duplicate step name; step names must be unique")
@@ -146,8 +150,8 @@ class SagaDefinition:
                 ("timeout_seconds", step.timeout_seconds),
                 ("compensation_timeout_seconds", step.compensation_timeout_seconds),
             ):
-                if timeout is not None and not timeout > 0:
-                    found.append(f"{where}: {label} must be > 0, got {timeout!r}")
+                if timeout is not None and not _positive_finite(timeout):
+                    found.append(f"{where}: {label} must be a finite number > 0, got {timeout!r}")
         return found
 
     @property
@@ -166,6 +170,10 @@ class SagaDefinition:
             return target.task_name
         suffix = ".compensate" if direction is Direction.COMPENSATE else ""
         return f"saga.{self.saga_type}.{step.name}{suffix}"
+
+
+def _positive_finite(value: object) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
 
 
 def idempotency_key(saga_id: str, step_name: str, direction: Direction) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 
@@ -24,8 +25,28 @@ class RetryPolicy:
     def problems(self) -> list[str]:
         """Every rule this policy breaks, as sentences; empty when valid."""
         found: list[str] = []
-        if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+        if (
+            isinstance(self.max_attempts, bool)
+            or not isinstance(self.max_attempts, int)
+            or self.max_attempts < 1
+        ):
             found.append(f"max_attempts must be an integer >= 1, got {self.max_attempts!r}")
+        numbers = {
+            "initial_delay_seconds": self.initial_delay_seconds,
+            "backoff_factor": self.backoff_factor,
+            "max_delay_seconds": self.max_delay_seconds,
+            "jitter": self.jitter,
+        }
+        finite = True
+        for name, value in numbers.items():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                found.append(f"{name} must be a number, got {value!r}")
+                finite = False
+            elif not math.isfinite(value):
+                found.append(f"{name} must be finite, got {value!r}")
+                finite = False
+        if not finite:
+            return found
         if self.initial_delay_seconds < 0:
             found.append(f"initial_delay_seconds must be >= 0, got {self.initial_delay_seconds!r}")
         if self.backoff_factor < 1:
@@ -44,11 +65,13 @@ def backoff_seconds(policy: RetryPolicy, retry_number: int, seed: str) -> float:
     """Delay before retry `retry_number` (1 = first retry); deterministic for a seed."""
     if retry_number < 1:
         raise ValueError(f"retry_number starts at 1, got {retry_number}")
-    # Cap the exponent so a huge attempt count cannot overflow the float.
-    exponent = min(retry_number - 1, 64)
-    base = min(
-        policy.max_delay_seconds, policy.initial_delay_seconds * policy.backoff_factor**exponent
-    )
+    try:
+        growth = policy.backoff_factor ** (retry_number - 1)
+    except OverflowError:
+        growth = math.inf
+    # inf * 0 is nan: a zero initial delay stays zero however large the growth.
+    raw = policy.initial_delay_seconds * growth if policy.initial_delay_seconds else 0.0
+    base = min(policy.max_delay_seconds, raw)
     if policy.jitter == 0 or base == 0:
         return base
     spread = random.Random(seed).uniform(-policy.jitter, policy.jitter)

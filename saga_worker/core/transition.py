@@ -198,7 +198,7 @@ def _abort(b: _Builder, event: AbortRequested) -> Decision:
         return Decision(b.saga, ignored="abort was already requested")
     if b.saga.state is SagaState.COMPENSATING:
         return Decision(b.saga, ignored="saga is already rolling back")
-    b.update(abort_requested=True)
+    b.update(abort_requested=True, error=f"abort requested: {event.reason}")
     b.audit(
         "abort_requested",
         b.saga.pending.step_index if b.saga.pending else None,
@@ -218,9 +218,13 @@ def _succeeded(b: _Builder, event: StepSucceeded) -> Decision:
     b.update(context={**saga.context, **event.output}, pending=None)
     if event.direction is Direction.FORWARD:
         b.update(completed_steps=(*saga.completed_steps, name))
+        if saga.abort_requested:
+            # The abort waited for this step; rollback starts with this very transition.
+            b.update(state=SagaState.COMPENSATING)
         b.audit(
             "step_complete",
             index,
+            state_before=saga.state,
             event_data={"attempt": event.attempt, "output_keys": sorted(event.output)},
             duration_ms=event.duration_ms,
         )

@@ -178,7 +178,8 @@ def check_saga(definition: SagaDefinition, saga: Saga) -> None:
         assert pending is not None
         assert saga.current_step_index == pending.step_index
         assert pending.deadline > pending.not_before
-        assert pending.number >= 1
+        step = definition.steps[pending.step_index]
+        assert 1 <= pending.number <= step.policy(pending.direction).max_attempts
     if state is SagaState.RUNNING:
         assert pending is not None and pending.direction is Direction.FORWARD
         assert compensated == () and failed == ()
@@ -251,6 +252,16 @@ def check_decision(sim: Sim, before: Saga, event: Any, decision: Decision) -> No
         assert cmd.not_before >= sim.now
         if cmd.direction is Direction.COMPENSATE:
             assert sim.definition.step_names[cmd.step_index] in after.completed_steps
+    # Recovery re-sends the very same attempt, or gives up on it after max_recoveries.
+    if isinstance(event, AttemptStalled):
+        assert before.pending is not None
+        if before.pending.recoveries < LIMITS.max_recoveries:
+            assert decision.audit[0].event_type == "saga_recovered"
+            assert after.pending is not None
+            assert after.pending.key() == before.pending.key()
+            assert after.pending.recoveries == before.pending.recoveries + 1
+        else:
+            assert decision.audit[0].event_type in ("step_failed", "compensation_failed")
     # Never two accepted successes for the same (step, direction).
     if isinstance(event, StepSucceeded):
         key = (event.step_index, event.direction)
@@ -275,9 +286,9 @@ def check_liveness(sim: Sim) -> None:
     pending = sim.saga.pending
     if pending is None:
         return
-    assert any(
-        (m.step_index, m.direction, m.attempt) == pending.key() for m in sim.network
-    ), "the pending attempt has no result in the network: the saga would wedge"
+    assert any((m.step_index, m.direction, m.attempt) == pending.key() for m in sim.network), (
+        "the pending attempt has no result in the network: the saga would wedge"
+    )
 
 
 # --------------------------------------------------------------------- tests ---
