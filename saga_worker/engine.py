@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -28,12 +29,25 @@ class Dispatcher(Protocol):
     def send(self, definition: SagaDefinition, saga: Saga, command: RunAttempt) -> None: ...
 
 
-class EngineHooks(Protocol):
-    """Observers of committed transitions (metrics subscribe here, never the core)."""
+@dataclass(frozen=True)
+class TransitionRecord:
+    """What hooks learn about one transition, committed or ignored.
 
-    def on_committed(
-        self, definition: SagaDefinition, before: Saga | None, decision: Decision
-    ) -> None: ...
+    `before` is None for a start; `loaded` says a checkpoint was read to decide;
+    `commit_seconds` is the time of the one transaction (checkpoint + audit rows).
+    """
+
+    definition: SagaDefinition
+    before: Saga | None
+    decision: Decision
+    commit_seconds: float
+    loaded: bool
+
+
+class EngineHooks(Protocol):
+    """Observers of transitions (metrics subscribe here; the core knows nothing of them)."""
+
+    def on_transition(self, record: TransitionRecord) -> None: ...
 
 
 def utcnow() -> datetime:
@@ -74,15 +88,17 @@ class SagaEngine:
         definition = registry.get(request.saga_type)
         now = self.clock()
         decision = start(definition, request, now, self.limits)
+        began = time.perf_counter()
         created = retry_transient(
             lambda: self.store.create(decision, now),
             max_wait_seconds=self.db_retry_seconds,
             what=f"start of saga {request.saga_id}",
         )
+        elapsed = time.perf_counter() - began
         if not created:
             log.info("saga %s already exists: duplicate start ignored", request.saga_id)
             return StartResult(request.saga_id, False, None)
-        self._after_commit(definition, None, decision)
+        self._after_commit(TransitionRecord(definition, None, decision, elapsed, False))
         return StartResult(request.saga_id, True, decision)
 
     def handle(self, saga_id: str, event: Event, *, skip_locked: bool = False) -> Decision:
@@ -102,21 +118,24 @@ class SagaEngine:
                 continue
             if outcome is None:
                 raise SagaNotFound(saga_id)
-            definition, before, decision = outcome
-            if decision.ignored:
-                log.info("saga %s: %s ignored: %s", saga_id, type(event).__name__, decision.ignored)
-                return decision
-            self._after_commit(definition, before, decision)
-            return decision
+            record = outcome
+            if record.decision.ignored:
+                log.info(
+                    "saga %s: %s ignored: %s",
+                    saga_id,
+                    type(event).__name__,
+                    record.decision.ignored,
+                )
+            self._after_commit(record)
+            return record.decision
         raise ConcurrencyConflict(
             f"saga {saga_id} kept changing under {MAX_CONFLICT_RETRIES} attempts to apply "
             f"{type(event).__name__}"
         )
 
-    def _apply_once(
-        self, saga_id: str, event: Event, skip_locked: bool
-    ) -> tuple[SagaDefinition, Saga, Decision] | None:
+    def _apply_once(self, saga_id: str, event: Event, skip_locked: bool) -> TransitionRecord | None:
         now = self.clock()
+        began = time.perf_counter()
         definitions: list[SagaDefinition] = []
 
         def decide(saga: Saga) -> Decision:
@@ -128,7 +147,9 @@ class SagaEngine:
         if applied is None:
             return None
         before, decision = applied
-        return definitions[-1], before, decision
+        return TransitionRecord(
+            definitions[-1], before, decision, time.perf_counter() - began, True
+        )
 
     def reject(
         self,
@@ -155,14 +176,13 @@ class SagaEngine:
             what=f"rejection of saga {saga_id}",
         )
 
-    def _after_commit(
-        self, definition: SagaDefinition, before: Saga | None, decision: Decision
-    ) -> None:
+    def _after_commit(self, record: TransitionRecord) -> None:
         # Persist first, then send: a crash in between leaves a stalled saga that the
         # recovery scan re-sends, never a step whose transition was not recorded.
+        decision = record.decision
         for command in decision.commands:
             try:
-                self.dispatcher.send(definition, decision.saga, command)
+                self.dispatcher.send(record.definition, decision.saga, command)
             except Exception:
                 log.exception(
                     "saga %s: sending step %s %s attempt %s failed; recovery will re-send it",
@@ -173,6 +193,6 @@ class SagaEngine:
                 )
         for hook in self.hooks:
             try:
-                hook.on_committed(definition, before, decision)
+                hook.on_transition(record)
             except Exception:
                 log.exception("engine hook %r failed", hook)

@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime
 
-from .core.events import AttemptStalled
+from .core.events import AttemptDue, AttemptStalled
 from .engine import SagaEngine
 from .store.codec import pending_from_json
 from .store.repository import SagaStore, SkippedLocked
@@ -21,11 +21,12 @@ class SweepResult:
     examined: int
     recovered: int
     failed: int
+    due: int = 0
 
 
 def sweep(store: SagaStore, engine: SagaEngine, now: datetime, batch: int = 500) -> SweepResult:
     """Recover each stalled saga through the normal transition path (which re-enqueues)."""
-    recovered = failed = 0
+    recovered = failed = due = 0
     candidates = store.stalled(now, batch)
     for saga_id, pending_json in candidates:
         # One bad row must never stop the sweep.
@@ -33,13 +34,17 @@ def sweep(store: SagaStore, engine: SagaEngine, now: datetime, batch: int = 500)
             pending = pending_from_json(pending_json)
             if pending is None:
                 continue
-            decision = engine.handle(
-                saga_id,
-                AttemptStalled(
+            event: AttemptDue | AttemptStalled
+            if pending.held:
+                event = AttemptDue(pending.step_index, pending.direction, pending.number)
+            else:
+                event = AttemptStalled(
                     pending.step_index, pending.direction, pending.number, pending.recoveries
-                ),
-                skip_locked=True,
-            )
+                )
+            decision = engine.handle(saga_id, event, skip_locked=True)
+            if decision.changed and pending.held:
+                due += 1
+                continue
             if decision.changed:
                 recovered += 1
                 log.warning(
@@ -55,4 +60,4 @@ def sweep(store: SagaStore, engine: SagaEngine, now: datetime, batch: int = 500)
         except Exception:
             failed += 1
             log.exception("saga %s: recovery failed; will try again next sweep", saga_id)
-    return SweepResult(len(candidates), recovered, failed)
+    return SweepResult(len(candidates), recovered, failed, due)

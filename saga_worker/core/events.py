@@ -67,4 +67,13 @@ class AttemptStalled:
     recoveries: int = 0
 
 
-Event = StepSucceeded | StepFailed | AbortRequested | AttemptStalled
+@dataclass(frozen=True)
+class AttemptDue:
+    """A held attempt reached its `not_before`: send it now."""
+
+    step_index: int
+    direction: Direction
+    attempt: int
+
+
+Event = StepSucceeded | StepFailed | AbortRequested | AttemptStalled | AttemptDue

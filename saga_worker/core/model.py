@@ -47,6 +47,10 @@ class Attempt:
 
     A result is accepted only when its (step_index, direction, number) equals this one,
     which is what turns duplicated and late messages into no-ops.
+
+    A `held` attempt waits in the database, not in a broker ETA, until `not_before`; its
+    `deadline` is then the time the recovery sweep sends it. Broker ETAs past Redis'
+    visibility timeout are delivered twice, so long delays must not live there.
     """
 
     step_index: int
@@ -55,6 +59,7 @@ class Attempt:
     not_before: datetime
     deadline: datetime
     recoveries: int = 0
+    held: bool = False
 
     def key(self) -> tuple[int, Direction, int]:
         return (self.step_index, self.direction, self.number)

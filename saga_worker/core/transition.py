@@ -16,6 +16,7 @@ from .commands import Command, RunAttempt
 from .definition import SagaDefinition
 from .events import (
     AbortRequested,
+    AttemptDue,
     AttemptStalled,
     Event,
     StartRequested,
@@ -32,6 +33,8 @@ class Limits:
 
     stall_grace_seconds: float = 30.0
     max_recoveries: int = 5
+    #: Delays up to this go to the broker as a countdown; longer ones wait in the database.
+    max_broker_delay_seconds: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,10 @@ def transition(
                 f"{pending.key() if pending else None}: duplicate or late"
             ),
         )
+    if isinstance(event, AttemptDue | AttemptStalled) and pending.held:
+        return _send_held(b, pending)
+    if isinstance(event, AttemptDue):
+        return Decision(saga, ignored="attempt was already sent")
     if isinstance(event, AttemptStalled):
         if event.recoveries != pending.recoveries:
             return Decision(saga, ignored="attempt was already recovered by another scan")
@@ -174,8 +181,12 @@ class _Builder:
         recoveries: int = 0,
         retry_count: int | None = None,
     ) -> None:
-        """Make (step, direction, number) the pending attempt and send it."""
+        """Make (step, direction, number) the pending attempt and send it (or hold it)."""
         timeout = self.definition.timeout(step_index, direction)
+        if (not_before - self.now).total_seconds() > self.limits.max_broker_delay_seconds:
+            held = Attempt(step_index, direction, number, not_before, not_before, recoveries, True)
+            self.update(pending=held, current_step_index=step_index)
+            return
         deadline = not_before + timedelta(seconds=timeout + self.limits.stall_grace_seconds)
         attempt = Attempt(step_index, direction, number, not_before, deadline, recoveries)
         self.update(pending=attempt, current_step_index=step_index)
@@ -193,6 +204,12 @@ class _Builder:
         return Decision(saga, tuple(self.events), tuple(self.commands))
 
 
+def _send_held(b: _Builder, pending: Attempt) -> Decision:
+    retry_count = pending.number - 1 if pending.number > 1 else None
+    b.run(pending.step_index, pending.direction, pending.number, b.now, retry_count=retry_count)
+    return b.decision()
+
+
 def _abort(b: _Builder, event: AbortRequested) -> Decision:
     if b.saga.abort_requested:
         return Decision(b.saga, ignored="abort was already requested")
@@ -206,6 +223,12 @@ def _abort(b: _Builder, event: AbortRequested) -> Decision:
         user_id=event.user_id,
         ip_address=event.ip_address,
     )
+    pending = b.saga.pending
+    if pending is not None and pending.held and pending.direction is Direction.FORWARD:
+        # A retry still waiting in the database was never sent: cancel it and roll back now.
+        b.update(pending=None, state=SagaState.COMPENSATING)
+        _rollback_from(b, pending.step_index - 1)
+        return b.decision()
     # A forward attempt in flight cannot be recalled from the queue: its result decides
     # whether that step needs compensating, so rollback begins when it reports.
     return b.decision()

@@ -19,6 +19,7 @@ def pending_to_json(attempt: Attempt | None) -> dict[str, Any] | None:
         "not_before": attempt.not_before.isoformat(),
         "deadline": attempt.deadline.isoformat(),
         "recoveries": attempt.recoveries,
+        "held": attempt.held,
     }
 
 
@@ -32,6 +33,7 @@ def pending_from_json(data: Mapping[str, Any] | None) -> Attempt | None:
         not_before=datetime.fromisoformat(data["not_before"]),
         deadline=datetime.fromisoformat(data["deadline"]),
         recoveries=int(data.get("recoveries", 0)),
+        held=bool(data.get("held", False)),
     )
 
 

@@ -13,6 +13,7 @@ from saga_worker.core.commands import RunAttempt
 from saga_worker.core.definition import SagaDefinition, Step
 from saga_worker.core.events import (
     AbortRequested,
+    AttemptDue,
     AttemptStalled,
     StartRequested,
     StepFailed,
@@ -64,7 +65,8 @@ def make_definition(
 
 
 DEF = make_definition()
-LIMITS = Limits(stall_grace_seconds=30.0, max_recoveries=2)
+# Broker countdowns for every delay here; held (database) retries have their own tests.
+LIMITS = Limits(stall_grace_seconds=30.0, max_recoveries=2, max_broker_delay_seconds=3600)
 
 
 class Run:
@@ -629,7 +631,7 @@ def test_stalled_compensation_is_recovered_with_compensation_start() -> None:
 
 
 def test_beyond_max_recoveries_the_step_fails_for_good_and_saga_compensates() -> None:
-    run = Run(limits=Limits(stall_grace_seconds=30.0, max_recoveries=2))
+    run = Run(limits=LIMITS)
     run.ok()  # "charge" attempt 1 pending, 3 attempts allowed
     for n in (0, 1):
         d = run.apply(AttemptStalled(1, FWD, 1, recoveries=n))
@@ -648,7 +650,7 @@ def test_beyond_max_recoveries_the_step_fails_for_good_and_saga_compensates() ->
 
 
 def test_max_recoveries_zero_fails_on_first_stall() -> None:
-    run = Run(limits=Limits(max_recoveries=0))
+    run = Run(limits=replace(LIMITS, max_recoveries=0))
     d = run.apply(AttemptStalled(0, FWD, 1, 0))
     assert types(d.audit) == ["step_failed", "saga_compensated"]
 
@@ -686,3 +688,55 @@ def test_audit_state_chain_is_continuous_after_abort() -> None:
     run.ok()
     assert run.saga.state is SagaState.ABORTED
     _assert_state_chain(run)
+
+
+# --------------------------------------------------- retries held in the database ---
+
+HELD_LIMITS = Limits(stall_grace_seconds=30.0, max_broker_delay_seconds=5.0)
+
+
+def test_long_retry_delay_is_held_in_the_database_not_sent_as_an_eta() -> None:
+    run = Run(limits=HELD_LIMITS)  # NO_JITTER: first retry waits 5 s, second 10 s
+    run.ok()
+    first = run.fail()
+    assert types(first.audit) == ["step_retry", "step_start"]  # 5 s: a broker countdown
+    second = run.fail()
+    assert types(second.audit) == ["step_retry"]
+    assert second.commands == ()
+    held = run.saga.pending
+    assert held is not None and held.held and held.number == 3
+    assert held.deadline == held.not_before == run.now + timedelta(seconds=10)
+    assert second.audit[0].event_data["delay_seconds"] == 10.0
+
+
+def test_due_held_attempt_is_sent_with_its_step_start() -> None:
+    run = Run(limits=HELD_LIMITS)
+    run.fail()
+    run.fail()
+    held = run.saga.pending
+    assert held is not None and held.held
+    due = run.apply(AttemptDue(held.step_index, held.direction, held.number), advance=11)
+    assert types(due.audit) == ["step_start"]
+    assert due.audit[0].retry_count == 2
+    (cmd,) = due.commands
+    assert (cmd.step_index, cmd.attempt, cmd.not_before) == (0, 3, run.now)
+    sent = run.saga.pending
+    assert sent is not None and not sent.held
+    assert sent.deadline == run.now + timedelta(seconds=10 + 30)
+    # the sweep's second look at the same attempt changes nothing
+    assert run.apply(AttemptDue(0, FWD, 3)).ignored
+
+
+def test_abort_cancels_a_held_retry_and_rolls_back_at_once() -> None:
+    run = Run(limits=HELD_LIMITS)
+    run.ok()
+    run.fail()
+    run.fail()
+    assert run.saga.pending is not None and run.saga.pending.held
+    d = run.apply(AbortRequested(reason="stop", user_id="op"))
+    assert types(d.audit) == ["abort_requested", "compensation_start"]
+    assert run.saga.state is C
+    (cmd,) = d.commands
+    assert (cmd.step_index, cmd.direction) == (0, COMP)
+    run.ok()
+    assert run.saga.state is SagaState.ABORTED

@@ -23,6 +23,7 @@ from saga_worker.core.commands import RunAttempt
 from saga_worker.core.definition import SagaDefinition, Step
 from saga_worker.core.events import (
     AbortRequested,
+    AttemptDue,
     AttemptStalled,
     StartRequested,
     StepFailed,
@@ -110,6 +111,10 @@ class Sim:
         self.saga = decision.saga
         check_saga(self.definition, self.saga)
         self.send(decision.commands)
+        if decision.ignored is None and self.saga.pending is not None and self.saga.pending.held:
+            # The recovery sweep sends a held attempt once its not_before has passed.
+            p = self.saga.pending
+            self.network.append(AttemptDue(p.step_index, p.direction, p.number))
         if decision.ignored is None:
             # Idempotence: the very same event again right away is a no-op.
             again = transition(self.definition, self.saga, event, self.now, LIMITS)
@@ -177,7 +182,11 @@ def check_saga(definition: SagaDefinition, saga: Saga) -> None:
     else:
         assert pending is not None
         assert saga.current_step_index == pending.step_index
-        assert pending.deadline > pending.not_before
+        if pending.held:
+            # waits in the database; the sweep sends it at not_before
+            assert pending.deadline == pending.not_before
+        else:
+            assert pending.deadline > pending.not_before
         step = definition.steps[pending.step_index]
         assert 1 <= pending.number <= step.policy(pending.direction).max_attempts
     if state is SagaState.RUNNING:
@@ -240,11 +249,10 @@ def check_decision(sim: Sim, before: Saga, event: Any, decision: Decision) -> No
         for e in decision.audit
         if e.event_type in ("step_failed", "compensation_failed")
     )
-    # Commands: exactly the new pending attempt, or nothing.
-    if after.pending is None:
+    # Commands: exactly the new pending attempt, or nothing (ended, or held in the database).
+    unchanged_by_abort = isinstance(event, AbortRequested) and after.pending == before.pending
+    if after.pending is None or after.pending.held or unchanged_by_abort:
         assert decision.commands == ()
-    elif isinstance(event, AbortRequested):
-        assert decision.commands == () and after.pending == before.pending
     else:
         (cmd,) = decision.commands
         assert (cmd.step_index, cmd.direction, cmd.attempt) == after.pending.key()
@@ -253,7 +261,11 @@ def check_decision(sim: Sim, before: Saga, event: Any, decision: Decision) -> No
         if cmd.direction is Direction.COMPENSATE:
             assert sim.definition.step_names[cmd.step_index] in after.completed_steps
     # Recovery re-sends the very same attempt, or gives up on it after max_recoveries.
-    if isinstance(event, AttemptStalled):
+    if isinstance(event, AttemptStalled) and before.pending is not None and before.pending.held:
+        assert decision.audit[0].event_type in ("step_start", "compensation_start")
+        assert after.pending is not None and not after.pending.held
+        assert after.pending.key() == before.pending.key()
+    elif isinstance(event, AttemptStalled):
         assert before.pending is not None
         if before.pending.recoveries < LIMITS.max_recoveries:
             assert decision.audit[0].event_type == "saga_recovered"
