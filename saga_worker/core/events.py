@@ -76,4 +76,12 @@ class AttemptDue:
     attempt: int
 
 
-Event = StepSucceeded | StepFailed | AbortRequested | AttemptStalled | AttemptDue
+@dataclass(frozen=True)
+class RetryRequested:
+    """An operator asked to re-run the compensations that failed (a FAILED saga)."""
+
+    user_id: str | None = None
+    reason: str = "operator retry"
+
+
+Event = StepSucceeded | StepFailed | AbortRequested | AttemptStalled | AttemptDue | RetryRequested

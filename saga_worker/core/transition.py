@@ -19,6 +19,7 @@ from .events import (
     AttemptDue,
     AttemptStalled,
     Event,
+    RetryRequested,
     StartRequested,
     StepFailed,
     StepSucceeded,
@@ -103,6 +104,8 @@ def transition(
     limits: Limits = Limits(),
 ) -> Decision:
     """Apply one event to a saga and say what to persist and what to send next."""
+    if isinstance(event, RetryRequested):
+        return _operator_retry(definition, saga, event, now, limits)
     if saga.state.is_terminal:
         return Decision(saga, ignored=f"saga is already {saga.state.value}")
     b = _Builder(definition, saga, now, limits)
@@ -180,6 +183,9 @@ class _Builder:
         *,
         recoveries: int = 0,
         retry_count: int | None = None,
+        state_before: SagaState | None = None,
+        extra: Mapping[str, Any] | None = None,
+        user_id: str | None = None,
     ) -> None:
         """Make (step, direction, number) the pending attempt and send it (or hold it)."""
         timeout = self.definition.timeout(step_index, direction)
@@ -191,10 +197,18 @@ class _Builder:
         attempt = Attempt(step_index, direction, number, not_before, deadline, recoveries)
         self.update(pending=attempt, current_step_index=step_index)
         kind = "step_start" if direction is Direction.FORWARD else "compensation_start"
-        data: dict[str, Any] = {"attempt": number, "timeout_seconds": timeout}
+        data: dict[str, Any] = {"attempt": number, "timeout_seconds": timeout, **(extra or {})}
         if not_before > self.now:
             data["not_before"] = not_before.isoformat()
-        self.audit(kind, step_index, event_data=data, retry_count=retry_count)
+        who = {"user_id": user_id} if user_id is not None else {}
+        self.audit(
+            kind,
+            step_index,
+            state_before=state_before,
+            event_data=data,
+            retry_count=retry_count,
+            **who,
+        )
         self.commands.append(
             RunAttempt(self.saga.saga_id, step_index, direction, number, not_before)
         )
@@ -202,6 +216,30 @@ class _Builder:
     def decision(self) -> Decision:
         saga = replace(self.saga, updated_at=self.now)
         return Decision(saga, tuple(self.events), tuple(self.commands))
+
+
+def _operator_retry(
+    definition: SagaDefinition, saga: Saga, event: RetryRequested, now: datetime, limits: Limits
+) -> Decision:
+    """FAILED -> COMPENSATING: re-run each failed compensation, highest step first."""
+    if saga.state is not SagaState.FAILED:
+        return Decision(
+            saga, ignored=f"only a FAILED saga can be retried; this one is {saga.state.value}"
+        )
+    b = _Builder(definition, saga, now, limits)
+    retried = list(saga.failed_compensations)
+    b.update(state=SagaState.COMPENSATING, failed_compensations=())
+    top = max(definition.step_names.index(name) for name in retried)
+    b.run(
+        top,
+        Direction.COMPENSATE,
+        1,
+        now,
+        state_before=SagaState.FAILED,
+        extra={"operator_retry": True, "retrying": retried, "reason": event.reason},
+        user_id=event.user_id,
+    )
+    return b.decision()
 
 
 def _send_held(b: _Builder, pending: Attempt) -> Decision:
@@ -338,9 +376,10 @@ def _rollback_from(b: _Builder, index: int) -> None:
     if b.saga.state is SagaState.RUNNING:
         b.update(state=SagaState.COMPENSATING)
     completed = set(b.saga.completed_steps)
+    done = set(b.saga.compensated_steps) | set(b.saga.failed_compensations)
     for candidate in range(index, -1, -1):
         step = b.definition.steps[candidate]
-        if step.name in completed and step.compensate is not None:
+        if step.name in completed and step.name not in done and step.compensate is not None:
             b.run(candidate, Direction.COMPENSATE, 1, b.now)
             return
     last = max(index, 0)

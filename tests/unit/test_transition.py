@@ -15,6 +15,7 @@ from saga_worker.core.events import (
     AbortRequested,
     AttemptDue,
     AttemptStalled,
+    RetryRequested,
     StartRequested,
     StepFailed,
     StepSucceeded,
@@ -740,3 +741,58 @@ def test_abort_cancels_a_held_retry_and_rolls_back_at_once() -> None:
     assert (cmd.step_index, cmd.direction) == (0, COMP)
     run.ok()
     assert run.saga.state is SagaState.ABORTED
+
+
+# ------------------------------------------------------- operator retry of FAILED ---
+
+
+def _failed_saga() -> Run:
+    """reserve and charge completed, ship fails; both compensations fail for good."""
+    run = Run()
+    run.ok()
+    run.ok()
+    run.fail_until_given_up()  # ship
+    run.fail_until_given_up()  # charge's compensation
+    run.fail_until_given_up()  # reserve's compensation
+    assert run.saga.state is SagaState.FAILED
+    assert run.saga.failed_compensations == ("charge", "reserve")
+    return run
+
+
+def test_operator_retry_reruns_failed_compensations_highest_step_first() -> None:
+    run = _failed_saga()
+    d = run.apply(RetryRequested(user_id="oncall"))
+    assert types(d.audit) == ["compensation_start"]
+    first = d.audit[0]
+    assert (first.state_before, first.state_after) == (SagaState.FAILED, C)
+    assert first.user_id == "oncall"
+    assert first.event_data["operator_retry"] is True
+    assert first.event_data["retrying"] == ["charge", "reserve"]
+    (cmd,) = d.commands
+    assert (cmd.step_index, cmd.direction, cmd.attempt) == (1, COMP, 1)
+    assert run.saga.failed_compensations == ()
+    run.ok()
+    assert run.saga.pending is not None and run.saga.pending.step_index == 0
+    run.ok()
+    assert run.saga.state is SagaState.COMPENSATED
+    assert run.saga.compensated_steps == ("charge", "reserve")
+
+
+def test_operator_retry_that_fails_again_ends_failed_with_only_what_still_fails() -> None:
+    run = _failed_saga()
+    run.apply(RetryRequested(user_id="oncall"))
+    run.ok()  # charge's compensation works now
+    run.fail_until_given_up()  # reserve's still fails
+    assert run.saga.state is SagaState.FAILED
+    assert run.saga.failed_compensations == ("reserve",)
+    assert run.saga.compensated_steps == ("charge",)
+
+
+def test_operator_retry_is_ignored_unless_failed() -> None:
+    run = Run()
+    assert run.apply(RetryRequested(user_id="x")).ignored
+    run.ok()
+    run.ok()
+    run.ok()
+    assert run.saga.state is SagaState.COMPLETED
+    assert run.apply(RetryRequested(user_id="x")).ignored

@@ -25,6 +25,7 @@ from saga_worker.core.events import (
     AbortRequested,
     AttemptDue,
     AttemptStalled,
+    RetryRequested,
     StartRequested,
     StepFailed,
     StepSucceeded,
@@ -76,6 +77,7 @@ class Sim:
     accepted_successes: set[tuple[int, Direction]] = field(default_factory=set)
     seen_audit_types: list[str] = field(default_factory=list)
     given_up_errors: list[str] = field(default_factory=list)
+    operator_retries: int = 0
 
     # ------------------------------------------------------------ environment ---
 
@@ -138,6 +140,8 @@ class Sim:
         if self.issued:
             moves.append("rerun")
         moves.append("abort")
+        if self.saga.state is SagaState.FAILED:
+            moves.append("operator_retry")
         if self.saga.pending is not None:
             moves += ["stall"] * 2
         move = self.data.draw(st.sampled_from(moves), label="move")
@@ -151,6 +155,9 @@ class Sim:
             self.network.append(self.result_for(cmd))
         elif move == "abort":
             self.apply(AbortRequested(reason="test", user_id="op"))
+        elif move == "operator_retry":
+            if self.apply(RetryRequested(user_id="op")).ignored is None:
+                self.operator_retries += 1
         else:
             pending = self.saga.pending
             assert pending is not None
@@ -237,7 +244,10 @@ def check_decision(sim: Sim, before: Saga, event: Any, decision: Decision) -> No
         assert decision.commands == ()
         assert after == before
         return
-    assert not before.state.is_terminal
+    if isinstance(event, RetryRequested):
+        assert before.state is SagaState.FAILED and after.state is SagaState.COMPENSATING
+    else:
+        assert not before.state.is_terminal
     assert decision.audit, "an accepted transition is always audited"
     assert decision.audit[0].state_before == before.state
     assert decision.audit[-1].state_after == after.state
@@ -352,7 +362,8 @@ def test_at_least_once_delivery_keeps_the_saga_valid(
         SagaState.FAILED: "saga_failed",
     }
     assert types[-1] == terminal_events[end]
-    assert sum(t in terminal_events.values() for t in types) == 1
+    # one terminal event, plus one more for each accepted operator retry of a FAILED saga
+    assert sum(t in terminal_events.values() for t in types) == 1 + sim.operator_retries
     # step_failed at most once per step; compensation_failed at most once per step too
     assert types.count("step_failed") <= 1
     assert types.count("abort_requested") <= 1
