@@ -84,4 +84,26 @@ class RetryRequested:
     reason: str = "operator retry"
 
 
-Event = StepSucceeded | StepFailed | AbortRequested | AttemptStalled | AttemptDue | RetryRequested
+@dataclass(frozen=True)
+class ResultRejected:
+    """A result or step message was refused (bad token, not the pending attempt).
+
+    Changes nothing but the audit trail, where forged or replayed progress is recorded.
+    """
+
+    task: str
+    reason: str
+    step_index: int | None = None
+    direction: Direction | None = None
+    attempt: int | None = None
+
+
+Event = (
+    StepSucceeded
+    | StepFailed
+    | AbortRequested
+    | AttemptStalled
+    | AttemptDue
+    | RetryRequested
+    | ResultRejected
+)

@@ -19,6 +19,7 @@ from .events import (
     AttemptDue,
     AttemptStalled,
     Event,
+    ResultRejected,
     RetryRequested,
     StartRequested,
     StepFailed,
@@ -106,6 +107,8 @@ def transition(
     """Apply one event to a saga and say what to persist and what to send next."""
     if isinstance(event, RetryRequested):
         return _operator_retry(definition, saga, event, now, limits)
+    if isinstance(event, ResultRejected):
+        return _rejected(definition, saga, event)
     if saga.state.is_terminal:
         return Decision(saga, ignored=f"saga is already {saga.state.value}")
     b = _Builder(definition, saga, now, limits)
@@ -240,6 +243,27 @@ def _operator_retry(
         user_id=event.user_id,
     )
     return b.decision()
+
+
+def _rejected(definition: SagaDefinition, saga: Saga, event: ResultRejected) -> Decision:
+    """Audit refused progress; the saga itself, updated_at included, stays as it was."""
+    index = event.step_index
+    valid_index = index is not None and 0 <= index < len(definition.steps)
+    note = AuditEvent(
+        event_type="saga_rejected",
+        state_before=saga.state,
+        state_after=saga.state,
+        step_name=definition.steps[index].name if valid_index and index is not None else None,
+        step_index=index if valid_index else None,
+        event_data={
+            "task": event.task,
+            "step_index": index,
+            "direction": event.direction.value if event.direction else None,
+            "attempt": event.attempt,
+        },
+        error_message=event.reason,
+    )
+    return Decision(saga, (note,))
 
 
 def _send_held(b: _Builder, pending: Attempt) -> Decision:

@@ -13,7 +13,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from .. import registry
 from ..core.definition import SagaDefinition, StepInput, idempotency_key
-from ..core.events import StepFailed, StepSucceeded
+from ..core.events import ResultRejected, StepFailed, StepSucceeded
 from ..core.model import Direction
 from ..errors import InvalidRequest, NonRetryableStepError, SagaError, SagaNotFound
 from ..requests import check_context, parse_abort, parse_start, valid_saga_id
@@ -68,53 +68,118 @@ def register_core_tasks(app: Any, runtimes: RuntimeFactory) -> None:
         """Results of remote steps (via link/link_error) and of local steps sent late."""
         rt = runtimes.get()
         try:
-            saga_id = kwargs["saga_id"]
-            step_index = int(kwargs["step_index"])
-            direction = Direction(kwargs["direction"])
-            attempt = int(kwargs["attempt"])
+            ref = parse_attempt_ref(kwargs, extra=ADVANCE_FIELDS)
             outcome = kwargs["outcome"]
-        except (KeyError, TypeError, ValueError) as exc:
-            log.warning("saga.advance refused: malformed arguments (%s)", type(exc).__name__)
-            return {"accepted": False, "error": "malformed arguments"}
-        if not valid_saga_id(saga_id) or not token_valid(
+            if outcome not in ("success", "failure"):
+                raise InvalidRequest("outcome", "must be 'success' or 'failure'")
+        except (InvalidRequest, KeyError) as exc:
+            log.warning("saga.advance refused: %s", _short(exc))
+            return {"accepted": False, "error": _short(exc)}
+        saga_id, step_index, direction, attempt = ref
+        if not token_valid(
             rt.signing_key, kwargs.get("token"), saga_id, step_index, direction.value, attempt
         ):
-            log.warning("saga.advance refused for %r: invalid token", saga_id)
+            log.warning("saga.advance refused for %s: invalid token", saga_id)
+            _audit_refusal(rt, "saga.advance", "invalid token", ref)
             return {"accepted": False, "error": "invalid token"}
-        if outcome == "success":
-            output = kwargs.get("output", result)
-            problem = _output_problem(output, rt.settings)
-            event: StepSucceeded | StepFailed
-            if problem is None:
-                event = StepSucceeded(
-                    step_index,
-                    direction,
-                    attempt,
-                    dict(output or {}),
-                    duration_ms=kwargs.get("duration_ms"),
-                )
-            else:
-                event = StepFailed(step_index, direction, attempt, "StepOutputError", problem)
-        else:
-            event = StepFailed(
-                step_index,
-                direction,
-                attempt,
-                error_type=str(kwargs.get("error_type") or "RemoteTaskFailed"),
-                message=str(
-                    kwargs.get("message") or f"remote task {result} failed (see its worker's log)"
-                )[:MAX_ERROR_CHARS],
-                stack_trace=kwargs.get("stack_trace"),
-                retryable=bool(kwargs.get("retryable", True)),
-                timed_out=bool(kwargs.get("timed_out", False)),
-                duration_ms=kwargs.get("duration_ms"),
-            )
+        event = _advance_event(result, kwargs, ref, outcome == "success", rt.settings)
         try:
             decision = rt.engine.handle(saga_id, event)
         except SagaNotFound as exc:
             log.warning("saga.advance refused: %s", exc)
             return {"accepted": False, "error": str(exc)}
+        if decision.ignored:
+            # A valid token for an attempt that is not pending: a replay or a late duplicate.
+            _audit_refusal(rt, "saga.advance", f"not applied: {decision.ignored}", ref)
         return {"accepted": decision.changed, "ignored": decision.ignored}
+
+
+ADVANCE_FIELDS = frozenset(
+    {
+        "token",
+        "outcome",
+        "output",
+        "duration_ms",
+        "error_type",
+        "message",
+        "stack_trace",
+        "retryable",
+        "timed_out",
+    }
+)
+STEP_FIELDS = frozenset({"token", "saga_type", "context"})
+AttemptRef = tuple[str, int, Direction, int]
+
+
+def parse_attempt_ref(kwargs: Mapping[str, Any], *, extra: frozenset[str]) -> AttemptRef:
+    """(saga_id, step_index, direction, attempt) from a result or step message, strictly."""
+    allowed = extra | {"saga_id", "step_index", "direction", "attempt"}
+    unknown = sorted(str(k) for k in kwargs if k not in allowed)
+    if unknown:
+        raise InvalidRequest(unknown[0][:60], "unknown argument")
+    saga_id = kwargs.get("saga_id")
+    if not valid_saga_id(saga_id):
+        raise InvalidRequest("saga_id", "must be 1-255 characters of A-Z a-z 0-9 . _ : -")
+    assert isinstance(saga_id, str)
+    step_index, attempt = kwargs.get("step_index"), kwargs.get("attempt")
+    if (
+        isinstance(step_index, bool)
+        or not isinstance(step_index, int)
+        or not 0 <= step_index < 1000
+    ):
+        raise InvalidRequest("step_index", "must be an integer from 0 to 999")
+    if isinstance(attempt, bool) or not isinstance(attempt, int) or not 1 <= attempt < 10_000:
+        raise InvalidRequest("attempt", "must be an integer from 1 to 9999")
+    try:
+        direction = Direction(str(kwargs.get("direction")))
+    except ValueError:
+        raise InvalidRequest("direction", "must be 'forward' or 'compensate'") from None
+    return saga_id, step_index, direction, attempt
+
+
+def _advance_event(
+    result: Any, kwargs: Mapping[str, Any], ref: AttemptRef, success: bool, settings: Any
+) -> StepSucceeded | StepFailed:
+    _, step_index, direction, attempt = ref
+    duration = kwargs.get("duration_ms")
+    duration_ms = float(duration) if isinstance(duration, int | float) and duration >= 0 else None
+    if success:
+        output = kwargs.get("output", result)
+        problem = _output_problem(output, settings)
+        if problem is None:
+            return StepSucceeded(step_index, direction, attempt, dict(output or {}), duration_ms)
+        return StepFailed(step_index, direction, attempt, "StepOutputError", problem)
+    stack = kwargs.get("stack_trace")
+    return StepFailed(
+        step_index,
+        direction,
+        attempt,
+        error_type=_text(kwargs.get("error_type"), 100) or "RemoteTaskFailed",
+        message=_text(kwargs.get("message"), MAX_ERROR_CHARS)
+        or f"remote task {_text(result, 100)} failed (see its worker's log)",
+        stack_trace=_text(stack, 20_000) if stack is not None else None,
+        retryable=kwargs.get("retryable", True) is not False,
+        timed_out=kwargs.get("timed_out") is True,
+        duration_ms=duration_ms,
+    )
+
+
+def _audit_refusal(rt: Any, task: str, reason: str, ref: AttemptRef) -> None:
+    saga_id, step_index, direction, attempt = ref
+    try:
+        rt.engine.handle(saga_id, ResultRejected(task, reason, step_index, direction, attempt))
+    except SagaNotFound:
+        log.warning("%s refused for unknown saga %s: %s", task, saga_id, reason)
+
+
+def _text(value: Any, limit: int) -> str:
+    if value is None:
+        return ""
+    return (value if isinstance(value, str) else repr(value))[:limit]
+
+
+def _short(exc: BaseException) -> str:
+    return _describe(exc)[:300]
 
 
 def register_step_tasks(app: Any, runtimes: RuntimeFactory, definition: SagaDefinition) -> None:
@@ -131,20 +196,22 @@ def register_step_tasks(app: Any, runtimes: RuntimeFactory, definition: SagaDefi
 
 
 def _step_task(app: Any, runtimes: RuntimeFactory, task_name: str) -> Any:
-    def run_step(
-        *,
-        saga_id: str,
-        saga_type: str,
-        step_index: int,
-        direction: str,
-        attempt: int,
-        token: str,
-        context: Mapping[str, Any],
-    ) -> dict[str, Any]:
+    def run_step(**kwargs: Any) -> dict[str, Any]:
         rt = runtimes.get()
-        dir_ = Direction(direction)
+        try:
+            saga_id, step_index, dir_, attempt = parse_attempt_ref(kwargs, extra=STEP_FIELDS)
+            saga_type, context, token = kwargs["saga_type"], kwargs["context"], kwargs["token"]
+            definition = registry.get(saga_type)
+            if definition.task_name(step_index, dir_) != task_name:
+                raise InvalidRequest("step_index", f"does not name {task_name}")
+            if not isinstance(context, Mapping):
+                raise InvalidRequest("context", "must be a JSON object")
+        except (InvalidRequest, KeyError, TypeError, SagaError, IndexError) as exc:
+            log.warning("%s refused: %s", task_name, _short(exc))
+            return {"ran": False, "reason": _short(exc)}
         if not token_valid(rt.signing_key, token, saga_id, step_index, dir_.value, attempt):
-            log.warning("%s refused for %r: invalid token", task_name, saga_id)
+            log.warning("%s refused for %s: invalid token", task_name, saga_id)
+            _audit_refusal(rt, task_name, "invalid token", (saga_id, step_index, dir_, attempt))
             return {"ran": False, "reason": "invalid token"}
         pending = retry_transient(lambda: rt.store.pending_key(saga_id), what="pending check")
         if pending != (step_index, dir_.value, attempt):
@@ -157,7 +224,6 @@ def _step_task(app: Any, runtimes: RuntimeFactory, task_name: str) -> Any:
                 pending,
             )
             return {"ran": False, "reason": "not pending"}
-        definition = registry.get(saga_type)
         step = definition.steps[step_index]
         timeout = definition.timeout(step_index, dir_)
         function = step.target(dir_)

@@ -264,9 +264,31 @@ def test_replayed_step_message_changes_nothing(stack: Stack) -> None:
             "outcome": "failure",
         },
     )
-    time.sleep(2)
-    assert stack.store.audit_trail(saga_id) == before
-    assert stack.store.load(saga_id).version == saga.version  # type: ignore[union-attr]
+    # 3 replayed results and 1 forged one are audited; replayed step messages are not run
+    deadline = time.monotonic() + 20
+    while len(stack.store.audit_trail(saga_id)) < len(before) + 4:
+        assert time.monotonic() < deadline, stack.events(saga_id)
+        time.sleep(0.1)
+    time.sleep(1)
+    after = stack.store.audit_trail(saga_id)
+    assert after[: len(before)] == before
+    extra = after[len(before) :]
+    assert [r["event_type"] for r in extra] == ["saga_rejected"] * 4
+    reasons = sorted(r["error_message"] for r in extra)
+    assert reasons[0] == "invalid token"
+    assert all(r.startswith("not applied: ") for r in reasons[1:])
+    assert {(r["saga_state_before"], r["saga_state_after"]) for r in extra} == {
+        ("COMPLETED", "COMPLETED")
+    }
+    final = stack.store.load(saga_id)
+    assert final is not None
+    assert (final.state, final.context, final.completed_steps) == (
+        saga.state,
+        saga.context,
+        saga.completed_steps,
+    )
+    assert "forged" not in final.context
+    stack.assert_chain_ok(saga_id)
 
 
 def test_unknown_saga_type_is_rejected_and_audited(stack: Stack) -> None:
