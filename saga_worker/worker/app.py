@@ -14,6 +14,8 @@ from .. import registry
 from ..config import Settings
 from ..engine import utcnow
 from ..recovery import sweep
+from .broker import TRANSPORT_PATH
+from .guard import GuardedTask
 from .runtime import RuntimeFactory
 from .tasks import register_core_tasks, register_step_tasks
 
@@ -44,7 +46,10 @@ def create_app(settings: Settings | None = None) -> Celery:
     """A Celery app running every registered saga, configured for at-least-once delivery."""
     settings = settings or Settings.from_env()
     broker_url = "filesystem://" if settings.is_embedded_broker else settings.broker_url
-    app = Celery("saga_worker", broker=broker_url, set_as_current=False)
+    app = Celery("saga_worker", broker=broker_url, set_as_current=False, task_cls=GuardedTask)
+    if settings.broker_url.startswith("redis://"):
+        # Same Redis transport, hardened against queue items that are not kombu messages.
+        app.conf.broker_transport = TRANSPORT_PATH
     app.conf.update(
         broker_transport_options=broker_options(settings),
         broker_connection_retry_on_startup=True,

@@ -1,0 +1,74 @@
+"""A Redis transport that drops list items which are not kombu envelopes.
+
+kombu's Redis channel decodes every item it pops from a queue list; an item that is not
+a JSON envelope raises inside the worker's event loop and stops the worker ("Unrecoverable
+error"). Any service sharing the broker could push one. This transport logs and drops such
+an item instead; well-formed messages take kombu's normal path.
+"""
+
+from __future__ import annotations
+
+import binascii
+import logging
+from queue import Empty
+from typing import Any
+
+from kombu.transport import redis as kombu_redis
+
+log = logging.getLogger(__name__)
+
+
+def envelope_problem(message: Any) -> str | None:
+    """Why a decoded queue item cannot become a kombu Message, or None."""
+    if not isinstance(message, dict):
+        return f"item is a JSON {type(message).__name__}, not an envelope object"
+    properties = message.get("properties")
+    if not isinstance(properties, dict) or "delivery_tag" not in properties:
+        return "envelope has no properties.delivery_tag"
+    if not isinstance(message.get("body", ""), str):
+        return "envelope body is not a string"
+    for key in ("headers",):
+        if message.get(key) is not None and not isinstance(message[key], dict):
+            return f"envelope {key} is not an object"
+    if not isinstance(properties.get("delivery_info", {}), dict):
+        return "envelope delivery_info is not an object"
+    if properties.get("body_encoding") == "base64":
+        try:
+            binascii.a2b_base64(message.get("body") or "")
+        except (binascii.Error, ValueError):
+            return "envelope body is not valid base64"
+    return None
+
+
+class GuardedChannel(kombu_redis.Channel):
+    """Survives queue items that are not JSON at all."""
+
+    def _brpop_read(self, **options: Any) -> Any:
+        try:
+            return super()._brpop_read(**options)
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError: the item is gone
+            log.error("dropped a queue item that is not a kombu message: %s", exc)
+            return True
+
+    def _get(self, queue: Any, timeout: Any = None) -> Any:
+        try:
+            return super()._get(queue)
+        except ValueError as exc:
+            log.error("dropped a queue item of %s that is not a kombu message: %s", queue, exc)
+            raise Empty() from None
+
+
+class GuardedRedisTransport(kombu_redis.Transport):
+    """kombu's Redis transport with envelope checks (select with broker_transport)."""
+
+    Channel = GuardedChannel
+
+    def _deliver(self, message: Any, queue: str) -> None:
+        problem = envelope_problem(message)
+        if problem is not None:
+            log.error("dropped a queue item of %s: %s", queue, problem)
+            return
+        super()._deliver(message, queue)
+
+
+TRANSPORT_PATH = f"{__name__}:GuardedRedisTransport"

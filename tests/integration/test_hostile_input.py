@@ -1,0 +1,283 @@
+"""Garbage, malformed and hostile messages next to good ones: refused, audited, nothing wedges."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import string
+import time
+import uuid
+from typing import Any
+
+import pytest
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from kombu import Connection
+from kombu.entity import Queue
+
+from saga_worker.tokens import attempt_token
+
+from .conftest import Stack
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.parametrize("stack", ["postgres"], indirect=True),
+]
+
+SAGA_TYPE = "backtest_workflow"
+
+
+def _valid_id(prefix: str = "fz") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+# Each bad start breaks exactly one rule; the field the error must name comes with it.
+def _bad_starts() -> st.SearchStrategy[tuple[str, dict[str, Any], tuple[Any, ...]]]:
+    base = st.builds(lambda: {"saga_type": SAGA_TYPE, "context": {"strategy_id": 1}})
+    json_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=20))
+    return st.one_of(
+        st.tuples(
+            st.just("saga_type"),
+            base.map(lambda k: {**k, "saga_type": "no_such_saga"}),
+            st.just(()),
+        ),
+        st.tuples(
+            st.just("saga_type"),
+            st.builds(
+                lambda v: {"saga_type": v, "context": {}},
+                json_scalars | st.lists(st.integers(), max_size=3),
+            ),
+            st.just(()),
+        ),
+        st.tuples(
+            st.just("context"),
+            st.builds(
+                lambda v: {"saga_type": SAGA_TYPE, "context": v},
+                json_scalars | st.lists(st.integers(), max_size=3),
+            ),
+            st.just(()),
+        ),
+        st.tuples(
+            st.just("context"), base.map(lambda k: {"saga_type": k["saga_type"]}), st.just(())
+        ),
+        st.tuples(
+            st.just("context"),  # over SAGA_MAX_CONTEXT_BYTES (256 KiB)
+            base.map(lambda k: {**k, "context": {"blob": "x" * 300_000}}),
+            st.just(()),
+        ),
+        st.tuples(
+            st.just("context"),  # deeper than SAGA_MAX_CONTEXT_DEPTH (32)
+            st.integers(33, 60).map(lambda d: {"saga_type": SAGA_TYPE, "context": _nest(d)}),
+            st.just(()),
+        ),
+        st.tuples(
+            st.just("ip_address"),
+            st.builds(
+                lambda ip, k: {**k, "ip_address": ip},
+                st.sampled_from(["999.1.1.1", "1.2.3", "::g", "localhost", "1.2.3.4; DROP", ""])
+                | st.integers(),
+                base,
+            ),
+            st.just(()),
+        ),
+        st.tuples(
+            st.just("user_id"),
+            st.builds(
+                lambda u, k: {**k, "user_id": u},
+                st.integers() | st.just("") | st.just("x" * 300) | st.just("a\x00b"),
+                base,
+            ),
+            st.just(()),
+        ),
+        st.tuples(
+            st.sampled_from(["evil", "__class__", "saga_typo"]).map(lambda f: f),
+            st.builds(lambda k: k, base),
+            st.just(()),
+        ).map(lambda t: (t[0], {**t[1], t[0]: "boom"}, ())),
+        st.tuples(st.just("args"), base, st.just((1, "x"))),
+    )
+
+
+def _nest(depth: int) -> dict[str, Any]:
+    value: dict[str, Any] = {"leaf": 1}
+    for _ in range(depth):
+        value = {"n": value}
+    return value
+
+
+@settings(max_examples=1, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(data=st.data())
+def test_fuzzed_bad_starts_are_rejected_and_good_sagas_still_complete(
+    stack: Stack, data: st.DataObject
+) -> None:
+    bad = data.draw(st.lists(_bad_starts(), min_size=60, max_size=60), label="bad starts")
+    bad_ids = st.one_of(
+        st.just(""),
+        st.text(string.ascii_letters + " /'\";", min_size=1, max_size=20).filter(
+            lambda s: any(c in s for c in " /'\";")
+        ),
+        st.just("x" * 256),
+        st.just("é-unicode"),
+        st.integers(),
+    )
+    unnamed = data.draw(st.lists(bad_ids, min_size=10, max_size=10), label="bad saga_ids")
+    expected: dict[str, str] = {}
+    good: list[str] = []
+    for field, kwargs, args in bad:
+        saga_id = _valid_id("bad")
+        expected[saga_id] = field
+        stack.producer.send_task(
+            "saga.start", args=args, kwargs={**kwargs, "saga_id": saga_id}, queue=stack.queue
+        )
+        if len(expected) % 6 == 0:
+            good.append(stack.start(SAGA_TYPE, {"strategy_id": len(good)}))
+    for saga_id in unnamed:
+        stack.producer.send_task(
+            "saga.start",
+            kwargs={"saga_type": SAGA_TYPE, "context": {"strategy_id": 1}, "saga_id": saga_id},
+            queue=stack.queue,
+        )
+    good.append(stack.start(SAGA_TYPE, {"strategy_id": 99}))
+    final = stack.wait_all(good, timeout=120)
+    assert {s.state.value for s in final.values()} == {"COMPLETED"}
+    deadline = time.monotonic() + 60
+    for saga_id, field in expected.items():
+        while not (rows := stack.store.audit_trail(saga_id)):
+            assert time.monotonic() < deadline, f"no saga_rejected for {saga_id} ({field})"
+            time.sleep(0.1)
+        assert [r["event_type"] for r in rows] == ["saga_rejected"], rows
+        assert rows[0]["error_message"].startswith(f"{field}") or field in rows[0]["error_message"]
+        assert stack.store.load(saga_id) is None
+    for saga_id in unnamed:
+        if isinstance(saga_id, str) and saga_id:
+            assert stack.store.load(saga_id) is None
+            assert stack.store.audit_trail(saga_id) == []
+
+
+def _publish_raw(stack: Stack, body: bytes | str, content_type: str, task: str) -> None:
+    with Connection(stack.broker_url) as conn:
+        conn.Producer().publish(
+            body,
+            routing_key=stack.queue,
+            exchange="",
+            content_type=content_type,
+            content_encoding="utf-8" if isinstance(body, str) else "binary",
+            headers={"task": task, "id": str(uuid.uuid4()), "lang": "py"},
+            declare=[Queue(stack.queue)],
+        )
+
+
+def test_malformed_broker_messages_are_refused_and_the_queue_keeps_moving(stack: Stack) -> None:
+    worker = stack.workers[0]
+    marker = _valid_id("pickled")
+    payload = pickle.dumps(
+        ((), {"saga_type": SAGA_TYPE, "context": {"strategy_id": 1}, "saga_id": marker}, {})
+    )
+    _publish_raw(stack, payload, "application/x-python-serialize", "saga.start")
+    _publish_raw(stack, "saga_type: x\n", "application/x-yaml", "saga.start")
+    _publish_raw(stack, "{not json", "application/json", "saga.start")
+    _publish_raw(stack, json.dumps([[], {}, {}]), "application/json", "no.such.task")
+    _publish_raw(stack, json.dumps({"not": "a list"}), "application/json", "saga.start")
+    _publish_raw(stack, json.dumps([[1, 2], "kwargs?", None]), "application/json", "saga.advance")
+    _publish_raw(
+        stack, json.dumps([[], {"blob": "y" * 3_000_000}, {}]), "application/json", "saga.start"
+    )
+    # Not even a kombu envelope: raw garbage pushed onto the Redis list.
+    client = redis.Redis.from_url(stack.broker_url)
+    client.lpush(stack.queue, b"\x00\xffgarbage", b"{}", b'{"body": 5}')
+    good = [stack.start(SAGA_TYPE, {"strategy_id": i}) for i in range(5)]
+    final = stack.wait_all(good, timeout=90)
+    assert {s.state.value for s in final.values()} == {"COMPLETED"}
+    assert worker.process.poll() is None, worker.log_tail()
+    assert stack.store.load(marker) is None  # the pickle was never executed
+    log = worker.log_path.read_text(errors="replace")
+    assert "ContentDisallowed" in log or "Refusing to deserialize" in log
+    assert "no.such.task" in log
+
+
+def test_hostile_strings_are_stored_verbatim_never_executed(stack: Stack) -> None:
+    hostile = {
+        "strategy_id": 8,
+        "note'); DROP TABLE saga_checkpoints;--": "1' OR '1'='1",
+        "ünïcödé 🚀": ["\u202e", "\x00nul-in-json", "你好", "a" * 5000],
+        "$where": {"$gt": ""},
+    }
+    user = "robert'); DROP TABLE saga_audit_logs;-- ✓"
+    saga_id = _valid_id("host") + ":._-"
+    stack.start(SAGA_TYPE, hostile, saga_id=saga_id, user_id=user, ip_address="::ffff:10.0.0.1")
+    saga = stack.wait(saga_id)
+    assert saga.state.value == "COMPLETED"
+    for key, value in hostile.items():
+        assert saga.context[key] == value
+    assert saga.user_id == user
+    assert saga.ip_address == "::ffff:10.0.0.1"
+    rows = stack.store.audit_trail(saga_id)
+    assert rows[0]["user_id"] == user
+    assert rows[0]["context_snapshot"]["ünïcödé 🚀"] == hostile["ünïcödé 🚀"]
+    stack.assert_chain_ok(saga_id)
+    # SQL metacharacters in saga_id itself are outside the allowed charset: rejected.
+    evil_id = "x'; DELETE FROM saga_checkpoints;--"
+    stack.producer.send_task(
+        "saga.start",
+        kwargs={"saga_type": SAGA_TYPE, "context": {"strategy_id": 1}, "saga_id": evil_id},
+        queue=stack.queue,
+    )
+    ok = stack.start(SAGA_TYPE, {"strategy_id": 2})
+    assert stack.wait(ok).state.value == "COMPLETED"
+    assert stack.store.load(evil_id) is None
+    assert stack.store.load(saga_id) is not None  # tables intact
+
+
+def test_forged_advance_changes_nothing_and_is_audited(stack: Stack) -> None:
+    # a saga parked on a slow step, so that it has a pending attempt to forge against
+    victim = stack.start(
+        SAGA_TYPE, {"strategy_id": 3, "slow_step": {"step": "run_strategy", "seconds": 4}}
+    )
+    other = stack.start(SAGA_TYPE, {"strategy_id": 4})
+    stack.wait(other)
+    deadline = time.monotonic() + 20
+    while (s := stack.store.load(victim)) is None or s.current_step_index < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    key = stack.store.signing_key()
+    base = {
+        "saga_id": victim,
+        "direction": "forward",
+        "outcome": "success",
+        "output": {"results": "forged"},
+    }
+    forged = [
+        {**base, "step_index": 1, "attempt": 1, "token": "f" * 64},  # wrong token
+        {
+            **base,
+            "step_index": 0,
+            "attempt": 1,  # replay of an earlier attempt's token
+            "token": attempt_token(key, victim, 0, "forward", 1),
+        },
+        {
+            **base,
+            "step_index": 1,
+            "attempt": 1,  # token of another saga
+            "token": attempt_token(key, other, 1, "forward", 1),
+        },
+    ]
+    for kwargs in forged:
+        stack.send("saga.advance", kwargs)
+    saga = stack.wait(victim, timeout=60)
+    assert saga.state.value == "COMPLETED"
+    assert saga.context["results"] != "forged"
+    rows = stack.store.audit_trail(victim)
+    rejected = [r for r in rows if r["event_type"] == "saga_rejected"]
+    assert len(rejected) == 3
+    assert sorted(r["error_message"].split(":")[0] for r in rejected) == [
+        "invalid token",
+        "invalid token",
+        "not applied",
+    ]
+    assert [r["step_name"] for r in rows if r["event_type"] == "step_complete"] == [
+        "create_backtest",
+        "run_strategy",
+        "save_results",
+    ]
+    stack.assert_chain_ok(victim)
