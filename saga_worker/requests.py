@@ -134,7 +134,9 @@ def _optional_ip(kwargs: Mapping[str, Any]) -> str | None:
     if not isinstance(value, str):
         raise InvalidRequest("ip_address", "must be an IPv4 or IPv6 address string")
     try:
-        return str(ipaddress.ip_address(value))
+        # validated, then kept as sent: the audit records what the producer said
+        ipaddress.ip_address(value)
+        return value
     except ValueError:
         raise InvalidRequest(
             "ip_address", f"{value[:60]!r} is not an IPv4 or IPv6 address"
