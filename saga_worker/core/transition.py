@@ -124,10 +124,13 @@ def transition(
                 f"{pending.key() if pending else None}: duplicate or late"
             ),
         )
-    if isinstance(event, AttemptDue | AttemptStalled) and pending.held:
-        return _send_held(b, pending)
     if isinstance(event, AttemptDue):
-        return Decision(saga, ignored="attempt was already sent")
+        if not pending.held:
+            return Decision(saga, ignored="attempt was already sent")
+        return _send_held(b, pending)
+    if isinstance(event, AttemptStalled) and pending.held:
+        # A held attempt is not stalled, it waits for its due time (AttemptDue sends it).
+        return Decision(saga, ignored="attempt is held until its not_before")
     if isinstance(event, AttemptStalled):
         if event.recoveries != pending.recoveries:
             return Decision(saga, ignored="attempt was already recovered by another scan")

@@ -4,18 +4,34 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import itertools
 import json
+import logging
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from saga_worker.audit import (
+    BROKEN_LINK,
+    EXPORT_COLUMNS,
     GENESIS_HASH,
+    MISSING_ROWS,
+    MISSING_TAIL,
+    MODIFIED,
+    ORPHAN,
+    OUT_OF_ORDER,
     REDACTED,
+    ChainVerifier,
+    ExportWriter,
     Redactor,
     build_rows,
+    describe_tail,
+    export_record,
+    install_log_redaction,
+    open_export,
     row_hash,
     verify_chain,
 )
@@ -386,3 +402,195 @@ def test_redactor_leaves_non_luhn_and_odd_length_digit_runs(digits: str) -> None
 def test_redactor_text_passes_none_and_empty_through() -> None:
     assert REDACTOR.text(None) is None
     assert REDACTOR.text("") == ""
+
+
+# ------------------------------------------------------ heads and orphans ---
+
+
+def test_check_head_catches_a_deleted_last_row_and_appended_rows() -> None:
+    rows = _chain(4)
+    verifier = ChainVerifier()
+    for row in rows[:-1]:  # the last row was deleted: no link breaks
+        verifier.add(row)
+    assert verifier.ok
+    assert verifier.check_head("bt-1", rows[-1]["hash"]) is False
+    assert [(p.kind, p.row_id) for p in verifier.problems] == [(MISSING_TAIL, 3)]
+    assert "last row" in describe_tail(rows[:-1], rows[-1]["hash"])
+    # a forged row appended after the real head
+    assert "inserted" in describe_tail(rows, rows[2]["hash"])
+
+
+def test_check_head_catches_a_saga_whose_rows_all_vanished_and_orphans() -> None:
+    verifier = ChainVerifier()
+    for row in _chain(2, "orphan"):
+        verifier.add(row)
+    rejected = sample_row(id=50, saga_id="rej", event_type="saga_rejected", prev_hash=GENESIS_HASH)
+    rejected["hash"] = row_hash(rejected)
+    verifier.add(rejected)
+    assert verifier.check_head("gone", "f" * 64) is False
+    verifier.check_orphans()
+    kinds = sorted((p.saga_id, p.kind) for p in verifier.problems)
+    # a rejection has no checkpoint by design: not an orphan
+    assert kinds == [("gone", MISSING_ROWS), ("orphan", ORPHAN)]
+
+
+def test_partial_chains_accept_a_mid_chain_start_but_check_later_links() -> None:
+    rows = _chain(4)[2:]
+    assert verify_chain(rows) != []
+    verifier = ChainVerifier(partial_chains=True)
+    for row in rows:
+        verifier.add(row)
+    assert verifier.ok
+
+
+def test_integer_duration_hashes_like_the_float_column_reads_back() -> None:
+    event = AuditEvent("step_complete", SagaState.RUNNING, SagaState.RUNNING, duration_ms=5)
+    (row,) = build_rows(_saga({}), [event], TS, GENESIS_HASH, REDACTOR)
+    assert isinstance(row["duration_ms"], float)
+    assert row_hash({**row, "duration_ms": 5.0}) == row["hash"]
+
+
+# ----------------------------------------------------------------- export ---
+
+
+def _export_rows() -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    heads = {"s-a": GENESIS_HASH, "s-b": GENESIS_HASH}
+    for i in range(6):
+        saga = "s-a" if i % 2 == 0 else "s-b"
+        row = sample_row(
+            id=i + 1,
+            saga_id=saga,
+            prev_hash=heads[saga],
+            timestamp=TS + timedelta(milliseconds=i),
+            error_stack_trace='Traceback:\n  File "x", line 1\nValueError: "quoted", comma',
+            error_message="" if i == 3 else "boom, with comma",
+            step_name=None if i == 0 else "run_strategy",
+            duration_ms=None if i == 1 else 3.0,
+        )
+        row["hash"] = row_hash(row)
+        heads[saga] = row["hash"]
+        rows.append(row)
+    return rows
+
+
+def _write(tmp_path: Path, fmt: str, rows: list[dict[str, Any]]) -> tuple[Path, str]:
+    path = tmp_path / f"audit.{fmt}"
+    with path.open("wb") as stream:
+        writer = ExportWriter(stream, fmt)
+        for row in rows:
+            writer.write(row)
+    return path, writer.sha256
+
+
+def _read(path: Path) -> tuple[list[dict[str, Any]], list[str], str]:
+    malformed: list[str] = []
+    export = open_export(path, lambda line, message: malformed.append(message))
+    rows = list(export.rows)
+    return rows, malformed, export.sha256
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_export_round_trips_every_column_and_verifies(tmp_path: Path, fmt: str) -> None:
+    rows = _export_rows()
+    path, digest = _write(tmp_path, fmt, rows)
+    back, malformed, read_digest = _read(path)
+    assert malformed == [] and read_digest == digest
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    assert [tuple(r) for r in back] == [EXPORT_COLUMNS] * len(rows)
+    for original, copy_ in zip(rows, back, strict=True):
+        assert copy_ == export_record(original)
+    assert back[3]["error_message"] == ""  # CSV: the hash tells "" from NULL
+    assert back[0]["step_name"] is None
+    assert verify_chain(back) == []
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_tampered_export_file_is_detected(tmp_path: Path, fmt: str) -> None:
+    rows = _export_rows()
+    path, _ = _write(tmp_path, fmt, rows)
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    header = lines[:1] if fmt == "csv" else []
+    body = lines[len(header) :]
+    # Records span lines in CSV (stack traces hold newlines): regroup by record.
+    records = _records(body, fmt)
+
+    def check(new_records: list[str]) -> list[Any]:
+        path.write_text("".join(header + new_records), encoding="utf-8")
+        back, _, _ = _read(path)
+        verifier = ChainVerifier(check_order=True)
+        for row in back:
+            verifier.add(row)
+        return verifier.problems
+
+    changed = [*records]
+    changed[2] = changed[2].replace("boom", "fine")
+    assert [(p.row_id, p.kind) for p in check(changed)] == [(3, MODIFIED)]
+    deleted = records[:2] + records[3:]  # row 3 of s-a gone: row 5 of s-a breaks
+    assert [(p.row_id, p.kind) for p in check(deleted)] == [(5, BROKEN_LINK)]
+    swapped = [records[0], records[1], records[4], records[3], records[2], records[5]]
+    problems = check(swapped)
+    assert {p.kind for p in problems} == {OUT_OF_ORDER, BROKEN_LINK}
+    assert {p.row_id for p in problems if p.kind == BROKEN_LINK} == {5, 3}
+    forged_row = sample_row(id=7, saga_id="s-a", prev_hash=rows[2]["hash"], event_type="forged")
+    forged_row["hash"] = row_hash(forged_row)
+    forged = _records_of(tmp_path, fmt, [forged_row])
+    inserted = [*records[:3], *forged, *records[3:]]
+    problems = check(inserted)
+    assert (5, BROKEN_LINK) in [(p.row_id, p.kind) for p in problems]
+
+
+def _records(body: list[str], fmt: str) -> list[str]:
+    if fmt == "jsonl":
+        return body
+    records: list[str] = []
+    current = ""
+    for line in body:
+        current += line
+        if current.count('"') % 2 == 0:
+            records.append(current)
+            current = ""
+    return records
+
+
+def _records_of(tmp_path: Path, fmt: str, rows: list[dict[str, Any]]) -> list[str]:
+    path, _ = _write_other(tmp_path, fmt, rows)
+    text = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    return _records(text[1:] if fmt == "csv" else text, fmt)
+
+
+def _write_other(tmp_path: Path, fmt: str, rows: list[dict[str, Any]]) -> tuple[Path, str]:
+    folder = tmp_path / "other"
+    folder.mkdir(exist_ok=True)
+    return _write(folder, fmt, rows)
+
+
+def test_malformed_lines_are_reported_not_raised(tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"id": 1\n[1, 2]\n', encoding="utf-8")
+    rows, malformed, _ = _read(path)
+    assert rows == [] and len(malformed) == 2
+
+
+# ------------------------------------------------------------------ logging ---
+
+
+def test_redacting_filter_masks_messages_and_tracebacks() -> None:
+    stream = io.StringIO()
+    logger = logging.getLogger("saga-test-redaction")
+    logger.propagate = False
+    handler = logging.StreamHandler(stream)
+    logger.addHandler(handler)
+    install_log_redaction(REDACTOR, logger)
+    try:
+        logger.warning("connect failed password=%s for card %s", "hunter2", "4111111111111111")
+        try:
+            raise RuntimeError("token=abc123 rejected")
+        except RuntimeError:
+            logger.exception("step failed")
+    finally:
+        logger.removeHandler(handler)
+    text = stream.getvalue()
+    assert "hunter2" not in text and "4111111111111111" not in text and "abc123" not in text
+    assert "password=***REDACTED***" in text and "1111" in text
+    assert "RuntimeError" in text  # the traceback is kept, masked
