@@ -40,8 +40,9 @@ class UnknownSagaType(SagaError):
     def __init__(self, saga_type: str, known: Sequence[str]) -> None:
         self.saga_type = saga_type
         known_list = ", ".join(sorted(known)) or "none"
+        shown = saga_type if len(saga_type) <= 100 else saga_type[:100] + "..."
         super().__init__(
-            f"unknown saga_type {saga_type!r} (registered: {known_list}); "
+            f"unknown saga_type {shown!r} (registered: {known_list}); "
             "did you forget to list its module in SAGA_IMPORTS?"
         )
 
