@@ -236,6 +236,26 @@ else
     phase_done
 fi
 
+# ------------------------------------------------------------ Prometheus ----
+
+# promtool checks deploy/prometheus/ and a real Prometheus scrapes a test worker; both come
+# from Debian's prometheus package. Its postinst may start a system prometheus (unless a
+# policy-rc.d forbids it): stop it, the tests start their own on free loopback ports.
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
+    phase "installing prometheus (promtool) with apt-get"
+    apt_log=$(mktemp -t saga-apt.XXXXXX)
+    if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+            apt-get install -y -qq --no-install-recommends prometheus; } >"$apt_log" 2>&1; then
+        cat "$apt_log" >&2
+        rm -f "$apt_log"
+        die "could not install prometheus"
+    fi
+    rm -f "$apt_log"
+    service prometheus stop >/dev/null 2>&1 || true
+    command -v promtool >/dev/null 2>&1 || die "promtool still not on PATH"
+    phase_done
+fi
+
 # ----------------------------------------------------------------- checks ---
 
 lint_targets=()

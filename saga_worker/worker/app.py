@@ -10,7 +10,7 @@ from typing import Any
 from celery import Celery
 from kombu.entity import Queue
 
-from .. import registry
+from .. import metrics, registry
 from ..config import Settings
 from ..engine import utcnow
 from ..recovery import sweep
@@ -79,6 +79,8 @@ def create_app(settings: Settings | None = None) -> Celery:
         },
     )
     runtimes = RuntimeFactory(app, settings)
+    # Metrics subscribe to engine hooks; Celery signals set up their endpoint (SAGA_METRICS_PORT).
+    runtimes.hooks.append(metrics.install(app, settings))
     app.saga_runtimes = runtimes
     register_core_tasks(app, runtimes)
 

@@ -1,0 +1,340 @@
+"""deploy/, Dockerfile and docker-compose.yml: valid, consistent with each other, the code and
+the README. No Docker engine is needed: the compose file is checked, not run."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from saga_worker import metrics
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+PROMETHEUS = DEPLOY / "prometheus"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "saga_worker.json"
+DESIGN = REPO.parent / "shared" / "DESIGN.md"
+
+HISTOGRAMS = {
+    "saga_duration_seconds",
+    "saga_step_duration_seconds",
+    "saga_compensation_duration_seconds",
+    "saga_checkpoint_save_duration_seconds",
+    "saga_audit_log_write_duration_seconds",
+}
+ALERTS = {
+    "SagaWorkerDown",
+    "SagaBeatDown",
+    "SagasStalled",
+    "SagaAttemptsStalling",
+    "SagaFailureRateHigh",
+    "SagaCompensationFailed",
+    "SagasAwaitingOperator",
+    "SagaCheckpointWriteSlow",
+}
+
+
+def promtool() -> str:
+    """Debian's promtool: fail in CI, skip elsewhere, when missing."""
+    path = shutil.which("promtool")
+    if path:
+        return path
+    message = "promtool not found: scripts/test.sh installs Debian's prometheus package"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def run_promtool(*args: str) -> None:
+    result = subprocess.run(
+        [promtool(), *args], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_promtool_check_config() -> None:
+    run_promtool("check", "config", str(PROMETHEUS / "prometheus.yml"))
+
+
+def test_promtool_check_rules() -> None:
+    run_promtool("check", "rules", str(PROMETHEUS / "alerts.yml"))
+
+
+def test_promtool_test_rules_proves_every_alert_fires() -> None:
+    run_promtool("test", "rules", str(PROMETHEUS / "alerts_test.yml"))
+    rules = yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())
+    defined = {r["alert"] for g in rules["groups"] for r in g["rules"]}
+    assert defined == ALERTS
+    tests = yaml.safe_load((PROMETHEUS / "alerts_test.yml").read_text())
+    fired = {
+        case["alertname"]
+        for test in tests["tests"]
+        for case in test.get("alert_rule_test", [])
+        if case.get("exp_alerts")
+    }
+    assert fired == ALERTS, "every alert needs a promtool test where it fires"
+
+
+# -- metric names -----------------------------------------------------------------------------
+
+_PROMQL_WORDS = {
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "and",
+    "or",
+    "unless",
+    "offset",
+    "bool",
+    "le",
+    "inf",
+    "nan",
+}
+
+
+def metric_names_in(expr: str) -> set[str]:
+    """The metric names a PromQL expression selects (functions, labels, keywords removed)."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', "", expr)  # strings
+    text = re.sub(r"\$\w+", "", text)  # Grafana variables
+    text = re.sub(r"\{[^}]*\}", "", text)  # label matchers
+    text = re.sub(r"\[[^\]]*\]", "", text)  # ranges
+    text = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", text)
+    text = re.sub(r"\b\d+(\.\d+)?[smhdwy]?\b", "", text)  # numbers, durations
+    names = set()
+    for match in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", text):
+        word = match.group(0)
+        if text[match.end() :].lstrip().startswith("(") or word.lower() in _PROMQL_WORDS:
+            continue  # a function call or a keyword
+        names.add(word)
+    return names
+
+
+def exported_series() -> set[str]:
+    """Every series name the endpoints serve, plus Prometheus' own `up`."""
+    series = {"up"}
+    for name in metrics.METRIC_NAMES:
+        series.add(name)
+        if name in HISTOGRAMS:
+            series.update({f"{name}_bucket", f"{name}_sum", f"{name}_count"})
+    return series
+
+
+def test_metric_name_extraction() -> None:
+    expr = (
+        "histogram_quantile(0.99, sum by (le, saga_type) (rate(saga_step_duration_seconds_bucket"
+        '{saga_type=~"$saga_type"}[$__rate_interval]))) > 0.5 or absent(up{job="x"} == 1)'
+    )
+    assert metric_names_in(expr) == {"saga_step_duration_seconds_bucket", "up"}
+
+
+def dashboard() -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads(DASHBOARD.read_text())
+    return loaded
+
+
+def test_dashboard_queries_name_only_exported_metrics() -> None:
+    board = dashboard()
+    used: set[str] = set()
+    for panel in board["panels"]:
+        for target in panel.get("targets", []):
+            names = metric_names_in(target["expr"])
+            unknown = names - exported_series()
+            assert not unknown, f"panel {panel['title']!r} queries {unknown}"
+            used |= names
+    for variable in board["templating"]["list"]:
+        used |= metric_names_in(variable["definition"]) - {"label_values"}
+    base = {
+        re.sub(r"_(bucket|sum|count)$", "", n) if n.startswith(tuple(HISTOGRAMS)) else n
+        for n in used
+    }
+    missing = metrics.METRIC_NAMES - base
+    assert not missing, f"exported but on no panel: {missing}"
+
+
+def test_dashboard_covers_what_operators_watch() -> None:
+    exprs = [t["expr"] for p in dashboard()["panels"] for t in p.get("targets", [])]
+    everything = "\n".join(exprs)
+    for histogram in ("saga_duration_seconds", "saga_step_duration_seconds"):
+        for quantile in ("0.5", "0.99"):
+            assert any(
+                f"histogram_quantile({quantile}," in e and histogram + "_bucket" in e for e in exprs
+            ), (histogram, quantile)
+    assert any("saga_step_duration_seconds_bucket" in e and "step_name" in e for e in exprs)
+    for needed in (
+        "saga_started_total",  # throughput
+        "saga_running_current",  # in flight
+        "saga_failed_total",
+        "saga_compensation_failed_total",
+        "saga_checkpoint_save_duration_seconds_bucket",
+        "saga_audit_log_write_duration_seconds_bucket",
+        "saga_recovered_total",
+    ):
+        assert needed in everything, needed
+    ids = [p["id"] for p in dashboard()["panels"]]
+    assert len(ids) == len(set(ids))
+
+
+def test_alert_rules_name_only_exported_metrics() -> None:
+    rules = yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            unknown = metric_names_in(rule["expr"]) - exported_series()
+            assert not unknown, f"{rule['alert']} uses {unknown}"
+
+
+def test_grafana_provisioning_matches_dashboard() -> None:
+    datasources = yaml.safe_load(
+        (DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text()
+    )
+    (source,) = datasources["datasources"]
+    assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
+    uids = {t["datasource"]["uid"] for p in dashboard()["panels"] for t in p.get("targets", [])}
+    assert uids == {source["uid"]}
+    providers = yaml.safe_load(
+        (DEPLOY / "grafana" / "provisioning" / "dashboards" / "saga_worker.yml").read_text()
+    )
+    (provider,) = providers["providers"]
+    grafana = compose()["services"]["grafana"]
+    assert f"./deploy/grafana/dashboards:{provider['options']['path']}:ro" in grafana["volumes"]
+    assert "./deploy/grafana/provisioning:/etc/grafana/provisioning:ro" in grafana["volumes"]
+
+
+def design_metrics() -> dict[str, tuple[str, ...]]:
+    """`name{labels}` of DESIGN.md §5 (the binding contract)."""
+    if not DESIGN.exists():
+        message = f"{DESIGN} not found (shared/ lies beside the repository)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    text = DESIGN.read_text()
+    section = text[text.index("## 5.") : text.index("## 6.")]
+    return {
+        name: tuple(labels.split(","))
+        for name, labels in re.findall(r"`(saga_[a-z_]+)\{([a-z_,]+)\}`", section)
+    }
+
+
+def test_metrics_match_design_names_and_labels() -> None:
+    design = design_metrics()
+    assert set(design) == metrics.DESIGN_METRICS
+    m = metrics.SagaMetrics()  # not registered anywhere: registry=None
+    served: dict[str, tuple[str, ...]] = {}
+    for value in vars(m).values():
+        name = value._name + ("_total" if value._type == "counter" else "")
+        labels = tuple(value._labelnames)
+        if value._type == "histogram":
+            labels = tuple(n for n in labels if n != "le")
+        served[name] = labels
+    served["saga_running_current"] = ("saga_type",)  # from the database collector
+    assert served == design
+
+
+# -- docker compose ----------------------------------------------------------------------------
+
+
+def compose() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    return loaded
+
+
+def published_ports(service: dict[str, Any]) -> set[int]:
+    ports = set()
+    for spec in service.get("ports", []):
+        host_ip, host_port, _container = str(spec).split(":")
+        assert host_ip == "127.0.0.1", f"{spec} must listen on loopback only"
+        ports.add(int(host_port))
+    return ports
+
+
+def readme_ports() -> dict[str, int]:
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Observability and deployment") :]
+    return {
+        service: int(port)
+        for service, port in re.findall(r"^\| (\w+) \| (\d+) \|", section, re.MULTILINE)
+    }
+
+
+def test_compose_services_ports_and_health_checks() -> None:
+    services = compose()["services"]
+    assert set(services) == {
+        "postgres",
+        "redis",
+        "migrate",
+        "worker",
+        "beat",
+        "flower",
+        "prometheus",
+        "grafana",
+    }
+    ports = {name: published_ports(s) for name, s in services.items() if s.get("ports")}
+    assert {name: p for name, (p,) in ((n, tuple(v)) for n, v in ports.items())} == readme_ports()
+    for name, service in services.items():
+        if name == "migrate":
+            assert service["restart"] == "no" and "healthcheck" not in service
+            continue
+        check = service.get("healthcheck")
+        assert check and check["test"][0] in ("CMD", "CMD-SHELL"), f"{name} has no health check"
+    assert services["migrate"]["command"] == ["saga-worker", "db", "upgrade"]
+
+
+def test_compose_start_order() -> None:
+    services = compose()["services"]
+    healthy, done, started = "service_healthy", "service_completed_successfully", "service_started"
+
+    def conditions(name: str) -> dict[str, str]:
+        return {dep: c["condition"] for dep, c in services[name]["depends_on"].items()}
+
+    assert conditions("migrate") == {"postgres": healthy}
+    for name in ("worker", "beat"):
+        assert conditions(name) == {"postgres": healthy, "redis": healthy, "migrate": done}
+    assert conditions("flower") == {"redis": healthy, "migrate": done}
+    assert conditions("prometheus") == {"worker": started, "beat": started, "flower": started}
+    assert conditions("grafana") == {"prometheus": healthy}
+
+
+def test_compose_wiring_matches_prometheus_and_flower_auth() -> None:
+    services = compose()["services"]
+    scrape = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in scrape["scrape_configs"]}
+    (worker_sd,) = jobs["saga_worker"]["dns_sd_configs"]
+    assert worker_sd["names"] == ["worker"]
+    assert services["worker"]["environment"]["SAGA_METRICS_PORT"] == str(worker_sd["port"])
+    beat_target = jobs["saga_beat"]["static_configs"][0]["targets"]
+    assert beat_target == [f"beat:{services['beat']['environment']['SAGA_METRICS_PORT']}"]
+    assert jobs["flower"]["static_configs"][0]["targets"] == ["flower:5555"]
+    assert "--port=5555" in services["flower"]["command"]
+    # Basic auth from the environment, required (compose refuses to start without it).
+    assert services["flower"]["environment"]["FLOWER_BASIC_AUTH"].startswith(
+        "${FLOWER_BASIC_AUTH:?"
+    )
+    assert "./deploy/prometheus:/etc/prometheus:ro" in services["prometheus"]["volumes"]
+    for name in ("migrate", "worker", "beat", "flower"):
+        env = services[name]["environment"]
+        assert env["SAGA_DATABASE_URL"].startswith("postgresql+psycopg://saga:")
+        assert env["SAGA_DATABASE_URL"].endswith("@postgres:5432/saga")
+        assert env["SAGA_BROKER_URL"] == "redis://redis:6379/0"
+        assert services[name]["image"] == "saga-worker:latest" and services[name]["build"] == "."
+
+
+def test_dockerfile_installs_the_package_with_its_migrations() -> None:
+    dockerfile = (REPO / "Dockerfile").read_text()
+    for line in (
+        "COPY saga_worker ./saga_worker",
+        "COPY migrations ./migrations",
+        "RUN pip install .",
+    ):
+        assert line in dockerfile
+    assert "USER saga" in dockerfile
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert ".venv" in ignored and ".git" in ignored
