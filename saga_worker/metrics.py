@@ -505,7 +505,8 @@ def start_worker_metrics(hook: MetricsHook, settings: Settings, port: int) -> _S
     global _served
     if _served is not None:
         return _served
-    directory = tempfile.mkdtemp(prefix="saga-metrics-")
+    _remove_orphaned_directories()
+    directory = tempfile.mkdtemp(prefix=f"saga-metrics-{os.getpid()}-")
     enable_multiprocess(directory)
     hook.metrics = SagaMetrics()
     hook.metrics.preinitialize(saga_registry.all_definitions())
@@ -520,6 +521,20 @@ def start_worker_metrics(hook: MetricsHook, settings: Settings, port: int) -> _S
         return _served
     _served = _Served(server, directory)
     return _served
+
+
+def _remove_orphaned_directories() -> None:
+    """Remove directories left by workers that were killed (SIGKILL skips worker_shutdown)."""
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), "saga-metrics-*-*")):
+        pid_text = os.path.basename(path).split("-")[2]
+        if not pid_text.isdigit():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass  # alive under another user: not ours to judge
 
 
 def start_beat_metrics(settings: Settings, port: int) -> _Served | None:

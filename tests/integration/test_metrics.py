@@ -423,7 +423,7 @@ def run_workload(obs: Observed, producer: Celery) -> None:
         )
 
     # The abort must land while create_backtest runs: start it alone and slow.
-    begin("abort", slow_step={"step": "create_backtest", "seconds": 3})
+    begin("abort", slow_step={"step": "create_backtest", "seconds": 4})
     wait_for("the slow saga's checkpoint", lambda: obs.store.load(ids["abort"]), 30, obs.logs)
     producer.send_task(
         "saga.abort", kwargs={"saga_id": ids["abort"], "reason": "test"}, queue=obs.queue
@@ -614,7 +614,7 @@ def test_worker_serves_exact_counters(observed: Observed) -> None:
         status="completed",
         le="2.5",
     )
-    assert slow == 7  # the aborted saga's create_backtest slept 3 s
+    assert slow == 7  # the aborted saga's create_backtest slept 4 s
 
     # Saga state gauges, from the database, on the worker and on the beat.
     assert observed.running_mid_flight == 1
