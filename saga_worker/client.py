@@ -1,26 +1,315 @@
-"""Reading sagas and sending producer messages; shared by library users and the CLI."""
+"""Reading, inspecting and operating sagas; shared by library users and the CLI.
+
+Everything the `saga-worker` command shows comes from here: the CLI only parses options and
+prints what these methods return. Database errors become one `SagaError` with the URL
+(password hidden), never a driver traceback.
+"""
 
 from __future__ import annotations
 
+import importlib
+import json
+import os
+import socket
 import time
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO
 
-from .audit import Redactor
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
+
+from . import registry
+from .audit import (
+    EXPORT_COLUMNS,
+    EXPORT_FORMATS,
+    FILE_MISMATCH,
+    MALFORMED,
+    MISSING_ROWS,
+    MISSING_TAIL,
+    ChainProblem,
+    ChainVerifier,
+    ExportWriter,
+    Redactor,
+    describe_tail,
+    iso_utc,
+    manifest_path,
+    open_export,
+)
 from .config import Settings
-from .core.model import Saga
-from .store.repository import SagaStore, create_db_engine
+from .core.definition import SagaDefinition
+from .core.events import AttemptDue, AttemptStalled, Event, RetryRequested
+from .core.model import Attempt, Saga, SagaState
+from .core.transition import AuditEvent, Decision, Limits, transition
+from .engine import Dispatcher, SagaEngine, utcnow
+from .errors import ConcurrencyConflict, SagaError, SagaNotFound, UnknownSagaType
+from .requests import parse_abort, valid_saga_id
+from .store.repository import (
+    AuditQuery,
+    SagaQuery,
+    SagaStore,
+    create_db_engine,
+    retry_transient,
+)
+
+MAX_PAGE_SIZE = 500
+MAX_CONFLICT_RETRIES = 50
+ProgressCallback = Callable[[int, int | None], None]
+
+
+# ------------------------------------------------------------------------ errors ---
+
+
+class DatabaseUnavailable(SagaError):
+    """The saga database cannot be reached, or it has no saga tables yet."""
+
+    code = "database_unavailable"
+
+
+class InvalidFilter(SagaError):
+    """A list/export filter or paging option is not valid."""
+
+    code = "invalid_filter"
+
+
+class OperationRefused(SagaError):
+    """retry/abort does not apply to the saga in its current state."""
+
+    code = "operation_refused"
+
+
+# ------------------------------------------------------------------------ values ---
+
+
+@dataclass(frozen=True)
+class SagaStatus:
+    """What `saga-worker status` shows: the checkpoint, made readable and redacted."""
+
+    saga: Saga
+    context: dict[str, Any]
+    error: str | None
+    steps: tuple[str, ...] | None
+    pending: dict[str, Any] | None
+    stalled: bool
+
+    @property
+    def current_step(self) -> str | None:
+        index = self.saga.current_step_index
+        if self.steps is not None and 0 <= index < len(self.steps):
+            return self.steps[index]
+        return None
+
+    def as_dict(self) -> dict[str, Any]:
+        s = self.saga
+        return {
+            "saga_id": s.saga_id,
+            "saga_type": s.saga_type,
+            "state": s.state.value,
+            "current_step_index": s.current_step_index,
+            "current_step": self.current_step,
+            "total_steps": s.total_steps,
+            "steps": list(self.steps) if self.steps is not None else None,
+            "pending": self.pending,
+            "deadline": self.pending["deadline"] if self.pending else None,
+            "stalled": self.stalled,
+            "completed_steps": list(s.completed_steps),
+            "compensated_steps": list(s.compensated_steps),
+            "failed_compensations": list(s.failed_compensations),
+            "retries": s.retries,
+            "abort_requested": s.abort_requested,
+            "error": self.error,
+            "user_id": s.user_id,
+            "ip_address": s.ip_address,
+            "started_at": iso_utc(s.started_at),
+            "updated_at": iso_utc(s.updated_at),
+            "version": s.version,
+            "context": self.context,
+        }
+
+
+@dataclass(frozen=True)
+class SagaSummary:
+    """One line of `saga-worker list`."""
+
+    saga_id: str
+    saga_type: str
+    state: str
+    current_step_index: int
+    total_steps: int
+    user_id: str | None
+    started_at: datetime
+    updated_at: datetime
+    error: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "saga_id": self.saga_id,
+            "saga_type": self.saga_type,
+            "state": self.state,
+            "current_step_index": self.current_step_index,
+            "total_steps": self.total_steps,
+            "user_id": self.user_id,
+            "started_at": iso_utc(self.started_at),
+            "updated_at": iso_utc(self.updated_at),
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True)
+class SagaPage:
+    """One page of `list`, newest first, with the counts per state of the whole filter."""
+
+    items: list[SagaSummary]
+    page: int
+    page_size: int
+    total: int
+    counts: dict[str, int]
+
+    @property
+    def pages(self) -> int:
+        return max(1, -(-self.total // self.page_size))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "items": [i.as_dict() for i in self.items],
+            "page": self.page,
+            "page_size": self.page_size,
+            "pages": self.pages,
+            "total": self.total,
+            "counts": self.counts,
+        }
+
+
+@dataclass(frozen=True)
+class OperatorResult:
+    """What a retry or abort did: state before and after, audit rows written, tasks sent."""
+
+    saga_id: str
+    action: str
+    state_before: str
+    state_after: str
+    audit_events: tuple[str, ...]
+    sent: tuple[str, ...]
+    send_errors: tuple[str, ...] = ()
+    note: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "saga_id": self.saga_id,
+            "action": self.action,
+            "state_before": self.state_before,
+            "state_after": self.state_after,
+            "audit_events": list(self.audit_events),
+            "sent": list(self.sent),
+            "send_errors": list(self.send_errors),
+            "note": self.note,
+        }
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """A saga's audit rows (already redacted when written) and the state of its chain."""
+
+    saga_id: str
+    rows: list[dict[str, Any]]
+    problems: list[ChainProblem]
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """A finished export: where, how many rows, the file's SHA-256 and its manifest."""
+
+    path: str
+    fmt: str
+    rows: int
+    sagas: int
+    sha256: str
+    manifest: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "format": self.fmt,
+            "rows": self.rows,
+            "sagas": self.sagas,
+            "sha256": self.sha256,
+            "manifest": self.manifest,
+        }
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """The outcome of `audit verify`: `ok` only when no problem was found."""
+
+    source: str
+    rows: int
+    sagas: int
+    problems: list[ChainProblem]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "source": self.source,
+            "rows": self.rows,
+            "sagas": self.sagas,
+            "problems": [p.as_dict() for p in self.problems],
+            "notes": self.notes,
+        }
+
+
+def os_user() -> str:
+    """Who runs this process, for the audit of operator actions."""
+    for name in ("SAGA_OPERATOR", "USER", "LOGNAME", "USERNAME"):
+        value = os.environ.get(name)
+        if value:
+            return value
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.getuid()).pw_name
+    except (ImportError, KeyError):
+        return f"uid-{os.getuid()}"
+
+
+# ------------------------------------------------------------------------ client ---
 
 
 class SagaClient:
     """Talks to the saga database directly and to the workers through the broker."""
 
-    def __init__(self, settings: Settings | None = None, app: Any = None) -> None:
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        app: Any = None,
+        *,
+        dispatcher: Dispatcher | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
         self.settings = settings or Settings.from_env()
-        self.store = SagaStore(
-            create_db_engine(self.settings.database_url), Redactor(self.settings.redact_keys)
+        self.redactor = Redactor(self.settings.redact_keys)
+        self.store = SagaStore(create_db_engine(self.settings.database_url), self.redactor)
+        self.limits = Limits(
+            stall_grace_seconds=self.settings.stall_grace_seconds,
+            max_recoveries=self.settings.max_recoveries,
         )
+        self.clock = clock
         self._app = app
+        self._dispatcher = dispatcher
+        self._engine: SagaEngine | None = None
+        self._imported = False
+
+    @property
+    def safe_url(self) -> str:
+        """The database URL with its password masked, for messages."""
+        return make_url(self.settings.database_url).render_as_string(hide_password=True)
 
     @property
     def app(self) -> Any:
@@ -30,6 +319,28 @@ class SagaClient:
             self._app = create_app(self.settings)
         return self._app
 
+    @property
+    def dispatcher(self) -> Dispatcher:
+        if self._dispatcher is None:
+            from .worker.dispatch import CeleryDispatcher
+
+            with self._database():
+                key = self.settings.signing_key or self.store.signing_key()
+            self._dispatcher = CeleryDispatcher(self.app, self.settings, key)
+        return self._dispatcher
+
+    @property
+    def engine(self) -> SagaEngine:
+        """The same engine the workers run, for operator events (abort, retry)."""
+        if self._engine is None:
+            self._engine = SagaEngine(self.store, self.dispatcher, self.limits, clock=self.clock)
+        return self._engine
+
+    def close(self) -> None:
+        self.store.engine.dispose()
+
+    # -- producer messages ---------------------------------------------------------------
+
     def start(self, saga_type: str, context: dict[str, Any], **fields: Any) -> None:
         """Send saga.start exactly as a producer would."""
         self.app.send_task(
@@ -38,18 +349,89 @@ class SagaClient:
             queue=self.settings.queue,
         )
 
-    def abort(self, saga_id: str, reason: str, user_id: str | None = None) -> None:
+    def send_abort(self, saga_id: str, reason: str, user_id: str | None = None) -> None:
+        """Send saga.abort through the broker, exactly as a producer would."""
         self.app.send_task(
             "saga.abort",
             kwargs={"saga_id": saga_id, "reason": reason, "user_id": user_id},
             queue=self.settings.queue,
         )
 
-    def get(self, saga_id: str) -> Saga | None:
-        return self.store.load(saga_id)
+    # -- reading sagas -------------------------------------------------------------------
 
-    def audit_trail(self, saga_id: str) -> list[dict[str, Any]]:
-        return self.store.audit_trail(saga_id)
+    def get(self, saga_id: str) -> Saga | None:
+        with self._database():
+            return self.store.load(saga_id)
+
+    def status(self, saga_id: str) -> SagaStatus:
+        """A saga's checkpoint as `saga-worker status` shows it; SagaNotFound if unknown."""
+        saga = self._load(saga_id)
+        definition = self.definition(saga.saga_type)
+        pending = None
+        stalled = False
+        if saga.pending is not None:
+            pending = self._describe_pending(saga.pending, definition)
+            stalled = not saga.pending.held and saga.pending.deadline <= self.clock()
+        return SagaStatus(
+            saga=saga,
+            context=self.redactor.value(dict(saga.context)),
+            error=self.redactor.text(saga.error),
+            steps=definition.step_names if definition else None,
+            pending=pending,
+            stalled=stalled,
+        )
+
+    def list_sagas(
+        self,
+        *,
+        states: Sequence[str] = (),
+        saga_type: str | None = None,
+        user_id: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        page: int = 1,
+        page_size: int = 20,
+    ) -> SagaPage:
+        """A page of sagas, newest first, plus how many of the filter are in each state."""
+        wanted = []
+        for state in states:
+            try:
+                wanted.append(SagaState(state.upper()).value)
+            except ValueError:
+                known = ", ".join(s.value for s in SagaState)
+                raise InvalidFilter(f"unknown state {state!r}; use one of {known}") from None
+        if page < 1:
+            raise InvalidFilter(f"page must be 1 or more, got {page}")
+        if not 1 <= page_size <= MAX_PAGE_SIZE:
+            raise InvalidFilter(f"page size must be 1-{MAX_PAGE_SIZE}, got {page_size}")
+        _check_range(since, until)
+        query = SagaQuery(
+            states=tuple(wanted),
+            saga_type=saga_type,
+            user_id=user_id,
+            started_after=since,
+            started_before=until,
+        )
+        with self._database():
+            counts = self.store.count_sagas_by_state(query)
+            sagas = self.store.list_sagas(query, limit=page_size, offset=(page - 1) * page_size)
+        total = sum(n for s, n in counts.items() if not wanted or s in wanted)
+        items = [
+            SagaSummary(
+                saga_id=s.saga_id,
+                saga_type=s.saga_type,
+                state=s.state.value,
+                current_step_index=s.current_step_index,
+                total_steps=s.total_steps,
+                user_id=s.user_id,
+                started_at=s.started_at,
+                updated_at=s.updated_at,
+                error=self.redactor.text(s.error),
+            )
+            for s in sagas
+        ]
+        ordered = {s.value: counts.get(s.value, 0) for s in SagaState}
+        return SagaPage(items, page, page_size, total, ordered)
 
     def wait_terminal(
         self, saga_ids: Iterable[str], timeout: float = 60.0
@@ -63,3 +445,527 @@ class SagaClient:
             if done or time.monotonic() > deadline:
                 return seen
             time.sleep(0.2)
+
+    def definition(self, saga_type: str) -> SagaDefinition | None:
+        """The registered definition of a saga type (modules of SAGA_IMPORTS imported once)."""
+        if not self._imported:
+            self._imported = True
+            for module in self.settings.imports:
+                importlib.import_module(module)
+        try:
+            return registry.get(saga_type)
+        except UnknownSagaType:
+            return None
+
+    # -- operator actions ----------------------------------------------------------------
+
+    def abort(self, saga_id: str, reason: str, user_id: str | None = None) -> OperatorResult:
+        """Abort a saga as the producer's saga.abort does, applied now through the engine."""
+        parsed_id, event = parse_abort(
+            (), {"saga_id": saga_id, "reason": reason, "user_id": user_id}
+        )
+        before = self._load(parsed_id)
+        if before.state.is_terminal:
+            raise OperationRefused(
+                f"saga {saga_id} is already {before.state.value}: there is nothing to abort"
+            )
+        self._require_definition(before)
+        with self._database():
+            decision = self.engine.handle(parsed_id, event)
+        if decision.ignored:
+            raise OperationRefused(f"abort of saga {saga_id} not applied: {decision.ignored}")
+        return self._result("abort", before, decision, sent=self._sent(before, decision))
+
+    def retry(
+        self,
+        saga_id: str,
+        user_id: str,
+        *,
+        force: bool = False,
+        reason: str = "operator retry",
+    ) -> OperatorResult:
+        """FAILED: re-run the failed compensations. Stalled: re-send the pending attempt now.
+
+        FAILED goes through the core's RetryRequested (compensations re-run from attempt 1,
+        highest step first, the first `compensation_start` naming the operator). A stalled
+        or held attempt goes through AttemptStalled / AttemptDue, annotated with the
+        operator (see `_apply_operator_event`). A live attempt that has not passed its
+        deadline is left alone unless `force`.
+        """
+        before = self._load(saga_id)
+        definition = self._require_definition(before)
+        if before.state is SagaState.FAILED:
+            return self._retry_failed(before, user_id, reason)
+        if before.state.is_terminal:
+            raise OperationRefused(
+                f"saga {saga_id} is {before.state.value}: only FAILED or stalled sagas can be "
+                "retried"
+            )
+        pending = before.pending
+        if pending is None:
+            raise OperationRefused(f"saga {saga_id} has no pending attempt to re-send")
+        now = self.clock()
+        step = definition.steps[pending.step_index].name
+        if not pending.held and pending.deadline > now and not force:
+            wait = (pending.deadline - now).total_seconds()
+            raise OperationRefused(
+                f"saga {saga_id}: attempt {pending.number} of {step} ({pending.direction.value}) "
+                f"is in flight and not stalled: its deadline is in {wait:.0f}s "
+                f"({iso_utc(pending.deadline)}); use --force to re-send it anyway"
+            )
+        if not pending.held and pending.recoveries >= self.limits.max_recoveries:
+            raise OperationRefused(
+                f"saga {saga_id}: attempt {pending.number} of {step} was already re-sent "
+                f"{pending.recoveries} times (SAGA_MAX_RECOVERIES={self.limits.max_recoveries}); "
+                "the next recovery sweep fails it"
+            )
+        event: Event
+        if pending.held:
+            event = AttemptDue(pending.step_index, pending.direction, pending.number)
+        else:
+            event = AttemptStalled(
+                pending.step_index, pending.direction, pending.number, pending.recoveries
+            )
+        note = {
+            "trigger": "operator",
+            "reason": reason,
+            "requested_by": user_id,
+            "host": socket.gethostname(),
+            "stalled": not pending.held and pending.deadline <= now,
+        }
+        return self._apply_operator_event(before, definition, event, user_id, note)
+
+    def _retry_failed(self, before: Saga, user_id: str, reason: str) -> OperatorResult:
+        with self._database():
+            decision = self.engine.handle(
+                before.saga_id, RetryRequested(user_id=user_id, reason=reason)
+            )
+        if decision.ignored:
+            raise OperationRefused(
+                f"retry of saga {before.saga_id} not applied: {decision.ignored}"
+            )
+        return self._result("retry", before, decision, sent=self._sent(before, decision))
+
+    def _apply_operator_event(
+        self,
+        before: Saga,
+        definition: SagaDefinition,
+        event: Event,
+        user_id: str,
+        note: Mapping[str, Any],
+    ) -> OperatorResult:
+        """Apply an engine event on an operator's behalf, recording who asked.
+
+        Until the core has RetryRequested, the core's decision for AttemptStalled/AttemptDue
+        is annotated here: its `saga_recovered` row (added for a held attempt, which the core
+        sends without one) carries the operator as user_id and `requested_by` in event_data.
+        """
+        saga_id = before.saga_id
+
+        def decide(saga: Saga) -> Decision:
+            decision = transition(definition, saga, event, self.clock(), self.limits)
+            return _annotate(decision, saga, user_id, note)
+
+        for _ in range(MAX_CONFLICT_RETRIES):
+            try:
+                with self._database():
+                    applied = retry_transient(
+                        lambda: self.store.apply(saga_id, decide, self.clock()),
+                        max_wait_seconds=10,
+                        what=f"retry of saga {saga_id}",
+                    )
+            except ConcurrencyConflict:
+                continue
+            if applied is None:
+                raise SagaNotFound(saga_id)
+            _, decision = applied
+            if decision.ignored:
+                raise OperationRefused(f"retry of saga {saga_id} not applied: {decision.ignored}")
+            sent: list[str] = []
+            errors: list[str] = []
+            for command in decision.commands:
+                name = definition.task_name(command.step_index, command.direction)
+                try:
+                    self.dispatcher.send(definition, decision.saga, command)
+                    sent.append(name)
+                except Exception as exc:  # the broker is down: recovery re-sends it later
+                    errors.append(f"{name}: {type(exc).__name__}: {self.redactor.text(str(exc))}")
+            return self._result(
+                "retry", before, decision, sent=tuple(sent), send_errors=tuple(errors)
+            )
+        raise ConcurrencyConflict(f"saga {saga_id} kept changing; try again")
+
+    def _result(
+        self,
+        action: str,
+        before: Saga,
+        decision: Decision,
+        *,
+        sent: tuple[str, ...],
+        send_errors: tuple[str, ...] = (),
+    ) -> OperatorResult:
+        return OperatorResult(
+            saga_id=before.saga_id,
+            action=action,
+            state_before=before.state.value,
+            state_after=decision.saga.state.value,
+            audit_events=tuple(e.event_type for e in decision.audit),
+            sent=sent,
+            send_errors=send_errors,
+        )
+
+    def _sent(self, before: Saga, decision: Decision) -> tuple[str, ...]:
+        definition = registry.get(before.saga_type)
+        return tuple(definition.task_name(c.step_index, c.direction) for c in decision.commands)
+
+    # -- audit ---------------------------------------------------------------------------
+
+    def audit_trail(self, saga_id: str) -> list[dict[str, Any]]:
+        with self._database():
+            return self.store.audit_trail(saga_id)
+
+    def audit_timeline(self, saga_id: str) -> Timeline:
+        """A saga's audit rows in order and what verification found in them."""
+        report = self.verify_database(saga_id)
+        with self._database():
+            rows, _ = self.store.saga_chain(saga_id)
+        return Timeline(saga_id, rows, report.problems)
+
+    def export_audit(
+        self,
+        fmt: str,
+        *,
+        path: str | os.PathLike[str] | None = None,
+        stream: BinaryIO | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        saga_type: str | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> ExportResult:
+        """Stream audit rows (every column, hashes included) to a file or a binary stream.
+
+        Memory stays flat in the number of rows: rows come from a server-side cursor and
+        are written one by one. A file gets a `<file>.manifest.json` beside it (filters, row
+        count, SHA-256 of the file, and each exported saga's checkpoint head when the export
+        runs to the present) so that it verifies offline, including a truncated tail.
+        """
+        if fmt not in EXPORT_FORMATS:
+            raise InvalidFilter(f"unknown format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}")
+        if (path is None) == (stream is None):
+            raise ValueError("give exactly one of path and stream")
+        _check_range(since, until)
+        query = AuditQuery(since=since, until=until, saga_type=saga_type)
+        target = Path(path) if path is not None else None
+        partial = target.with_name(target.name + ".partial") if target else None
+        out: BinaryIO
+        if partial is not None:
+            try:
+                out = partial.open("wb")
+            except OSError as exc:
+                raise InvalidFilter(f"cannot write {target}: {exc.strerror}") from None
+        else:
+            assert stream is not None
+            out = stream
+        tails: dict[str, str] = {}
+        heads: dict[str, str] | None = None
+        try:
+            writer = ExportWriter(out, fmt)
+            with self._database(), self.store.audit_snapshot() as reader:
+                total = reader.count(query) if progress else None
+                for row in reader.rows(query):
+                    writer.write(row)
+                    tails[row["saga_id"]] = row["hash"]
+                    if progress and writer.rows % 1000 == 0:
+                        progress(writer.rows, total)
+                if until is None:
+                    heads = {
+                        saga_id: head
+                        for saga_id, head in reader.heads(saga_type)
+                        if saga_id in tails
+                    }
+            if progress:
+                progress(writer.rows, total)
+            out.flush()
+            if partial is not None:
+                os.fsync(out.fileno())
+        finally:
+            if partial is not None:
+                out.close()
+        manifest = None
+        if target is not None and partial is not None:
+            partial.replace(target)
+            manifest_file = manifest_path(target)
+            manifest_file.write_text(
+                json.dumps(
+                    {
+                        "kind": "saga_worker audit export",
+                        "format": fmt,
+                        "columns": list(EXPORT_COLUMNS),
+                        "rows": writer.rows,
+                        "sagas": len(tails),
+                        "sha256": writer.sha256,
+                        "exported_at": iso_utc(self.clock()),
+                        "since": iso_utc(since) if since else None,
+                        "until": iso_utc(until) if until else None,
+                        "saga_type": saga_type,
+                        "hash": "SHA-256 of canonical JSON of every column but id and hash "
+                        "(DESIGN.md section 4); prev_hash links each saga's rows",
+                        "heads": heads,
+                    },
+                    indent=1,
+                    sort_keys=True,
+                )
+                + "\n",
+                encoding="utf-8",
+            )
+            manifest = str(manifest_file)
+        return ExportResult(
+            path=str(target) if target else "-",
+            fmt=fmt,
+            rows=writer.rows,
+            sagas=len(tails),
+            sha256=writer.sha256,
+            manifest=manifest,
+        )
+
+    def verify_database(
+        self, saga_id: str | None = None, progress: ProgressCallback | None = None
+    ) -> VerifyReport:
+        """Check every hash, every link, and each saga's last row against its checkpoint."""
+        if saga_id is not None:
+            return self._verify_one(saga_id)
+        verifier = ChainVerifier()
+        mismatched: list[str] = []
+        with self._database(), self.store.audit_snapshot() as reader:
+            total = reader.count(AuditQuery()) if progress else None
+            for row in reader.rows(AuditQuery()):
+                verifier.add(row)
+                if progress and verifier.rows % 1000 == 0:
+                    progress(verifier.rows, total)
+            for sid, head in reader.heads():
+                if not verifier.check_head(sid, head):
+                    mismatched.append(sid)
+        if progress:
+            progress(verifier.rows, total)
+        verifier.check_orphans()
+        problems = verifier.problems
+        if mismatched:
+            # Re-read each such saga in one transaction: on SQLite the scan is not one
+            # snapshot, so a saga that moved on meanwhile must not be reported.
+            again = set(mismatched)
+            kept = [
+                p
+                for p in problems
+                if not (p.saga_id in again and p.kind in (MISSING_TAIL, MISSING_ROWS))
+            ]
+            for sid in mismatched:
+                kept.extend(
+                    p
+                    for p in self._verify_one(sid).problems
+                    if p.kind in (MISSING_TAIL, MISSING_ROWS)
+                )
+            problems = kept
+        return VerifyReport("database " + self.safe_url, verifier.rows, verifier.sagas, problems)
+
+    def _verify_one(self, saga_id: str) -> VerifyReport:
+        with self._database():
+            rows, head = self.store.saga_chain(saga_id)
+        if not rows and head is None:
+            raise SagaNotFound(saga_id)
+        verifier = ChainVerifier()
+        for row in rows:
+            verifier.add(row)
+        if head is None:
+            verifier.check_orphans()
+        elif not verifier.check_head(saga_id, head) and rows:
+            last = verifier.problems[-1]
+            verifier.problems[-1] = replace(last, problem=describe_tail(rows, head))
+        return VerifyReport(
+            f"saga {saga_id} in database {self.safe_url}",
+            verifier.rows,
+            verifier.sagas,
+            verifier.problems,
+        )
+
+    def verify_file(
+        self, path: str | os.PathLike[str], progress: ProgressCallback | None = None
+    ) -> VerifyReport:
+        """Verify an export offline; with its manifest, also its digest, count and heads."""
+        return verify_export_file(path, progress)
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _load(self, saga_id: str) -> Saga:
+        if not valid_saga_id(saga_id):
+            raise InvalidFilter(
+                f"{saga_id!r} is not a saga id (1-255 characters of A-Z a-z 0-9 . _ : -)"
+            )
+        with self._database():
+            saga = self.store.load(saga_id)
+        if saga is None:
+            raise SagaNotFound(saga_id)
+        return saga
+
+    def _require_definition(self, saga: Saga) -> SagaDefinition:
+        definition = self.definition(saga.saga_type)
+        if definition is None:
+            raise UnknownSagaType(saga.saga_type, [d.saga_type for d in registry.all_definitions()])
+        return definition
+
+    def _describe_pending(
+        self, pending: Attempt, definition: SagaDefinition | None
+    ) -> dict[str, Any]:
+        data: dict[str, Any] = {
+            "step_index": pending.step_index,
+            "step": None,
+            "direction": pending.direction.value,
+            "attempt": pending.number,
+            "max_attempts": None,
+            "held": pending.held,
+            "not_before": iso_utc(pending.not_before),
+            "deadline": iso_utc(pending.deadline),
+            "recoveries": pending.recoveries,
+        }
+        if definition is not None and pending.step_index < len(definition.steps):
+            step = definition.steps[pending.step_index]
+            data["step"] = step.name
+            data["max_attempts"] = step.policy(pending.direction).max_attempts
+        return data
+
+    @contextmanager
+    def _database(self) -> Iterator[None]:
+        """Turn driver errors into one line naming the database (password hidden)."""
+        try:
+            yield
+        except ProgrammingError as exc:
+            raise DatabaseUnavailable(
+                f"the database at {self.safe_url} is not usable: {_first_line(exc)} "
+                "(run `saga-worker db upgrade` to create the tables)"
+            ) from None
+        except (OperationalError, DBAPIError) as exc:
+            text = _first_line(exc)
+            if "no such table" in text:
+                raise DatabaseUnavailable(
+                    f"the database at {self.safe_url} has no saga tables "
+                    "(run `saga-worker db upgrade`)"
+                ) from None
+            raise DatabaseUnavailable(
+                f"cannot reach the database at {self.safe_url}: {text}"
+            ) from None
+
+
+def verify_export_file(
+    path: str | os.PathLike[str], progress: ProgressCallback | None = None
+) -> VerifyReport:
+    """Verify an export file alone (no database needed): chain, and manifest when present."""
+    source = Path(path)
+    if not source.is_file():
+        raise InvalidFilter(f"no export file at {source}")
+    notes: list[str] = []
+    manifest: dict[str, Any] | None = None
+    manifest_file = manifest_path(source)
+    if manifest_file.is_file():
+        try:
+            loaded = json.loads(manifest_file.read_text(encoding="utf-8"))
+            manifest = loaded if isinstance(loaded, dict) else None
+        except ValueError:
+            manifest = None
+        if manifest is None:
+            notes.append(f"manifest {manifest_file} is unreadable; only the rows were checked")
+    else:
+        notes.append(
+            f"no manifest ({manifest_file.name}) beside the file: its digest, row count and "
+            "saga heads were not checked, so a truncated end would go unnoticed"
+        )
+    partial = bool(manifest and manifest.get("since"))
+    verifier = ChainVerifier(partial_chains=partial, check_order=True)
+
+    def malformed(line: int, message: str) -> None:
+        verifier.report(ChainProblem("", None, message, MALFORMED))
+
+    export = open_export(source, malformed)
+    for record in export.rows:
+        verifier.add(record)
+        if progress and verifier.rows % 1000 == 0:
+            progress(verifier.rows, manifest.get("rows") if manifest else None)
+    if progress:
+        progress(verifier.rows, verifier.rows)
+    if manifest is not None:
+        if manifest.get("rows") != verifier.rows:
+            verifier.report(
+                ChainProblem(
+                    "",
+                    None,
+                    f"the manifest lists {manifest.get('rows')} rows but the file holds "
+                    f"{verifier.rows}: rows were added to or removed from the file",
+                    FILE_MISMATCH,
+                )
+            )
+        if manifest.get("sha256") != export.sha256:
+            verifier.report(
+                ChainProblem(
+                    "",
+                    None,
+                    "the file's SHA-256 is not the one in its manifest: the file was changed "
+                    "after export",
+                    FILE_MISMATCH,
+                )
+            )
+        heads = manifest.get("heads")
+        if isinstance(heads, dict):
+            for saga_id, head in heads.items():
+                verifier.check_head(str(saga_id), str(head))
+            verifier.check_orphans()
+        elif not manifest.get("until"):
+            notes.append("the manifest has no saga heads: a deleted last row is not detectable")
+        if partial:
+            notes.append(
+                f"export starts at {manifest.get('since')}: each saga's first row in the file "
+                "is taken as the anchor of its chain"
+            )
+    return VerifyReport(f"file {source}", verifier.rows, verifier.sagas, verifier.problems, notes)
+
+
+def _annotate(decision: Decision, saga: Saga, user_id: str, note: Mapping[str, Any]) -> Decision:
+    """Mark the operator on the `saga_recovered` row of a decision (adding one if missing)."""
+    if decision.ignored:
+        return decision
+    events = list(decision.audit)
+    for index, event in enumerate(events):
+        if event.event_type == "saga_recovered":
+            events[index] = replace(event, user_id=user_id, event_data={**event.event_data, **note})
+            return replace(decision, audit=tuple(events))
+    pending = saga.pending
+    if pending is None:
+        return decision
+    first = events[0] if events else None
+    recovered = AuditEvent(
+        event_type="saga_recovered",
+        state_before=saga.state,
+        state_after=saga.state,
+        step_name=first.step_name if first else None,
+        step_index=pending.step_index,
+        event_data={
+            "attempt": pending.number,
+            "direction": pending.direction.value,
+            "held_until": iso_utc(pending.not_before),
+            **note,
+        },
+        user_id=user_id,
+    )
+    return replace(decision, audit=(recovered, *events))
+
+
+def _check_range(since: datetime | None, until: datetime | None) -> None:
+    if since is not None and until is not None and since >= until:
+        raise InvalidFilter(f"--since ({iso_utc(since)}) must be before --until ({iso_utc(until)})")
+
+
+def _first_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    lines = [line.strip() for line in str(orig).splitlines() if line.strip()]
+    return lines[0] if lines else type(orig).__name__
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC)

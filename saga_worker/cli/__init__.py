@@ -1,0 +1,103 @@
+"""`saga-worker`: the operator's command line. Thin: it builds a `SagaClient`, calls it, and
+prints what it returns (Rich on a terminal, plain text in a pipe, JSON with --json).
+
+Command groups live in sibling modules: sagas.py (status, list, retry, abort), audit.py
+(audit show/export/verify), db.py (db upgrade), processes.py (worker, beat, demo).
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from ._output import (
+    EXIT_CODES_HELP,
+    EXIT_INTERNAL,
+    emit_error,
+    error_message,
+    exit_code_for,
+    setup_logging,
+)
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class SagaGroup(click.Group):
+    """A group that turns any error of a command into one line and a meaningful exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            ctx.exit(130)
+        except Exception as exc:
+            from ..errors import SagaError
+
+            code = exit_code_for(exc)
+            if code == EXIT_INTERNAL and os.environ.get("SAGA_CLI_DEBUG"):
+                traceback.print_exc()
+            kind = getattr(exc, "code", None) if isinstance(exc, SagaError) else None
+            emit_error(
+                bool(ctx.meta.get("saga_json")),
+                code,
+                error_message(exc),
+                str(kind or type(exc).__name__),
+            )
+            ctx.exit(code)
+
+
+@click.group(cls=SagaGroup, context_settings=CONTEXT_SETTINGS, epilog=EXIT_CODES_HELP)
+@click.version_option(package_name="saga_worker", prog_name="saga-worker")
+@click.pass_context
+def main(ctx: click.Context) -> None:
+    """Durable sagas on Celery: run the demo, migrate the database, inspect and operate sagas.
+
+    Configuration comes from SAGA_* environment variables (SAGA_DATABASE_URL,
+    SAGA_BROKER_URL, SAGA_IMPORTS, ...), the same the workers use.
+    """
+    from ..audit import Redactor
+    from ..config import DEFAULT_REDACT_KEYS
+
+    setup_logging(Redactor(DEFAULT_REDACT_KEYS).text)
+
+
+def client_from(ctx: click.Context, json_mode: bool = False) -> Any:
+    """The `SagaClient` of this invocation (built once; tests pass a factory as `obj`)."""
+    root = ctx.find_root()
+    root.meta["saga_json"] = json_mode
+    client = root.meta.get("saga_client")
+    if client is None:
+        factory: Callable[[], Any] | None = root.obj if callable(root.obj) else None
+        if factory is None:
+            from ..client import SagaClient
+
+            client = SagaClient()
+        else:
+            client = factory()
+        root.meta["saga_client"] = client
+        if factory is None:
+            root.call_on_close(client.close)
+        setup_logging(client.redactor.text)
+    return client
+
+
+def _register() -> None:
+    from . import audit, db, processes, sagas
+
+    for module in (sagas, audit, db, processes):
+        module.register(main)
+
+
+_register()
+
+
+def run() -> None:
+    """Console entry point (`saga-worker`)."""
+    main(prog_name="saga-worker")
