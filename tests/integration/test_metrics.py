@@ -557,6 +557,18 @@ def observed(
             60,
             obs.logs,
         )
+        # Healthy is not enough: Flower must be receiving events before the first task runs
+        # (a worker heartbeat is the proof), or it misses them for good.
+        wait_for(
+            "Flower to receive worker events",
+            lambda: re.search(
+                rb"^flower_worker_online\{[^}]*\} 1\.0$",
+                http_get(f"http://127.0.0.1:{flower_port}/metrics"),
+                re.MULTILINE,
+            ),
+            60,
+            obs.logs,
+        )
         wait_for("the beat's endpoint", lambda: scrape(beat_port), 60, obs.logs)
         began = time.monotonic()
         run_workload(obs, producer)
