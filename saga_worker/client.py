@@ -12,7 +12,7 @@ import json
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -41,9 +41,9 @@ from .audit import (
 )
 from .config import Settings
 from .core.definition import SagaDefinition
-from .core.events import AttemptDue, AttemptStalled, Event, RetryRequested
+from .core.events import Event, RetryRequested
 from .core.model import Attempt, Saga, SagaState
-from .core.transition import AuditEvent, Decision, Limits, transition
+from .core.transition import Decision, Limits, transition
 from .engine import Dispatcher, SagaEngine, utcnow
 from .errors import ConcurrencyConflict, SagaError, SagaNotFound, UnknownSagaType
 from .requests import parse_abort, valid_saga_id
@@ -486,11 +486,10 @@ class SagaClient:
     ) -> OperatorResult:
         """FAILED: re-run the failed compensations. Stalled: re-send the pending attempt now.
 
-        FAILED goes through the core's RetryRequested (compensations re-run from attempt 1,
-        highest step first, the first `compensation_start` naming the operator). A stalled
-        or held attempt goes through AttemptStalled / AttemptDue, annotated with the
-        operator (see `_apply_operator_event`). A live attempt that has not passed its
-        deadline is left alone unless `force`.
+        Both go through the core's RetryRequested, audited with the operator: FAILED re-runs
+        the failed compensations (fresh attempt numbers, highest step first); a stalled or
+        held attempt is re-sent now (`saga_recovered` naming the operator). A live attempt
+        that has not passed its deadline is left alone unless `force`.
         """
         before = self._load(saga_id)
         definition = self._require_definition(before)
@@ -519,21 +518,8 @@ class SagaClient:
                 f"{pending.recoveries} times (SAGA_MAX_RECOVERIES={self.limits.max_recoveries}); "
                 "the next recovery sweep fails it"
             )
-        event: Event
-        if pending.held:
-            event = AttemptDue(pending.step_index, pending.direction, pending.number)
-        else:
-            event = AttemptStalled(
-                pending.step_index, pending.direction, pending.number, pending.recoveries
-            )
-        note = {
-            "trigger": "operator",
-            "reason": reason,
-            "requested_by": user_id,
-            "host": socket.gethostname(),
-            "stalled": not pending.held and pending.deadline <= now,
-        }
-        return self._apply_operator_event(before, definition, event, user_id, note)
+        event = RetryRequested(user_id=user_id, reason=f"{reason} (from {socket.gethostname()})")
+        return self._apply_operator_event(before, definition, event)
 
     def _retry_failed(self, before: Saga, user_id: str, reason: str) -> OperatorResult:
         with self._database():
@@ -551,20 +537,12 @@ class SagaClient:
         before: Saga,
         definition: SagaDefinition,
         event: Event,
-        user_id: str,
-        note: Mapping[str, Any],
     ) -> OperatorResult:
-        """Apply an engine event on an operator's behalf, recording who asked.
-
-        Until the core has RetryRequested, the core's decision for AttemptStalled/AttemptDue
-        is annotated here: its `saga_recovered` row (added for a held attempt, which the core
-        sends without one) carries the operator as user_id and `requested_by` in event_data.
-        """
+        """Apply an operator's event and send its commands, reporting send failures."""
         saga_id = before.saga_id
 
         def decide(saga: Saga) -> Decision:
-            decision = transition(definition, saga, event, self.clock(), self.limits)
-            return _annotate(decision, saga, user_id, note)
+            return transition(definition, saga, event, self.clock(), self.limits)
 
         for _ in range(MAX_CONFLICT_RETRIES):
             try:
@@ -924,36 +902,6 @@ def verify_export_file(
                 "is taken as the anchor of its chain"
             )
     return VerifyReport(f"file {source}", verifier.rows, verifier.sagas, verifier.problems, notes)
-
-
-def _annotate(decision: Decision, saga: Saga, user_id: str, note: Mapping[str, Any]) -> Decision:
-    """Mark the operator on the `saga_recovered` row of a decision (adding one if missing)."""
-    if decision.ignored:
-        return decision
-    events = list(decision.audit)
-    for index, event in enumerate(events):
-        if event.event_type == "saga_recovered":
-            events[index] = replace(event, user_id=user_id, event_data={**event.event_data, **note})
-            return replace(decision, audit=tuple(events))
-    pending = saga.pending
-    if pending is None:
-        return decision
-    first = events[0] if events else None
-    recovered = AuditEvent(
-        event_type="saga_recovered",
-        state_before=saga.state,
-        state_after=saga.state,
-        step_name=first.step_name if first else None,
-        step_index=pending.step_index,
-        event_data={
-            "attempt": pending.number,
-            "direction": pending.direction.value,
-            "held_until": iso_utc(pending.not_before),
-            **note,
-        },
-        user_id=user_id,
-    )
-    return replace(decision, audit=(recovered, *events))
 
 
 def _check_range(since: datetime | None, until: datetime | None) -> None:

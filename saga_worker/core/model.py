@@ -60,6 +60,8 @@ class Attempt:
     deadline: datetime
     recoveries: int = 0
     held: bool = False
+    #: Number of the first attempt of this run: 1, or fresh numbers for an operator retry.
+    first: int = 1
 
     def key(self) -> tuple[int, Direction, int]:
         return (self.step_index, self.direction, self.number)

@@ -187,6 +187,7 @@ class _Builder:
         number: int,
         not_before: datetime,
         *,
+        first: int = 1,
         recoveries: int = 0,
         retry_count: int | None = None,
         state_before: SagaState | None = None,
@@ -196,11 +197,15 @@ class _Builder:
         """Make (step, direction, number) the pending attempt and send it (or hold it)."""
         timeout = self.definition.timeout(step_index, direction)
         if (not_before - self.now).total_seconds() > self.limits.max_broker_delay_seconds:
-            held = Attempt(step_index, direction, number, not_before, not_before, recoveries, True)
+            held = Attempt(
+                step_index, direction, number, not_before, not_before, recoveries, True, first
+            )
             self.update(pending=held, current_step_index=step_index)
             return
         deadline = not_before + timedelta(seconds=timeout + self.limits.stall_grace_seconds)
-        attempt = Attempt(step_index, direction, number, not_before, deadline, recoveries)
+        attempt = Attempt(
+            step_index, direction, number, not_before, deadline, recoveries, False, first
+        )
         self.update(pending=attempt, current_step_index=step_index)
         kind = "step_start" if direction is Direction.FORWARD else "compensation_start"
         data: dict[str, Any] = {"attempt": number, "timeout_seconds": timeout, **(extra or {})}
@@ -227,25 +232,67 @@ class _Builder:
 def _operator_retry(
     definition: SagaDefinition, saga: Saga, event: RetryRequested, now: datetime, limits: Limits
 ) -> Decision:
-    """FAILED -> COMPENSATING: re-run each failed compensation, highest step first."""
-    if saga.state is not SagaState.FAILED:
-        return Decision(
-            saga, ignored=f"only a FAILED saga can be retried; this one is {saga.state.value}"
-        )
+    """An operator's retry, audited with who asked.
+
+    FAILED -> COMPENSATING: re-run each failed compensation, highest step first, with fresh
+    attempt numbers (above any used before, so an old result cannot pass for a new one).
+    A live saga: send its pending attempt now, like a recovery.
+    """
     b = _Builder(definition, saga, now, limits)
-    retried = list(saga.failed_compensations)
-    b.update(state=SagaState.COMPENSATING, failed_compensations=())
-    top = max(definition.step_names.index(name) for name in retried)
+    note = {"operator_retry": True, "reason": event.reason}
+    pending = saga.pending
+    if saga.state is SagaState.FAILED:
+        retried = list(saga.failed_compensations)
+        b.update(state=SagaState.COMPENSATING, failed_compensations=())
+        top = max(definition.step_names.index(name) for name in retried)
+        # Every attempt number so far was created at an earlier transition, so none
+        # exceeds the loaded version: version + 1 is fresh.
+        first = saga.version + 1
+        b.run(
+            top,
+            Direction.COMPENSATE,
+            first,
+            now,
+            first=first,
+            state_before=SagaState.FAILED,
+            extra={**note, "retrying": retried},
+            user_id=event.user_id,
+        )
+        return b.decision()
+    if saga.state.is_terminal or pending is None:
+        return Decision(
+            saga,
+            ignored=f"only a FAILED or live saga can be retried; this one is {saga.state.value}",
+        )
+    b.audit(
+        "saga_recovered",
+        pending.step_index,
+        event_data={
+            **note,
+            "attempt": pending.number,
+            "direction": pending.direction.value,
+            "recoveries": pending.recoveries + 1,
+            "held": pending.held,
+            "deadline": pending.deadline.isoformat(),
+        },
+        user_id=event.user_id,
+    )
     b.run(
-        top,
-        Direction.COMPENSATE,
-        1,
+        pending.step_index,
+        pending.direction,
+        pending.number,
         now,
-        state_before=SagaState.FAILED,
-        extra={"operator_retry": True, "retrying": retried, "reason": event.reason},
+        first=pending.first,
+        recoveries=pending.recoveries + 1,
+        retry_count=_retry_ordinal(pending) or None,
         user_id=event.user_id,
     )
     return b.decision()
+
+
+def _retry_ordinal(attempt: Attempt) -> int:
+    """0 for the first attempt of a run, 1 for its first retry, and so on."""
+    return attempt.number - attempt.first
 
 
 def _rejected(definition: SagaDefinition, saga: Saga, event: ResultRejected) -> Decision:
@@ -270,8 +317,15 @@ def _rejected(definition: SagaDefinition, saga: Saga, event: ResultRejected) -> 
 
 
 def _send_held(b: _Builder, pending: Attempt) -> Decision:
-    retry_count = pending.number - 1 if pending.number > 1 else None
-    b.run(pending.step_index, pending.direction, pending.number, b.now, retry_count=retry_count)
+    b.run(
+        pending.step_index,
+        pending.direction,
+        pending.number,
+        b.now,
+        first=pending.first,
+        recoveries=pending.recoveries,
+        retry_count=_retry_ordinal(pending) or None,
+    )
     return b.decision()
 
 
@@ -303,6 +357,8 @@ def _succeeded(b: _Builder, event: StepSucceeded) -> Decision:
     saga = b.saga
     index = event.step_index
     name = b.definition.steps[index].name
+    assert saga.pending is not None  # transition() matched the event against it
+    retries_taken = _retry_ordinal(saga.pending) or None
     b.update(context={**saga.context, **event.output}, pending=None)
     if event.direction is Direction.FORWARD:
         b.update(completed_steps=(*saga.completed_steps, name))
@@ -315,6 +371,7 @@ def _succeeded(b: _Builder, event: StepSucceeded) -> Decision:
             state_before=saga.state,
             event_data={"attempt": event.attempt, "output_keys": sorted(event.output)},
             duration_ms=event.duration_ms,
+            retry_count=retries_taken,
         )
         if saga.abort_requested:
             _rollback_from(b, index)
@@ -329,6 +386,7 @@ def _succeeded(b: _Builder, event: StepSucceeded) -> Decision:
         index,
         event_data={"attempt": event.attempt},
         duration_ms=event.duration_ms,
+        retry_count=retries_taken,
     )
     _rollback_from(b, index - 1)
     return b.decision()
@@ -340,6 +398,9 @@ def _failed(b: _Builder, event: StepFailed) -> Decision:
     step = b.definition.steps[index]
     forward = event.direction is Direction.FORWARD
     policy = step.policy(event.direction)
+    assert saga.pending is not None  # transition() matched the event against it
+    first = saga.pending.first
+    ordinal = event.attempt - first + 1  # 1 for the first attempt of this run
     error_data = {
         "attempt": event.attempt,
         "error_type": event.error_type,
@@ -347,13 +408,11 @@ def _failed(b: _Builder, event: StepFailed) -> Decision:
         "retryable": event.retryable,
     }
     can_retry = (
-        event.retryable
-        and event.attempt < policy.max_attempts
-        and not (forward and saga.abort_requested)
+        event.retryable and ordinal < policy.max_attempts and not (forward and saga.abort_requested)
     )
     if can_retry:
         delay = backoff_seconds(
-            policy, event.attempt, f"{saga.saga_id}:{step.name}:{event.direction.value}"
+            policy, ordinal, f"{saga.saga_id}:{step.name}:{event.direction.value}:{first}"
         )
         not_before = b.now + timedelta(seconds=delay)
         b.update(retries=saga.retries + 1)
@@ -364,9 +423,11 @@ def _failed(b: _Builder, event: StepFailed) -> Decision:
             error_message=event.message,
             error_stack_trace=event.stack_trace,
             duration_ms=event.duration_ms,
-            retry_count=event.attempt,
+            retry_count=ordinal,
         )
-        b.run(index, event.direction, event.attempt + 1, not_before, retry_count=event.attempt)
+        b.run(
+            index, event.direction, event.attempt + 1, not_before, first=first, retry_count=ordinal
+        )
         return b.decision()
     b.update(pending=None)
     if forward:
@@ -379,7 +440,7 @@ def _failed(b: _Builder, event: StepFailed) -> Decision:
             error_message=event.message,
             error_stack_trace=event.stack_trace,
             duration_ms=event.duration_ms,
-            retry_count=event.attempt - 1,
+            retry_count=ordinal - 1,
         )
         _rollback_from(b, index - 1)
         return b.decision()
@@ -391,7 +452,7 @@ def _failed(b: _Builder, event: StepFailed) -> Decision:
         error_message=event.message,
         error_stack_trace=event.stack_trace,
         duration_ms=event.duration_ms,
-        retry_count=event.attempt - 1,
+        retry_count=ordinal - 1,
     )
     # A failed compensation is recorded and the rollback goes on with the rest.
     _rollback_from(b, index - 1)
@@ -473,7 +534,9 @@ def _recover(b: _Builder, pending: Attempt) -> Decision:
         pending.direction,
         pending.number,
         b.now,
+        first=pending.first,
         recoveries=pending.recoveries + 1,
+        retry_count=_retry_ordinal(pending) or None,
     )
     return b.decision()
 

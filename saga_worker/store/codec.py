@@ -20,6 +20,7 @@ def pending_to_json(attempt: Attempt | None) -> dict[str, Any] | None:
         "deadline": attempt.deadline.isoformat(),
         "recoveries": attempt.recoveries,
         "held": attempt.held,
+        "first": attempt.first,
     }
 
 
@@ -34,6 +35,7 @@ def pending_from_json(data: Mapping[str, Any] | None) -> Attempt | None:
         deadline=datetime.fromisoformat(data["deadline"]),
         recoveries=int(data.get("recoveries", 0)),
         held=bool(data.get("held", False)),
+        first=int(data.get("first", 1)),
     )
 
 

@@ -268,8 +268,8 @@ def test_retry_of_a_stalled_saga_resends_its_attempt_and_audits_who(states_url: 
     recovered = [r for r in _events(states_url, saga_id) if r["event_type"] == "saga_recovered"]
     assert len(recovered) == 1
     assert recovered[0]["user_id"] == "alice"
-    assert recovered[0]["event_data"]["requested_by"] == "alice"
-    assert recovered[0]["event_data"]["trigger"] == "operator"
+    assert recovered[0]["event_data"]["operator_retry"] is True
+    assert recovered[0]["event_data"]["held"] is False
     status = cli.json("status", saga_id)
     assert status["stalled"] is False and status["pending"]["recoveries"] == 1
 
@@ -286,7 +286,7 @@ def test_retry_of_a_held_attempt_sends_it_now(states_url: str) -> None:
     assert "saga_recovered, step_start" in result.stdout
     rows = _events(states_url, saga_id)
     assert [r["event_type"] for r in rows[-2:]] == ["saga_recovered", "step_start"]
-    assert rows[-2]["user_id"] == "bob" and rows[-2]["event_data"]["held_until"]
+    assert rows[-2]["user_id"] == "bob" and rows[-2]["event_data"]["held"] is True
     assert cli.json("status", saga_id)["pending"]["held"] is False
 
 

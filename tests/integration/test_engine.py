@@ -90,7 +90,7 @@ def test_flaky_step_is_retried_then_completes(stack: Stack) -> None:
         ("step_start", 1),
         ("step_retry", 2),
         ("step_start", 2),
-        ("step_complete", None),
+        ("step_complete", 2),
     ]
     assert stack.example_row(saga_id)["results"] == simulate(3)  # type: ignore[index]
 

@@ -788,11 +788,41 @@ def test_operator_retry_that_fails_again_ends_failed_with_only_what_still_fails(
     assert run.saga.compensated_steps == ("charge",)
 
 
-def test_operator_retry_is_ignored_unless_failed() -> None:
+def test_operator_retry_of_a_live_saga_resends_its_pending_attempt_now() -> None:
     run = Run()
-    assert run.apply(RetryRequested(user_id="x")).ignored
+    run.ok()
+    pending = run.saga.pending
+    assert pending is not None
+    d = run.apply(RetryRequested(user_id="oncall", reason="stuck"))
+    assert types(d.audit) == ["saga_recovered", "step_start"]
+    assert {e.user_id for e in d.audit} == {"oncall"}
+    assert d.audit[0].event_data["operator_retry"] is True
+    (cmd,) = d.commands
+    assert (cmd.step_index, cmd.attempt) == (pending.step_index, pending.number)
+    assert run.saga.pending is not None and run.saga.pending.recoveries == 1
+    # a stall signal computed before the operator's retry is now stale
+    stale = AttemptStalled(pending.step_index, pending.direction, pending.number, 0)
+    assert run.apply(stale).ignored
+
+
+def test_operator_retry_of_a_finished_saga_is_ignored() -> None:
+    run = Run()
     run.ok()
     run.ok()
     run.ok()
     assert run.saga.state is SagaState.COMPLETED
     assert run.apply(RetryRequested(user_id="x")).ignored
+
+
+def test_operator_retry_uses_fresh_attempt_numbers_so_old_results_cannot_pass() -> None:
+    run = _failed_saga()
+    run.saga = replace(run.saga, version=17)  # what the store loaded
+    d = run.apply(RetryRequested(user_id="oncall"))
+    (cmd,) = d.commands
+    assert cmd.attempt == 18
+    # the original first attempt's result arriving late is not the new attempt
+    assert run.apply(StepSucceeded(1, COMP, 1, {})).ignored
+    run.fail()
+    retry = run.last.audit[0]
+    assert (retry.event_type, retry.retry_count) == ("compensation_retry", 1)
+    assert run.saga.pending is not None and run.saga.pending.number == 19

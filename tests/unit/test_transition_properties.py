@@ -117,8 +117,9 @@ class Sim:
             # The recovery sweep sends a held attempt once its not_before has passed.
             p = self.saga.pending
             self.network.append(AttemptDue(p.step_index, p.direction, p.number))
-        if decision.ignored is None:
-            # Idempotence: the very same event again right away is a no-op.
+        if decision.ignored is None and not isinstance(event, RetryRequested):
+            # Idempotence: the very same event again right away is a no-op. (An operator's
+            # retry is a new request each time, not a redelivered message.)
             again = transition(self.definition, self.saga, event, self.now, LIMITS)
             assert again.ignored is not None, (event, self.saga)
             assert again.saga == self.saga and again.audit == () and again.commands == ()
@@ -140,7 +141,7 @@ class Sim:
         if self.issued:
             moves.append("rerun")
         moves.append("abort")
-        if self.saga.state is SagaState.FAILED:
+        if self.saga.state is SagaState.FAILED or self.saga.pending is not None:
             moves.append("operator_retry")
         if self.saga.pending is not None:
             moves += ["stall"] * 2
@@ -156,7 +157,8 @@ class Sim:
         elif move == "abort":
             self.apply(AbortRequested(reason="test", user_id="op"))
         elif move == "operator_retry":
-            if self.apply(RetryRequested(user_id="op")).ignored is None:
+            was_failed = self.saga.state is SagaState.FAILED
+            if self.apply(RetryRequested(user_id="op")).ignored is None and was_failed:
                 self.operator_retries += 1
         else:
             pending = self.saga.pending
@@ -195,7 +197,8 @@ def check_saga(definition: SagaDefinition, saga: Saga, *, retried: bool = False)
         else:
             assert pending.deadline > pending.not_before
         step = definition.steps[pending.step_index]
-        assert 1 <= pending.number <= step.policy(pending.direction).max_attempts
+        assert pending.first <= pending.number
+        assert pending.number < pending.first + step.policy(pending.direction).max_attempts
     if state is SagaState.RUNNING:
         assert pending is not None and pending.direction is Direction.FORWARD
         assert compensated == () and failed == ()
@@ -245,8 +248,12 @@ def check_decision(sim: Sim, before: Saga, event: Any, decision: Decision) -> No
         assert decision.commands == ()
         assert after == before
         return
-    if isinstance(event, RetryRequested):
-        assert before.state is SagaState.FAILED and after.state is SagaState.COMPENSATING
+    if isinstance(event, RetryRequested) and before.state is SagaState.FAILED:
+        assert after.state is SagaState.COMPENSATING
+    elif isinstance(event, RetryRequested):
+        assert after.state is before.state and before.pending is not None
+        assert after.pending is not None and after.pending.key() == before.pending.key()
+        assert after.pending.recoveries == before.pending.recoveries + 1
     else:
         assert not before.state.is_terminal
     assert decision.audit, "an accepted transition is always audited"
