@@ -1,63 +1,145 @@
-"""The recovery sweep: re-send attempts that passed their deadline (the beat's job)."""
+"""The recovery sweep: re-send attempts that passed their deadline (the beat's job).
+
+`saga.recover` runs `sweep` on a worker every SAGA_RECOVERY_INTERVAL_SECONDS. The sweep does
+not run steps: it feeds each stalled saga an `AttemptStalled` (or, for a retry held in the
+database, an `AttemptDue`) through the normal transition path, which commits the checkpoint and
+a `saga_recovered` audit row and only then sends the attempt again. Two sweeps racing on one
+saga (two beats, or a sweep that outlived its interval) recover it once: on PostgreSQL the
+loser skips the row locked with FOR UPDATE SKIP LOCKED, and everywhere the version column and
+the `recoveries` count carried by the event turn a second recovery of the same attempt into an
+ignored transition.
+"""
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from .core.events import AttemptDue, AttemptStalled
+from .core.transition import Decision
 from .engine import SagaEngine
 from .store.codec import pending_from_json
 from .store.repository import SagaStore, SkippedLocked
 
 log = logging.getLogger(__name__)
 
+#: Rows read per query; a sweep pages on (deadline, saga_id) until none is left.
+BATCH = 500
+#: A sweep stops paging after this long and leaves the rest to the next one, so that one
+#: sweep never holds a worker process for long after a mass stall (e.g. a wiped broker).
+MAX_SWEEP_SECONDS = 60.0
+
+# Audit event types by which a committed recovery decision says what it did.
+_GAVE_UP = frozenset({"step_failed", "compensation_failed"})
+
 
 @dataclass(frozen=True)
 class SweepResult:
-    """Counts of one sweep."""
+    """Counts of one sweep.
+
+    `recovered`: stalled attempts re-sent; `due`: held retries sent; `gave_up`: attempts
+    failed after max_recoveries; `skipped`: sagas another sweep held or had just recovered;
+    `failed`: sagas whose recovery raised (retried by the next sweep).
+    """
 
     examined: int
     recovered: int
     failed: int
     due: int = 0
+    gave_up: int = 0
+    skipped: int = 0
 
 
-def sweep(store: SagaStore, engine: SagaEngine, now: datetime, batch: int = 500) -> SweepResult:
+def sweep(
+    store: SagaStore,
+    engine: SagaEngine,
+    now: datetime,
+    batch: int = BATCH,
+    max_seconds: float = MAX_SWEEP_SECONDS,
+) -> SweepResult:
     """Recover each stalled saga through the normal transition path (which re-enqueues)."""
-    recovered = failed = due = 0
-    candidates = store.stalled(now, batch)
-    for saga_id, pending_json in candidates:
-        # One bad row must never stop the sweep.
-        try:
-            pending = pending_from_json(pending_json)
-            if pending is None:
-                continue
-            event: AttemptDue | AttemptStalled
-            if pending.held:
-                event = AttemptDue(pending.step_index, pending.direction, pending.number)
-            else:
-                event = AttemptStalled(
-                    pending.step_index, pending.direction, pending.number, pending.recoveries
-                )
-            decision = engine.handle(saga_id, event, skip_locked=True)
-            if decision.changed and pending.held:
-                due += 1
-                continue
-            if decision.changed:
+    examined = recovered = failed = due = gave_up = skipped = 0
+    began = time.monotonic()
+    after: tuple[datetime, str] | None = None
+    while True:
+        page = store.stalled(now, batch, after)
+        for saga_id, pending_json, deadline in page:
+            examined += 1
+            outcome = _recover_one(engine, saga_id, pending_json)
+            if outcome == "recovered":
                 recovered += 1
-                log.warning(
-                    "saga %s: attempt %s of step %s (%s) stalled past %s; re-sent",
-                    saga_id,
-                    pending.number,
-                    pending.step_index,
-                    pending.direction.value,
-                    pending.deadline.isoformat(),
-                )
-        except SkippedLocked:
-            log.info("saga %s: claimed by another recovery sweep; skipped", saga_id)
-        except Exception:
-            failed += 1
-            log.exception("saga %s: recovery failed; will try again next sweep", saga_id)
-    return SweepResult(len(candidates), recovered, failed, due)
+            elif outcome == "due":
+                due += 1
+            elif outcome == "gave_up":
+                gave_up += 1
+            elif outcome == "failed":
+                failed += 1
+            else:
+                skipped += 1
+            after = (deadline, saga_id)
+        if len(page) < batch:
+            break
+        if time.monotonic() - began > max_seconds:
+            log.warning(
+                "recovery sweep stopped after %.0fs and %d sagas; the next sweep goes on",
+                time.monotonic() - began,
+                examined,
+            )
+            break
+    result = SweepResult(examined, recovered, failed, due, gave_up, skipped)
+    if examined:
+        log.info("recovery sweep: %s", result)
+    return result
+
+
+def _recover_one(engine: SagaEngine, saga_id: str, pending_json: dict[str, Any] | None) -> str:
+    """Recover one saga; never raises (one bad row must not stop the sweep)."""
+    try:
+        pending = pending_from_json(pending_json)
+        if pending is None:
+            return "skipped"
+        event: AttemptDue | AttemptStalled
+        if pending.held:
+            event = AttemptDue(pending.step_index, pending.direction, pending.number)
+        else:
+            event = AttemptStalled(
+                pending.step_index, pending.direction, pending.number, pending.recoveries
+            )
+        decision = engine.handle(saga_id, event, skip_locked=True)
+    except SkippedLocked:
+        log.info("saga %s: claimed by another recovery sweep; skipped", saga_id)
+        return "skipped"
+    except Exception:
+        log.exception("saga %s: recovery failed; the next sweep tries again", saga_id)
+        return "failed"
+    if not decision.changed:
+        # Another sweep recovered it first, or a result arrived since the scan read the row.
+        return "skipped"
+    where = f"step {pending.step_index} ({pending.direction.value}) attempt {pending.number}"
+    if pending.held:
+        log.info("saga %s: held retry of %s due; sent", saga_id, where)
+        return "due"
+    if _gave_up(decision):
+        log.error(
+            "saga %s: %s stalled %d times (max_recoveries=%d); failed it as StalledTooOften",
+            saga_id,
+            where,
+            pending.recoveries + 1,
+            engine.limits.max_recoveries,
+        )
+        return "gave_up"
+    log.warning(
+        "saga %s: %s stalled past its deadline %s; re-sent (recovery %d)",
+        saga_id,
+        where,
+        pending.deadline.isoformat(),
+        pending.recoveries + 1,
+    )
+    return "recovered"
+
+
+def _gave_up(decision: Decision) -> bool:
+    return any(event.event_type in _GAVE_UP for event in decision.audit)
