@@ -159,6 +159,7 @@ class SagaEngine:
         user_id: str | None = None,
         ip_address: str | None = None,
         data: Mapping[str, Any] | None = None,
+        context: Mapping[str, Any] | None = None,
     ) -> bool:
         """Audit a refused start under a valid saga_id that has no saga yet."""
         event = AuditEvent(
@@ -171,7 +172,7 @@ class SagaEngine:
             ip_address=ip_address,
         )
         return retry_transient(
-            lambda: self.store.record_rejection(saga_id, (event,), {}, self.clock()),
+            lambda: self.store.record_rejection(saga_id, (event,), context or {}, self.clock()),
             max_wait_seconds=self.db_retry_seconds,
             what=f"rejection of saga {saga_id}",
         )

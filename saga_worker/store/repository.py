@@ -50,10 +50,12 @@ def create_db_engine(url: str, *, pool: bool = True) -> Engine:
             url,
             connect_args={"timeout": 30, "check_same_thread": False},
             poolclass=NullPool,
+            hide_parameters=True,
         )
         _sqlite_immediate_transactions(engine)
         return engine
-    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    # Errors quote SQL parameters, which hold saga contexts: keep them out of messages.
+    kwargs: dict[str, Any] = {"pool_pre_ping": True, "hide_parameters": True}
     if not pool:
         kwargs["poolclass"] = NullPool
     else:

@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
+from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init
 from kombu.entity import Queue
 
 from .. import metrics, registry
+from ..audit import Redactor, install_log_redaction
 from ..config import Settings
 from ..engine import utcnow
 from ..recovery import sweep
@@ -40,6 +42,19 @@ def broker_options(settings: Settings) -> dict[str, Any]:
     if settings.broker_url.startswith(("redis://", "rediss://")):
         return {"visibility_timeout": 3600}
     return {}
+
+
+def _redact_logs(settings: Settings) -> None:
+    """Mask secrets in every log record of the worker and beat (main and pool processes)."""
+    redactor = Redactor(settings.redact_keys)
+
+    def install(logger: logging.Logger | None = None, **_: Any) -> None:
+        install_log_redaction(redactor, logger)
+
+    # weak=False: the closures must outlive this call.
+    after_setup_logger.connect(install, weak=False)
+    after_setup_task_logger.connect(install, weak=False)
+    worker_process_init.connect(install, weak=False)
 
 
 def create_app(settings: Settings | None = None) -> Celery:
@@ -78,6 +93,7 @@ def create_app(settings: Settings | None = None) -> Celery:
             }
         },
     )
+    _redact_logs(settings)
     runtimes = RuntimeFactory(app, settings)
     # Metrics subscribe to engine hooks; Celery signals set up their endpoint (SAGA_METRICS_PORT).
     runtimes.hooks.append(metrics.install(app, settings))

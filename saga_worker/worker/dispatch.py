@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from ..audit import REDACTED, Redactor
 from ..config import Settings
 from ..core.commands import RunAttempt
 from ..core.definition import Remote, SagaDefinition, idempotency_key
@@ -23,6 +24,15 @@ class CeleryDispatcher:
         self.app = app
         self.settings = settings
         self.signing_key = signing_key
+        self.redactor = Redactor(settings.redact_keys)
+
+    def _kwargsrepr(self, kwargs: dict[str, Any]) -> str:
+        # What task events, Flower and worker logs show instead of the real kwargs:
+        # the context redacted, the token hidden.
+        shown = {**kwargs, "context": self.redactor.value(kwargs.get("context", {}))}
+        if "token" in shown:
+            shown["token"] = REDACTED
+        return repr(shown)[:2000]
 
     def token(self, saga_id: str, step_index: int, direction: Direction, attempt: int) -> str:
         return attempt_token(self.signing_key, saga_id, step_index, direction.value, attempt)
@@ -49,15 +59,17 @@ class CeleryDispatcher:
         if isinstance(target, Remote):
             # The remote worker only needs Celery: its result (or its failure) is handed to
             # saga.advance by Celery's link callbacks, which carry the token back untouched.
+            remote_kwargs = {
+                "context": dict(saga.context),
+                "idempotency_key": idempotency_key(saga.saga_id, step.name, command.direction),
+                "saga_id": saga.saga_id,
+                "step_name": step.name,
+                "attempt": command.attempt,
+            }
             self.app.send_task(
                 target.task_name,
-                kwargs={
-                    "context": dict(saga.context),
-                    "idempotency_key": idempotency_key(saga.saga_id, step.name, command.direction),
-                    "saga_id": saga.saga_id,
-                    "step_name": step.name,
-                    "attempt": command.attempt,
-                },
+                kwargs=remote_kwargs,
+                kwargsrepr=self._kwargsrepr(remote_kwargs),
                 queue=target.queue,
                 link=self.app.signature(
                     ADVANCE_TASK, kwargs={**reply, "outcome": "success"}, queue=self.settings.queue
@@ -68,9 +80,11 @@ class CeleryDispatcher:
                 **options,
             )
             return
+        local_kwargs = {**reply, "saga_type": saga.saga_type, "context": dict(saga.context)}
         self.app.send_task(
             definition.task_name(command.step_index, command.direction),
-            kwargs={**reply, "saga_type": saga.saga_type, "context": dict(saga.context)},
+            kwargs=local_kwargs,
+            kwargsrepr=self._kwargsrepr(local_kwargs),
             queue=self.settings.queue,
             **options,
         )

@@ -345,6 +345,15 @@ def _describe(exc: BaseException) -> str:
     return (text or type(exc).__name__)[:MAX_ERROR_CHARS]
 
 
+def _snapshot_if_valid(context: Any, settings: Any) -> Mapping[str, Any] | None:
+    """The submitted context for the rejection's snapshot, when it is a usable JSON object."""
+    try:
+        check_context(context, settings, "context")
+    except InvalidRequest:
+        return None  # too large, too deep or not an object: the reason says so instead
+    return dict(context)
+
+
 def _reject_start(
     rt: Any, raw_id: Any, kwargs: Mapping[str, Any], exc: SagaError
 ) -> dict[str, Any]:
@@ -367,6 +376,7 @@ def _reject_start(
         user_id=(user_id or None) and user_id[:255],
         ip_address=(ip or None) and ip[:45],
         data=data,
+        context=_snapshot_if_valid(kwargs.get("context"), rt.settings),
     )
     log.warning("saga.start %s rejected: %s", raw_id, reason)
     return {"accepted": False, "error": reason}
