@@ -100,7 +100,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     app.saga_runtimes = runtimes
     register_core_tasks(app, runtimes)
 
-    @app.task(name="saga.recover", acks_late=True)  # type: ignore[untyped-decorator]
+    @app.task(name="saga.recover", acks_late=True, shared=False)  # type: ignore[untyped-decorator]
     def saga_recover() -> dict[str, int]:
         rt = runtimes.get()
         result = sweep(rt.store, rt.engine, utcnow())

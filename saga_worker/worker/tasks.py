@@ -28,6 +28,9 @@ MAX_ERROR_CHARS = 4000
 # While the database is down, a task whose in-process retries ran out is re-published with
 # backoff rather than dropped: the broker keeps the transition until the database is back.
 DB_OUTAGE_RETRY: dict[str, Any] = {
+    # shared=False: Celery would otherwise add these closures to every app created later in
+    # the process, where they would run with the first app's settings.
+    "shared": False,
     "acks_late": True,
     "autoretry_for": (OperationalError, DBAPIError),
     "retry_backoff": 1,
