@@ -3,7 +3,8 @@
 Afterwards, within a bounded time, every saga must be terminal in the state its fault
 injection dictates, `example_backtests` must match those outcomes exactly, and every audit
 trail must walk the steps in order with no gap. Needs the servers scripts/test.sh starts
-(it restarts them); set CHAOS_SEED to replay a run's random choices.
+(it restarts them); set CHAOS_SEED to replay a run's random choices. A worker that exits on
+its own is restarted, as its process supervisor would, and counted in the printed figures.
 """
 
 from __future__ import annotations
@@ -224,12 +225,23 @@ def test_no_saga_is_lost_or_applied_twice_under_chaos(rig: Rig, servers: Servers
             time.sleep(max(0.0, chaos.began + n * SUBMIT_SECONDS / SAGAS - time.monotonic()))
             publish(rig, saga_id, context)
 
+    def supervise() -> None:
+        """Restart a worker that exited on its own, as its process supervisor would."""
+        code = rig.worker.process.poll()
+        if code is not None:
+            chaos.note(f"worker exited on its own ({code}): restarted", "unplanned worker exits")
+            rig.start_worker(concurrency=3)
+
     producer = threading.Thread(target=submit, name="chaos-producer")
     producer.start()
     for at, action in plan:
-        time.sleep(max(0.0, chaos.began + at - time.monotonic()))
+        while time.monotonic() < chaos.began + at:
+            supervise()
+            time.sleep(0.2)
         action()
-    producer.join(120)
+    while producer.is_alive() and time.monotonic() < chaos.began + 120:
+        supervise()
+        producer.join(0.2)
     assert not producer.is_alive()
     chaos_ended = time.monotonic()
 
@@ -241,6 +253,7 @@ def test_no_saga_is_lost_or_applied_twice_under_chaos(rig: Rig, servers: Servers
     waiting = set(saga_ids)
     last_resend = chaos_ended
     while waiting and time.monotonic() < deadline:
+        supervise()
         known = {s.saga_id: s for s in rig.load_many(waiting)}
         waiting = {s for s in waiting if s not in known or not known[s].state.is_terminal}
         missing = [s for s in waiting if s not in known]

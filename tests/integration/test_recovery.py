@@ -35,7 +35,7 @@ from saga_worker.recovery import SweepResult, sweep
 from saga_worker.worker.dispatch import CeleryDispatcher
 
 from .conftest import fresh_postgres_database
-from .processes import Rig, count_lines, kill_group, lines_with, unique
+from .processes import Rig, count_lines, kill_group, lines_with, restartable_servers, unique
 
 pytestmark = pytest.mark.integration
 
@@ -387,3 +387,39 @@ def test_attempt_that_keeps_stalling_fails_with_stalled_too_often(
     # The first send and each of the two recoveries put exactly one message in the dead queue.
     assert sent_to_dead_queue == 3
     assert count_lines(rig.worker_logs(), "failed it as StalledTooOften") == 1
+
+
+# -- a broker restart while a step runs ----------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason=(
+        "kombu 5.7: after a lost Redis connection Celery detaches the transport before closing "
+        "the channel, whose restore of unacked messages (and later the ack of the running task) "
+        "raises AttributeError: 'Unrecoverable error', the worker exits. Fixed by a Redis QoS "
+        "that skips restore/ack on a torn-down connection in saga_worker/worker/broker.py; "
+        "remove this marker with that fix"
+    ),
+)
+def test_worker_survives_a_redis_restart_with_a_step_in_flight(rig: Rig) -> None:
+    servers = restartable_servers()
+    marker_dir = rig.folder / "markers"
+    marker_dir.mkdir()
+    rig.start_worker()
+    rig.start_beat()
+    first = rig.start_saga(
+        "rec_kill", {"marker_dir": str(marker_dir), "hold_seconds": 3}, unique("blip")
+    )
+    deadline = time.monotonic() + 30
+    while not (marker_dir / f"{first}.started").exists():
+        assert time.monotonic() < deadline, rig.worker.log_tail()
+        time.sleep(0.05)
+    servers.restart_redis()  # the running step's message is unacknowledged right now
+    assert rig.wait_all([first], timeout=30)[first].state.value == "COMPLETED"
+    # The same worker goes on consuming: a saga started after the restart completes too.
+    second = rig.start_saga("rec_quick", {}, unique("after-blip"))
+    assert rig.wait_all([second], timeout=15)[second].state.value == "COMPLETED"
+    assert rig.worker.process.poll() is None
+    assert count_lines(rig.worker_logs(), "Unrecoverable error") == 0
