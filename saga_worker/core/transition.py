@@ -264,29 +264,7 @@ def _operator_retry(
             saga,
             ignored=f"only a FAILED or live saga can be retried; this one is {saga.state.value}",
         )
-    b.audit(
-        "saga_recovered",
-        pending.step_index,
-        event_data={
-            **note,
-            "attempt": pending.number,
-            "direction": pending.direction.value,
-            "recoveries": pending.recoveries + 1,
-            "held": pending.held,
-            "deadline": pending.deadline.isoformat(),
-        },
-        user_id=event.user_id,
-    )
-    b.run(
-        pending.step_index,
-        pending.direction,
-        pending.number,
-        now,
-        first=pending.first,
-        recoveries=pending.recoveries + 1,
-        retry_count=_retry_ordinal(pending) or None,
-        user_id=event.user_id,
-    )
+    _resend(b, pending, note, user_id=event.user_id)
     return b.decision()
 
 
@@ -519,15 +497,27 @@ def _recover(b: _Builder, pending: Attempt) -> Decision:
                 timed_out=True,
             ),
         )
+    _resend(b, pending, {})
+    return b.decision()
+
+
+def _resend(
+    b: _Builder, pending: Attempt, note: Mapping[str, Any], *, user_id: str | None = None
+) -> None:
+    """Audit `saga_recovered` and send the pending attempt again, unchanged but its deadline."""
+    who: dict[str, Any] = {"user_id": user_id} if user_id is not None else {}
     b.audit(
         "saga_recovered",
         pending.step_index,
         event_data={
+            **note,
             "attempt": pending.number,
             "direction": pending.direction.value,
             "recoveries": pending.recoveries + 1,
+            "held": pending.held,
             "deadline": pending.deadline.isoformat(),
         },
+        **who,
     )
     b.run(
         pending.step_index,
@@ -537,8 +527,8 @@ def _recover(b: _Builder, pending: Attempt) -> Decision:
         first=pending.first,
         recoveries=pending.recoveries + 1,
         retry_count=_retry_ordinal(pending) or None,
+        user_id=user_id,
     )
-    return b.decision()
 
 
 def _join(first: str | None, second: str) -> str:
