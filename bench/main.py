@@ -59,6 +59,7 @@ def main() -> int:
     began = time.monotonic()
     log(f"work dir {work_dir}; N={plan.n}, serial={plan.serial}, reps={args.reps}")
     prepare_databases(ctx)
+    started_meta = meta(args, ctx)  # before the runs: the load average at the start
 
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in args.systems}
     for rep in range(args.reps):
@@ -68,7 +69,7 @@ def main() -> int:
             runs[name].append(run_one(ctx, name, plan, rep))
 
     report: dict[str, Any] = {
-        "meta": meta(args, ctx),
+        "meta": started_meta,
         "plan": {"n": plan.n, "serial": plan.serial, "warmup": plan.warmup, "reps": args.reps},
         "runs": runs,
         "summary": {name: summarize(rs) for name, rs in runs.items()},
@@ -120,6 +121,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--label", default="results", help="file name of the JSON and PNG")
     parser.add_argument("--keep-logs", action="store_true")
+    parser.add_argument("--note", default="", help="free text kept in the JSON (conditions)")
     return parser.parse_args()
 
 
@@ -283,7 +285,7 @@ def meta(args: argparse.Namespace, ctx: Context) -> dict[str, Any]:
         "saga_worker_source": str(ctx.saga_src or REPO),
         "versions": versions,
         "postgresql": pg,
-        "note": args.note if hasattr(args, "note") else "",
+        "note": args.note,
     }
 
 
