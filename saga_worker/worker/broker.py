@@ -1,4 +1,5 @@
-"""A Redis transport that drops list items which are not kombu envelopes.
+"""A Redis transport that drops list items which are not kombu envelopes, and survives a
+Redis restart with messages in flight.
 
 kombu's Redis channel decodes every item it pops from a queue list; an item that is not
 a JSON envelope raises inside the worker's event loop and stops the worker ("Unrecoverable
@@ -14,6 +15,7 @@ from queue import Empty
 from typing import Any
 
 from kombu.transport import redis as kombu_redis
+from kombu.transport import virtual
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +42,49 @@ def envelope_problem(message: Any) -> str | None:
     return None
 
 
+class DetachableQoS(kombu_redis.QoS):
+    """Redis ack emulation that survives a connection torn down under it.
+
+    After a lost Redis connection Celery detaches the transport before it closes the old
+    channel; kombu's QoS then fails to put unacked messages back (and later to ack the
+    running task) with AttributeError, and the worker exits. Those messages either stay in
+    Redis' unacked set (delivered again after the visibility timeout, then skipped as not
+    pending) or were lost with Redis (the recovery sweep re-sends them).
+    """
+
+    def _detached(self) -> bool:
+        return getattr(self.channel.connection, "client", None) is None
+
+    def restore_unacked(self, client: Any = None) -> Any:
+        if client is None and self._detached():
+            log.warning(
+                "broker connection lost: %d unacknowledged message(s) left to Redis' "
+                "visibility timeout and the saga recovery",
+                len(self._delivered),
+            )
+            self._delivered.clear()
+            return None
+        return super().restore_unacked(client)
+
+    def ack(self, delivery_tag: Any) -> None:
+        if self._detached():
+            log.warning("ack of %s dropped: its broker connection was lost", delivery_tag)
+            virtual.QoS.ack(self, delivery_tag)
+            return
+        super().ack(delivery_tag)
+
+    def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
+        if self._detached():
+            log.warning("reject of %s dropped: its broker connection was lost", delivery_tag)
+            virtual.QoS.ack(self, delivery_tag)
+            return
+        super().reject(delivery_tag, requeue)
+
+
 class GuardedChannel(kombu_redis.Channel):
-    """Survives queue items that are not JSON at all."""
+    """Survives queue items that are not JSON at all, and a connection lost under it."""
+
+    QoS = DetachableQoS
 
     def _brpop_read(self, **options: Any) -> Any:
         try:

@@ -392,17 +392,6 @@ def test_attempt_that_keeps_stalling_fails_with_stalled_too_often(
 # -- a broker restart while a step runs ----------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "kombu 5.7: after a lost Redis connection Celery detaches the transport before closing "
-        "the channel, whose restore of unacked messages (and later the ack of the running task) "
-        "raises AttributeError: 'Unrecoverable error', the worker exits. Fixed by a Redis QoS "
-        "that skips restore/ack on a torn-down connection in saga_worker/worker/broker.py; "
-        "remove this marker with that fix"
-    ),
-)
 def test_worker_survives_a_redis_restart_with_a_step_in_flight(rig: Rig) -> None:
     servers = restartable_servers()
     marker_dir = rig.folder / "markers"
