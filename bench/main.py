@@ -148,7 +148,7 @@ def prepare_databases(ctx: Context) -> None:
         [sys.executable, "-c", code, ctx.db_url("bench_saga")],
         check=True,
         env={**os.environ, "PYTHONPATH": ctx.pythonpath()},
-        cwd=REPO,
+        cwd=ctx.work_dir,
     )
 
 

@@ -4,6 +4,7 @@
 #   bash bench/run.sh                  # full run (N=2000, 3 repetitions, scale test)
 #   bash bench/run.sh --n 200 --reps 1 --scale-sagas 10000 --scale-audit 100000   # smoke
 #   bash bench/run.sh --profile        # also py-spy the saga_worker worker during a burst
+#   bash bench/run.sh ab base=/tmp/wt-a new=/tmp/wt-b   # A/B of saga_worker checkouts
 #
 # Creates/uses .venv, installs the project with its `bench` extra, starts a throwaway
 # PostgreSQL (fsync=on, synchronous_commit=on, as the unprivileged `postgres` user, like
@@ -152,4 +153,9 @@ start_redis() {
 [[ -n "${BENCH_DATABASE_URL:-}" ]] || start_postgres
 [[ -n "${BENCH_REDIS_URL:-}" ]] || start_redis
 
-.venv/bin/python -m bench.main "$@"
+if [[ "${1:-}" == ab ]]; then
+    shift
+    .venv/bin/python -m bench.ab "$@"      # A/B of saga_worker checkouts (bench/ab.py)
+else
+    .venv/bin/python -m bench.main "$@"
+fi

@@ -60,8 +60,17 @@ class Context:
         return self.admin_url.rsplit("/", 1)[0] + "/" + name
 
     def pythonpath(self) -> str:
-        parts = [str(self.saga_src)] if self.saga_src else []
-        return os.pathsep.join([*parts, str(REPO)])
+        """saga_worker from `saga_src` when given, everything else (bench) from this repo."""
+        if self.saga_src is None:
+            return str(REPO)
+        # A folder holding only a link to the checkout's package: putting the checkout
+        # itself first would also take its (possibly older) bench/ package.
+        shim = self.work_dir / "saga-src"
+        shim.mkdir(parents=True, exist_ok=True)
+        link = shim / "saga_worker"
+        if not link.exists():
+            link.symlink_to(self.saga_src / "saga_worker", target_is_directory=True)
+        return os.pathsep.join([str(shim), str(REPO)])
 
 
 class Process:
@@ -139,7 +148,9 @@ def _celery_worker(
         "-n",
         f"{name}-{uuid.uuid4().hex[:6]}@%h",
     ]
-    process = Process(args, full_env, ctx.work_dir / f"{name}.log", REPO)
+    # cwd is the work dir, not the repository: `python -m` puts the cwd first on sys.path,
+    # which would shadow a --saga-src checkout named in PYTHONPATH.
+    process = Process(args, full_env, ctx.work_dir / f"{name}.log", ctx.work_dir)
     process.wait_until(lambda: redis.llen(ready_key) > 0, f"{name} worker")
     return process
 
