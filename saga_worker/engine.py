@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -16,7 +17,7 @@ from .core.events import Event, StartRequested
 from .core.model import Saga, SagaState
 from .core.transition import AuditEvent, Decision, Limits, start, transition
 from .errors import ConcurrencyConflict, SagaNotFound
-from .store.repository import SagaStore, retry_transient
+from .store.repository import Loaded, SagaStore, retry_transient
 
 log = logging.getLogger(__name__)
 
@@ -101,16 +102,27 @@ class SagaEngine:
         self._after_commit(TransitionRecord(definition, None, decision, elapsed, False))
         return StartResult(request.saga_id, True, decision)
 
-    def handle(self, saga_id: str, event: Event, *, skip_locked: bool = False) -> Decision:
+    def handle(
+        self,
+        saga_id: str,
+        event: Event,
+        *,
+        skip_locked: bool = False,
+        loaded: Loaded | None = None,
+    ) -> Decision:
         """Apply one event; conflicts with concurrent writers are retried from a fresh load.
 
         `skip_locked` is for the recovery sweep: a saga another sweep holds raises
         SkippedLocked instead of waiting for it.
         """
-        for _ in range(MAX_CONFLICT_RETRIES):
+        for attempt in range(MAX_CONFLICT_RETRIES):
+            # A checkpoint read before the step ran is used once; after a conflict, reload.
+            apply_once = functools.partial(
+                self._apply_once, saga_id, event, skip_locked, loaded if attempt == 0 else None
+            )
             try:
                 outcome = retry_transient(
-                    lambda: self._apply_once(saga_id, event, skip_locked),
+                    apply_once,
                     max_wait_seconds=self.db_retry_seconds,
                     what=f"transition of saga {saga_id}",
                 )
@@ -133,7 +145,9 @@ class SagaEngine:
             f"{type(event).__name__}"
         )
 
-    def _apply_once(self, saga_id: str, event: Event, skip_locked: bool) -> TransitionRecord | None:
+    def _apply_once(
+        self, saga_id: str, event: Event, skip_locked: bool, loaded: Loaded | None = None
+    ) -> TransitionRecord | None:
         now = self.clock()
         began = time.perf_counter()
         definitions: list[SagaDefinition] = []
@@ -143,7 +157,7 @@ class SagaEngine:
             definitions.append(definition)
             return transition(definition, saga, event, now, self.limits)
 
-        applied = self.store.apply(saga_id, decide, now, skip_locked=skip_locked)
+        applied = self.store.apply(saga_id, decide, now, skip_locked=skip_locked, loaded=loaded)
         if applied is None:
             return None
         before, decision = applied

@@ -55,7 +55,9 @@ def create_db_engine(url: str, *, pool: bool = True) -> Engine:
         _sqlite_immediate_transactions(engine)
         return engine
     # Errors quote SQL parameters, which hold saga contexts: keep them out of messages.
-    kwargs: dict[str, Any] = {"pool_pre_ping": True, "hide_parameters": True}
+    # No pool_pre_ping: it costs a round trip per checkout, and a connection found dead by
+    # the real statement raises OperationalError, which retry_transient retries anyway.
+    kwargs: dict[str, Any] = {"hide_parameters": True}
     if not pool:
         kwargs["poolclass"] = NullPool
     else:
@@ -87,6 +89,116 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
+@dataclass(frozen=True)
+class Loaded:
+    """A checkpoint read before a step runs, reused by the transition that follows."""
+
+    saga: Saga
+    audit_head: str
+
+
+# One statement, one round trip, atomic in autocommit: the checkpoint UPDATE guarded by the
+# version, and the transition's audit rows inserted only if the UPDATE matched. The rows
+# travel as one JSON array (json_to_recordset).
+_AUDIT_COLUMNS = (
+    "saga_id, event_type, step_name, step_index, event_data, context_snapshot, error_message, "
+    "error_stack_trace, timestamp, duration_ms, user_id, ip_address, saga_state_before, "
+    "saga_state_after, retry_count, prev_hash, hash"
+)
+# The JSON columns travel as JSON text inside the array and are cast back: PostgreSQL cannot
+# turn a \u0000 escape into text, and a context may hold one (json keeps it verbatim).
+_AUDIT_SELECT = (
+    _AUDIT_COLUMNS.replace("event_data", "event_data::json")
+    .replace("context_snapshot", "context_snapshot::json")
+    .replace("timestamp", '"timestamp"')
+)
+_AUDIT_RECORD = (
+    "saga_id text, event_type text, step_name text, step_index int, event_data text, "
+    'context_snapshot text, error_message text, error_stack_trace text, "timestamp" '
+    "timestamptz, duration_ms float8, user_id text, ip_address text, saga_state_before text, "
+    "saga_state_after text, retry_count int, prev_hash text, hash text"
+)
+_CHECKPOINT_JSON = (
+    "completed_steps",
+    "compensated_steps",
+    "context",
+    "pending",
+    "failed_compensations",
+)
+_UPDATE_AND_AUDIT = f"""
+WITH upd AS (
+    UPDATE saga_checkpoints SET
+        saga_type = %(saga_type)s, state = %(state)s,
+        current_step_index = %(current_step_index)s, completed_steps = %(completed_steps)s,
+        compensated_steps = %(compensated_steps)s, context = %(context)s, error = %(error)s,
+        started_at = %(started_at)s, updated_at = %(updated_at)s,
+        total_steps = %(total_steps)s, retries = %(retries)s, user_id = %(user_id)s,
+        ip_address = %(ip_address)s, pending = %(pending)s, deadline = %(deadline)s,
+        failed_compensations = %(failed_compensations)s,
+        abort_requested = %(abort_requested)s, version = %(new_version)s,
+        audit_head = %(audit_head)s
+    WHERE saga_id = %(saga_id)s AND version = %(version)s
+    RETURNING 1
+), ins AS (
+    INSERT INTO saga_audit_logs ({_AUDIT_COLUMNS})
+    SELECT {_AUDIT_SELECT}
+    FROM upd, json_to_recordset(%(rows)s::json) AS r({_AUDIT_RECORD})
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM upd)
+"""
+_INSERT_AND_AUDIT = f"""
+WITH cp AS (
+    INSERT INTO saga_checkpoints (
+        saga_id, saga_type, state, current_step_index, completed_steps, compensated_steps,
+        context, error, started_at, updated_at, total_steps, retries, user_id, ip_address,
+        pending, deadline, failed_compensations, abort_requested, version, audit_head)
+    VALUES (
+        %(saga_id)s, %(saga_type)s, %(state)s, %(current_step_index)s, %(completed_steps)s,
+        %(compensated_steps)s, %(context)s, %(error)s, %(started_at)s, %(updated_at)s,
+        %(total_steps)s, %(retries)s, %(user_id)s, %(ip_address)s, %(pending)s,
+        %(deadline)s, %(failed_compensations)s, %(abort_requested)s, 1, %(audit_head)s)
+    ON CONFLICT (saga_id) DO NOTHING
+    RETURNING 1
+), ins AS (
+    INSERT INTO saga_audit_logs ({_AUDIT_COLUMNS})
+    SELECT {_AUDIT_SELECT}
+    FROM cp, json_to_recordset(%(rows)s::json) AS r({_AUDIT_RECORD})
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM cp)
+"""
+
+
+def _checkpoint_params(saga: Saga) -> dict[str, Any]:
+    from psycopg.types.json import Json
+
+    params = saga_to_row(saga)
+    for column in _CHECKPOINT_JSON:
+        if params[column] is not None:
+            params[column] = Json(params[column])
+    return params
+
+
+def _rows_json(rows: list[dict[str, Any]]) -> str:
+    import json
+
+    from ..audit import iso_utc
+
+    return json.dumps(
+        [
+            {
+                **r,
+                "timestamp": iso_utc(r["timestamp"]),
+                "event_data": json.dumps(r["event_data"], ensure_ascii=False),
+                "context_snapshot": json.dumps(r["context_snapshot"], ensure_ascii=False),
+            }
+            for r in rows
+        ],
+        ensure_ascii=False,
+    )
+
+
 class SkippedLocked(Exception):
     """The row is locked by another transaction (another recovery sweep claimed it)."""
 
@@ -103,6 +215,8 @@ class SagaStore:
     def create(self, decision: Decision, now: datetime) -> bool:
         """Insert a new saga and its first audit rows; False when the saga_id exists."""
         saga = decision.saga
+        if self.engine.dialect.name == "postgresql":
+            return self._create_pg(decision, now)
         try:
             with self.engine.begin() as conn:
                 if self._exists_txn(conn, saga.saga_id):
@@ -123,6 +237,36 @@ class SagaStore:
             return False
         return True
 
+    def _create_pg(self, decision: Decision, now: datetime) -> bool:
+        # Two round trips in autocommit: the audit head (a rejection may have written rows
+        # under this saga_id), then checkpoint and audit rows in one statement.
+        saga = decision.saga
+        with self._autocommit() as conn:
+            head = self._audit_head_txn(conn, saga.saga_id)
+            rows = build_rows(saga, decision.audit, now, head, self.redactor)
+            params = {
+                **_checkpoint_params(saga),
+                "audit_head": rows[-1]["hash"] if rows else head,
+                "rows": _rows_json(rows),
+            }
+            created = conn.exec_driver_sql(_INSERT_AND_AUDIT, params).scalar_one()
+        return bool(created)
+
+    @contextmanager
+    def _autocommit(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn:
+            yield conn.execution_options(isolation_level="AUTOCOMMIT")
+
+    def load_for_step(self, saga_id: str) -> Loaded | None:
+        """The checkpoint and its audit head, read in autocommit (one round trip)."""
+        with self._autocommit() as conn:
+            row = (
+                conn.execute(select(checkpoints).where(checkpoints.c.saga_id == saga_id))
+                .mappings()
+                .first()
+            )
+        return None if row is None else Loaded(saga_from_row(row), str(row["audit_head"]))
+
     def apply(
         self,
         saga_id: str,
@@ -130,13 +274,18 @@ class SagaStore:
         now: datetime,
         *,
         skip_locked: bool = False,
+        loaded: Loaded | None = None,
     ) -> tuple[Saga, Decision] | None:
         """Load a saga, ask `decide` for a transition, commit it; None when the saga is unknown.
 
         Raises ConcurrencyConflict when another process committed first: load again.
         With `skip_locked` (the recovery sweep, PostgreSQL only) a row another transaction
         holds is skipped: SkippedLocked is raised and the caller moves on.
+        With `loaded` (PostgreSQL), the checkpoint read before the step ran is decided on
+        instead of reading it again; the version check of the write catches any change since.
         """
+        if self.engine.dialect.name == "postgresql" and not skip_locked:
+            return self._apply_pg(saga_id, decide, now, loaded)
         with self.engine.begin() as conn:
             query = select(checkpoints).where(checkpoints.c.saga_id == saga_id)
             if skip_locked and conn.dialect.name == "postgresql":
@@ -164,6 +313,35 @@ class SagaStore:
                 raise ConcurrencyConflict(f"saga {saga_id} changed concurrently")
             if rows:
                 conn.execute(insert(audit_logs), rows)
+        return before, decision
+
+    def _apply_pg(
+        self,
+        saga_id: str,
+        decide: Callable[[Saga], Decision],
+        now: datetime,
+        loaded: Loaded | None,
+    ) -> tuple[Saga, Decision] | None:
+        if loaded is None:
+            loaded = self.load_for_step(saga_id)
+            if loaded is None:
+                return None
+        before = loaded.saga
+        decision = decide(before)
+        if not decision.changed:
+            return before, decision
+        rows = build_rows(decision.saga, decision.audit, now, loaded.audit_head, self.redactor)
+        params = {
+            **_checkpoint_params(decision.saga),
+            "version": before.version,
+            "new_version": before.version + 1,
+            "audit_head": rows[-1]["hash"] if rows else loaded.audit_head,
+            "rows": _rows_json(rows),
+        }
+        with self._autocommit() as conn:
+            updated = conn.exec_driver_sql(_UPDATE_AND_AUDIT, params).scalar_one()
+        if updated != 1:
+            raise ConcurrencyConflict(f"saga {saga_id} changed concurrently")
         return before, decision
 
     def record_rejection(

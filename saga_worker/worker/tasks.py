@@ -216,7 +216,11 @@ def _step_task(app: Any, runtimes: RuntimeFactory, task_name: str) -> Any:
             log.warning("%s refused for %s: invalid token", task_name, saga_id)
             _audit_refusal(rt, task_name, "invalid token", (saga_id, step_index, dir_, attempt))
             return {"ran": False, "reason": "invalid token"}
-        pending = retry_transient(lambda: rt.store.pending_key(saga_id), what="pending check")
+        # One read serves both the "is this attempt still pending" check and, unless the
+        # checkpoint changes while the step runs (the write's version check), the transition.
+        loaded = retry_transient(lambda: rt.store.load_for_step(saga_id), what="pending check")
+        held = None if loaded is None else loaded.saga.pending
+        pending = None if held is None else (held.step_index, held.direction.value, held.number)
         if pending != (step_index, dir_.value, attempt):
             # A redelivered or superseded attempt: running it again could only repeat work.
             log.info(
@@ -270,7 +274,7 @@ def _step_task(app: Any, runtimes: RuntimeFactory, task_name: str) -> Any:
                 duration_ms=elapsed_ms,
             )
         try:
-            decision = rt.engine.handle(saga_id, event)
+            decision = rt.engine.handle(saga_id, event, loaded=loaded)
         except (OperationalError, DBAPIError):
             # The action ran but its result cannot be committed now. Hand the result to
             # saga.advance, which retries until the database is back, instead of re-running it.
