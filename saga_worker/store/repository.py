@@ -12,8 +12,11 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from sqlalchemy import (
+    JSON,
     Connection,
     Engine,
+    Float,
+    Integer,
     Select,
     create_engine,
     event,
@@ -31,8 +34,8 @@ from ..audit import GENESIS_HASH, Redactor, build_rows
 from ..core.model import Saga, SagaState
 from ..core.transition import AuditEvent, Decision
 from ..errors import ConcurrencyConflict
-from .codec import pending_from_json, saga_from_row, saga_to_row
-from .tables import audit_logs, checkpoints, settings_table
+from .codec import saga_from_row, saga_to_row
+from .tables import UTCDateTime, audit_logs, checkpoints, settings_table
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -97,75 +100,61 @@ class Loaded:
     audit_head: str
 
 
-# One statement, one round trip, atomic in autocommit: the checkpoint UPDATE guarded by the
-# version, and the transition's audit rows inserted only if the UPDATE matched. The rows
-# travel as one JSON array (json_to_recordset).
-_AUDIT_COLUMNS = (
-    "saga_id, event_type, step_name, step_index, event_data, context_snapshot, error_message, "
-    "error_stack_trace, timestamp, duration_ms, user_id, ip_address, saga_state_before, "
-    "saga_state_after, retry_count, prev_hash, hash"
+# One statement, one round trip, atomic in autocommit: the checkpoint write (UPDATE guarded
+# by the version, or INSERT of a new saga) and the transition's audit rows, inserted only if
+# the checkpoint write matched. The rows travel as one JSON array (json_to_recordset). Column
+# lists come from the table definitions, so the SQL follows the schema.
+def _record_type(column: Any) -> str:
+    if isinstance(column.type, JSON):
+        # JSON travels as text and is cast back: PostgreSQL cannot turn a \u0000 escape into
+        # text, and a context may hold one (json keeps it verbatim).
+        return "text"
+    if isinstance(column.type, UTCDateTime):
+        return "timestamptz"
+    if isinstance(column.type, Integer):
+        return "int"
+    if isinstance(column.type, Float):
+        return "float8"
+    return "text"
+
+
+_AUDIT = [c for c in audit_logs.c if c.name != "id"]
+_AUDIT_COLUMNS = ", ".join(f'"{c.name}"' for c in _AUDIT)
+_AUDIT_SELECT = ", ".join(
+    f'"{c.name}"::json' if isinstance(c.type, JSON) else f'"{c.name}"' for c in _AUDIT
 )
-# The JSON columns travel as JSON text inside the array and are cast back: PostgreSQL cannot
-# turn a \u0000 escape into text, and a context may hold one (json keeps it verbatim).
-_AUDIT_SELECT = (
-    _AUDIT_COLUMNS.replace("event_data", "event_data::json")
-    .replace("context_snapshot", "context_snapshot::json")
-    .replace("timestamp", '"timestamp"')
+_AUDIT_RECORD = ", ".join(f'"{c.name}" {_record_type(c)}' for c in _AUDIT)
+_CHECKPOINT_JSON = tuple(c.name for c in checkpoints.c if isinstance(c.type, JSON))
+_CHECKPOINT_NAMES = [c.name for c in checkpoints.c]
+_SET_CHECKPOINT = ", ".join(
+    f'"{name}" = %({"new_version" if name == "version" else name})s'
+    for name in _CHECKPOINT_NAMES
+    if name != "saga_id"
 )
-_AUDIT_RECORD = (
-    "saga_id text, event_type text, step_name text, step_index int, event_data text, "
-    'context_snapshot text, error_message text, error_stack_trace text, "timestamp" '
-    "timestamptz, duration_ms float8, user_id text, ip_address text, saga_state_before text, "
-    "saga_state_after text, retry_count int, prev_hash text, hash text"
+_INSERT_VALUES = ", ".join(
+    "1" if name == "version" else f"%({name})s" for name in _CHECKPOINT_NAMES
 )
-_CHECKPOINT_JSON = (
-    "completed_steps",
-    "compensated_steps",
-    "context",
-    "pending",
-    "failed_compensations",
-)
-_UPDATE_AND_AUDIT = f"""
-WITH upd AS (
-    UPDATE saga_checkpoints SET
-        saga_type = %(saga_type)s, state = %(state)s,
-        current_step_index = %(current_step_index)s, completed_steps = %(completed_steps)s,
-        compensated_steps = %(compensated_steps)s, context = %(context)s, error = %(error)s,
-        started_at = %(started_at)s, updated_at = %(updated_at)s,
-        total_steps = %(total_steps)s, retries = %(retries)s, user_id = %(user_id)s,
-        ip_address = %(ip_address)s, pending = %(pending)s, deadline = %(deadline)s,
-        failed_compensations = %(failed_compensations)s,
-        abort_requested = %(abort_requested)s, version = %(new_version)s,
-        audit_head = %(audit_head)s
-    WHERE saga_id = %(saga_id)s AND version = %(version)s
-    RETURNING 1
-), ins AS (
-    INSERT INTO saga_audit_logs ({_AUDIT_COLUMNS})
-    SELECT {_AUDIT_SELECT}
-    FROM upd, json_to_recordset(%(rows)s::json) AS r({_AUDIT_RECORD})
-    RETURNING 1
-)
-SELECT (SELECT count(*) FROM upd)
-"""
-_INSERT_AND_AUDIT = f"""
-WITH cp AS (
-    INSERT INTO saga_checkpoints (
-        saga_id, saga_type, state, current_step_index, completed_steps, compensated_steps,
-        context, error, started_at, updated_at, total_steps, retries, user_id, ip_address,
-        pending, deadline, failed_compensations, abort_requested, version, audit_head)
-    VALUES (
-        %(saga_id)s, %(saga_type)s, %(state)s, %(current_step_index)s, %(completed_steps)s,
-        %(compensated_steps)s, %(context)s, %(error)s, %(started_at)s, %(updated_at)s,
-        %(total_steps)s, %(retries)s, %(user_id)s, %(ip_address)s, %(pending)s,
-        %(deadline)s, %(failed_compensations)s, %(abort_requested)s, 1, %(audit_head)s)
-    ON CONFLICT (saga_id) DO NOTHING
-    RETURNING 1
-), ins AS (
+_AUDIT_FROM_ROWS = f"""
     INSERT INTO saga_audit_logs ({_AUDIT_COLUMNS})
     SELECT {_AUDIT_SELECT}
     FROM cp, json_to_recordset(%(rows)s::json) AS r({_AUDIT_RECORD})
     RETURNING 1
-)
+"""
+_UPDATE_AND_AUDIT = f"""
+WITH cp AS (
+    UPDATE saga_checkpoints SET {_SET_CHECKPOINT}
+    WHERE saga_id = %(saga_id)s AND version = %(version)s
+    RETURNING 1
+), ins AS ({_AUDIT_FROM_ROWS})
+SELECT (SELECT count(*) FROM cp)
+"""
+_INSERT_AND_AUDIT = f"""
+WITH cp AS (
+    INSERT INTO saga_checkpoints ({", ".join(f'"{n}"' for n in _CHECKPOINT_NAMES)})
+    VALUES ({_INSERT_VALUES})
+    ON CONFLICT (saga_id) DO NOTHING
+    RETURNING 1
+), ins AS ({_AUDIT_FROM_ROWS})
 SELECT (SELECT count(*) FROM cp)
 """
 
@@ -380,19 +369,6 @@ class SagaStore:
                 .first()
             )
         return None if row is None else saga_from_row(row)
-
-    def pending_key(self, saga_id: str) -> tuple[int, str, int] | None:
-        """(step_index, direction, attempt) the saga waits for, or None."""
-        with self.engine.connect() as conn:
-            data = conn.execute(
-                select(checkpoints.c.pending).where(checkpoints.c.saga_id == saga_id)
-            ).scalar()
-        attempt = pending_from_json(data)
-        return (
-            None
-            if attempt is None
-            else (attempt.step_index, attempt.direction.value, attempt.number)
-        )
 
     def stalled(
         self, now: datetime, limit: int, after: tuple[datetime, str] | None = None
