@@ -26,6 +26,7 @@ from saga_worker.core.model import Saga
 from saga_worker.examples.backtest import example_backtests
 from saga_worker.store.migrate import upgrade
 from saga_worker.store.repository import SagaStore, create_db_engine
+from tests.requirements import unavailable
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER_IMPORTS = "saga_worker.examples,tests.fixtures.sagas"
@@ -35,10 +36,7 @@ def _require(name: str) -> str:
     value = os.environ.get(name)
     if value:
         return value
-    message = f"{name} is not set: run the suite with scripts/test.sh, which starts the servers"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
+    unavailable(f"{name} is not set: run the suite with scripts/test.sh, which starts the servers")
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,6 @@ import json
 import multiprocessing
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -46,6 +45,7 @@ from saga_worker.core.transition import Decision, start, transition
 from saga_worker.engine import TransitionRecord
 from saga_worker.store.repository import SagaStore, create_db_engine
 from saga_worker.store.tables import audit_logs
+from tests.requirements import require_binary
 
 from .conftest import (
     REPO,
@@ -208,17 +208,6 @@ def test_compaction_keeps_totals_exact(tmp_path: Path) -> None:
 
 
 # -- services ---------------------------------------------------------------------------------
-
-
-def require_binary(name: str) -> str:
-    """A program from Debian's prometheus package: fail in CI, skip elsewhere, when missing."""
-    path = shutil.which(name)
-    if path:
-        return path
-    message = f"{name} not found: scripts/test.sh installs Debian's prometheus package"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 def free_port() -> int:

@@ -4,17 +4,15 @@ the README. No Docker engine is needed: the compose file is checked, not run."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from saga_worker import metrics
+from tests.requirements import require_binary, unavailable
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -41,20 +39,9 @@ ALERTS = {
 }
 
 
-def promtool() -> str:
-    """Debian's promtool: fail in CI, skip elsewhere, when missing."""
-    path = shutil.which("promtool")
-    if path:
-        return path
-    message = "promtool not found: scripts/test.sh installs Debian's prometheus package"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
-
-
 def run_promtool(*args: str) -> None:
     result = subprocess.run(
-        [promtool(), *args], cwd=REPO, capture_output=True, text=True, timeout=60
+        [require_binary("promtool"), *args], cwd=REPO, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -212,10 +199,7 @@ def test_grafana_provisioning_matches_dashboard() -> None:
 def design_metrics() -> dict[str, tuple[str, ...]]:
     """`name{labels}` of DESIGN.md §5 (the binding contract)."""
     if not DESIGN.exists():
-        message = f"{DESIGN} not found (shared/ lies beside the repository)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        unavailable(f"{DESIGN} not found (shared/ lies beside the repository)")
     text = DESIGN.read_text()
     section = text[text.index("## 5.") : text.index("## 6.")]
     return {
