@@ -43,7 +43,7 @@ from .config import Settings
 from .core.definition import SagaDefinition
 from .core.events import Event, RetryRequested
 from .core.model import Attempt, Saga, SagaState
-from .core.transition import Decision, Limits, transition
+from .core.transition import Decision, transition
 from .engine import Dispatcher, SagaEngine, utcnow
 from .errors import ConcurrencyConflict, SagaError, SagaNotFound, UnknownSagaType
 from .requests import parse_abort, valid_saga_id
@@ -296,10 +296,7 @@ class SagaClient:
         self.settings = settings or Settings.from_env()
         self.redactor = Redactor(self.settings.redact_keys)
         self.store = SagaStore(create_db_engine(self.settings.database_url), self.redactor)
-        self.limits = Limits(
-            stall_grace_seconds=self.settings.stall_grace_seconds,
-            max_recoveries=self.settings.max_recoveries,
-        )
+        self.limits = self.settings.limits()
         self.clock = clock
         self._app = app
         self._dispatcher = dispatcher

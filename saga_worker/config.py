@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from .core.transition import Limits
 from .errors import ConfigurationError
 
 DEFAULT_REDACT_KEYS = (
@@ -53,6 +54,14 @@ class Settings:
     @property
     def is_embedded_broker(self) -> bool:
         return self.broker_url.startswith("filesystem://")
+
+    def limits(self) -> Limits:
+        """The settings the pure state machine needs."""
+        return Limits(
+            stall_grace_seconds=self.stall_grace_seconds,
+            max_recoveries=self.max_recoveries,
+            default_step_timeout_seconds=self.default_step_timeout_seconds,
+        )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

@@ -81,14 +81,14 @@ class SagaDefinition:
 
     saga_type: str
     steps: tuple[Step, ...]
-    default_timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS
+    default_timeout_seconds: float | None = None
 
     def __init__(
         self,
         saga_type: str,
         steps: Sequence[Step],
         *,
-        default_timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
+        default_timeout_seconds: float | None = None,
     ) -> None:
         object.__setattr__(self, "saga_type", saga_type)
         object.__setattr__(self, "steps", tuple(steps))
@@ -107,7 +107,9 @@ class SagaDefinition:
             )
         if not self.steps:
             found.append("a saga needs at least one step")
-        if not _positive_finite(self.default_timeout_seconds):
+        if self.default_timeout_seconds is not None and not _positive_finite(
+            self.default_timeout_seconds
+        ):
             found.append(
                 f"default_timeout_seconds must be a finite number > 0, "
                 f"got {self.default_timeout_seconds!r}"
@@ -158,9 +160,14 @@ class SagaDefinition:
     def step_names(self) -> tuple[str, ...]:
         return tuple(step.name for step in self.steps)
 
-    def timeout(self, step_index: int, direction: Direction) -> float:
-        """Timeout of one action or compensation, falling back to the saga default."""
-        return self.steps[step_index].timeout(direction, self.default_timeout_seconds)
+    def timeout(
+        self, step_index: int, direction: Direction, default: float = DEFAULT_TIMEOUT_SECONDS
+    ) -> float:
+        """The step's timeout, else the saga's, else `default` (SAGA_DEFAULT_STEP_TIMEOUT_SECONDS)."""
+        saga_default = self.default_timeout_seconds
+        return self.steps[step_index].timeout(
+            direction, saga_default if saga_default is not None else default
+        )
 
     def task_name(self, step_index: int, direction: Direction) -> str:
         """Celery task name of an attempt: the remote name, or saga.<type>.<step>[.compensate]."""

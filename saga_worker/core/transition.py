@@ -37,6 +37,8 @@ class Limits:
     max_recoveries: int = 5
     #: Delays up to this go to the broker as a countdown; longer ones wait in the database.
     max_broker_delay_seconds: float = 5.0
+    #: Timeout of steps whose step and saga set none.
+    default_step_timeout_seconds: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -195,7 +197,9 @@ class _Builder:
         user_id: str | None = None,
     ) -> None:
         """Make (step, direction, number) the pending attempt and send it (or hold it)."""
-        timeout = self.definition.timeout(step_index, direction)
+        timeout = self.definition.timeout(
+            step_index, direction, self.limits.default_step_timeout_seconds
+        )
         if (not_before - self.now).total_seconds() > self.limits.max_broker_delay_seconds:
             held = Attempt(
                 step_index, direction, number, not_before, not_before, recoveries, True, first

@@ -40,7 +40,9 @@ class CeleryDispatcher:
     def send(self, definition: SagaDefinition, saga: Saga, command: RunAttempt) -> None:
         step = definition.steps[command.step_index]
         target = step.target(command.direction)
-        timeout = definition.timeout(command.step_index, command.direction)
+        timeout = definition.timeout(
+            command.step_index, command.direction, self.settings.default_step_timeout_seconds
+        )
         token = self.token(saga.saga_id, command.step_index, command.direction, command.attempt)
         options: dict[str, Any] = {
             "soft_time_limit": timeout,

@@ -9,7 +9,6 @@ from typing import Any
 
 from ..audit import Redactor
 from ..config import Settings
-from ..core.transition import Limits
 from ..engine import EngineHooks, SagaEngine
 from ..store.repository import SagaStore, create_db_engine
 from .dispatch import CeleryDispatcher
@@ -52,9 +51,5 @@ class RuntimeFactory:
         store = SagaStore(create_db_engine(settings.database_url), Redactor(settings.redact_keys))
         key = settings.signing_key or store.signing_key()
         dispatcher = CeleryDispatcher(self.app, settings, key)
-        limits = Limits(
-            stall_grace_seconds=settings.stall_grace_seconds,
-            max_recoveries=settings.max_recoveries,
-        )
-        engine = SagaEngine(store, dispatcher, limits, hooks=self.hooks)
+        engine = SagaEngine(store, dispatcher, settings.limits(), hooks=self.hooks)
         return Runtime(settings, store, engine, dispatcher, key)

@@ -232,7 +232,7 @@ def _step_task(app: Any, runtimes: RuntimeFactory, task_name: str) -> Any:
             )
             return {"ran": False, "reason": "not pending"}
         step = definition.steps[step_index]
-        timeout = definition.timeout(step_index, dir_)
+        timeout = definition.timeout(step_index, dir_, rt.settings.default_step_timeout_seconds)
         function = step.target(dir_)
         assert callable(function)
         call = StepInput(

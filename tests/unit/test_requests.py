@@ -266,3 +266,8 @@ def test_settings_defaults_match_design() -> None:
     assert defaults.max_context_bytes == 262_144
     assert defaults.max_context_depth == 32
     assert defaults.queue == "celery"
+
+
+def test_settings_hand_the_default_step_timeout_to_the_state_machine() -> None:
+    limits = Settings.from_env({"SAGA_DEFAULT_STEP_TIMEOUT_SECONDS": "12"}).limits()
+    assert limits.default_step_timeout_seconds == 12.0

@@ -826,3 +826,17 @@ def test_operator_retry_uses_fresh_attempt_numbers_so_old_results_cannot_pass() 
     retry = run.last.audit[0]
     assert (retry.event_type, retry.retry_count) == ("compensation_retry", 1)
     assert run.saga.pending is not None and run.saga.pending.number == 19
+
+
+def test_engine_default_timeout_applies_when_step_and_saga_set_none() -> None:
+    bare = SagaDefinition("bare", [Step("only", NOOP)])
+    limits = replace(LIMITS, default_step_timeout_seconds=7.0, stall_grace_seconds=1.0)
+    d = start(bare, StartRequested("s-bare", "bare", {}), NOW, limits)
+    assert d.audit[-1].event_data["timeout_seconds"] == 7.0
+    assert d.saga.pending is not None
+    assert d.saga.pending.deadline == NOW + timedelta(seconds=8)
+    # a saga-level default wins over the engine's
+    own = SagaDefinition("own", [Step("only", NOOP)], default_timeout_seconds=3.0)
+    assert start(own, StartRequested("s-own", "own", {}), NOW, limits).saga.pending.deadline == (  # type: ignore[union-attr]
+        NOW + timedelta(seconds=4)
+    )
