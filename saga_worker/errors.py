@@ -80,12 +80,6 @@ class ConcurrencyConflict(SagaError):
     code = "concurrency_conflict"
 
 
-class StepOutputError(SagaError):
-    """A step returned something that cannot be merged into the saga context."""
-
-    code = "step_output_error"
-
-
 class NonRetryableStepError(SagaError):
     """Raise from a step to fail it at once, without its remaining attempts."""
 

@@ -163,7 +163,7 @@ class SagaDefinition:
     def timeout(
         self, step_index: int, direction: Direction, default: float = DEFAULT_TIMEOUT_SECONDS
     ) -> float:
-        """The step's timeout, else the saga's, else `default` (SAGA_DEFAULT_STEP_TIMEOUT_SECONDS)."""
+        """The step's timeout, else the saga's, else `default` (the engine's setting)."""
         saga_default = self.default_timeout_seconds
         return self.steps[step_index].timeout(
             direction, saga_default if saga_default is not None else default

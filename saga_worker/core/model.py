@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -92,4 +92,3 @@ class Saga:
     ip_address: str | None = None
     abort_requested: bool = False
     version: int = 0
-    extra: Mapping[str, Any] = field(default_factory=dict)
