@@ -558,6 +558,13 @@ def observed(
             60,
             obs.logs,
         )
+        # The app leaves task events off; Flower turns them on in the worker it sees.
+        wait_for(
+            "Flower to enable the worker's task events",
+            lambda: b"Events of group {task} enabled by remote" in worker.log_path.read_bytes(),
+            30,
+            obs.logs,
+        )
         wait_for("the beat's endpoint", lambda: scrape(beat_port), 60, obs.logs)
         began = time.monotonic()
         run_workload(obs, producer)
