@@ -553,7 +553,7 @@ class SagaClient:
                 continue
             if applied is None:
                 raise SagaNotFound(saga_id)
-            _, decision = applied
+            decision = applied.decision
             if decision.ignored:
                 raise OperationRefused(f"retry of saga {saga_id} not applied: {decision.ignored}")
             sent: list[str] = []
@@ -561,7 +561,7 @@ class SagaClient:
             for command in decision.commands:
                 name = definition.task_name(command.step_index, command.direction)
                 try:
-                    self.dispatcher.send(definition, decision.saga, command)
+                    self.dispatcher.send(definition, decision.saga, command, applied.committed)
                     sent.append(name)
                 except Exception as exc:  # the broker is down: recovery re-sends it later
                     errors.append(f"{name}: {type(exc).__name__}: {self.redactor.text(str(exc))}")

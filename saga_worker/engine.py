@@ -27,7 +27,14 @@ MAX_CONFLICT_RETRIES = 50
 class Dispatcher(Protocol):
     """Sends the task of an attempt; implemented over Celery in worker/dispatch.py."""
 
-    def send(self, definition: SagaDefinition, saga: Saga, command: RunAttempt) -> None: ...
+    def send(
+        self,
+        definition: SagaDefinition,
+        saga: Saga,
+        command: RunAttempt,
+        checkpoint: Loaded | None = None,
+    ) -> None:
+        """Send `command`; `checkpoint` is the saga as committed, when the caller has it."""
 
 
 @dataclass(frozen=True)
@@ -35,7 +42,8 @@ class TransitionRecord:
     """What hooks learn about one transition, committed or ignored.
 
     `before` is None for a start; `loaded` says a checkpoint was read to decide;
-    `commit_seconds` is the time of the one transaction (checkpoint + audit rows).
+    `commit_seconds` is the time of the one transaction (checkpoint + audit rows);
+    `committed` is the checkpoint as written (None when nothing changed).
     """
 
     definition: SagaDefinition
@@ -43,6 +51,7 @@ class TransitionRecord:
     decision: Decision
     commit_seconds: float
     loaded: bool
+    committed: Loaded | None = None
 
 
 class EngineHooks(Protocol):
@@ -90,16 +99,16 @@ class SagaEngine:
         now = self.clock()
         decision = start(definition, request, now, self.limits)
         began = time.perf_counter()
-        created = retry_transient(
+        committed = retry_transient(
             lambda: self.store.create(decision, now),
             max_wait_seconds=self.db_retry_seconds,
             what=f"start of saga {request.saga_id}",
         )
         elapsed = time.perf_counter() - began
-        if not created:
+        if committed is None:
             log.info("saga %s already exists: duplicate start ignored", request.saga_id)
             return StartResult(request.saga_id, False, None)
-        self._after_commit(TransitionRecord(definition, None, decision, elapsed, False))
+        self._after_commit(TransitionRecord(definition, None, decision, elapsed, False, committed))
         return StartResult(request.saga_id, True, decision)
 
     def handle(
@@ -160,9 +169,13 @@ class SagaEngine:
         applied = self.store.apply(saga_id, decide, now, skip_locked=skip_locked, loaded=loaded)
         if applied is None:
             return None
-        before, decision = applied
         return TransitionRecord(
-            definitions[-1], before, decision, time.perf_counter() - began, True
+            definitions[-1],
+            applied.before,
+            applied.decision,
+            time.perf_counter() - began,
+            True,
+            applied.committed,
         )
 
     def reject(
@@ -197,7 +210,7 @@ class SagaEngine:
         decision = record.decision
         for command in decision.commands:
             try:
-                self.dispatcher.send(record.definition, decision.saga, command)
+                self.dispatcher.send(record.definition, decision.saga, command, record.committed)
             except Exception:
                 log.exception(
                     "saga %s: sending step %s %s attempt %s failed; recovery will re-send it",

@@ -7,9 +7,9 @@ import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy import (
     JSON,
@@ -100,6 +100,18 @@ class Loaded:
     audit_head: str
 
 
+class Applied(NamedTuple):
+    """A decided transition: the saga before, the decision, and the checkpoint as committed.
+
+    `committed` (the new saga with its new version and audit head) is None when the
+    decision changed nothing.
+    """
+
+    before: Saga
+    decision: Decision
+    committed: Loaded | None
+
+
 # One statement, one round trip, atomic in autocommit: the checkpoint write (UPDATE guarded
 # by the version, or INSERT of a new saga) and the transition's audit rows, inserted only if
 # the checkpoint write matched. The rows travel as one JSON array (json_to_recordset). Column
@@ -188,6 +200,11 @@ def _rows_json(rows: list[dict[str, Any]]) -> str:
     )
 
 
+def _versioned(after: Saga, before: Saga) -> Saga:
+    """The decided saga with the version its write gave it."""
+    return replace(after, version=before.version + 1)
+
+
 class SkippedLocked(Exception):
     """The row is locked by another transaction (another recovery sweep claimed it)."""
 
@@ -201,45 +218,40 @@ class SagaStore:
 
     # -- writes -------------------------------------------------------------------------
 
-    def create(self, decision: Decision, now: datetime) -> bool:
-        """Insert a new saga and its first audit rows; False when the saga_id exists."""
+    def create(self, decision: Decision, now: datetime) -> Loaded | None:
+        """Insert a new saga and its first audit rows: the committed checkpoint, or None
+        when the saga_id exists."""
         saga = decision.saga
         if self.engine.dialect.name == "postgresql":
             return self._create_pg(decision, now)
         try:
             with self.engine.begin() as conn:
                 if self._exists_txn(conn, saga.saga_id):
-                    return False
+                    return None
                 head = self._audit_head_txn(conn, saga.saga_id)
                 rows = build_rows(saga, decision.audit, now, head, self.redactor)
+                head = rows[-1]["hash"] if rows else head
                 conn.execute(
-                    insert(checkpoints).values(
-                        **saga_to_row(saga),
-                        version=1,
-                        audit_head=rows[-1]["hash"] if rows else head,
-                    )
+                    insert(checkpoints).values(**saga_to_row(saga), version=1, audit_head=head)
                 )
                 if rows:
                     conn.execute(insert(audit_logs), rows)
         except IntegrityError:
             # A concurrent start of the same saga_id won the primary key.
-            return False
-        return True
+            return None
+        return Loaded(replace(saga, version=1), head)
 
-    def _create_pg(self, decision: Decision, now: datetime) -> bool:
+    def _create_pg(self, decision: Decision, now: datetime) -> Loaded | None:
         # Two round trips in autocommit: the audit head (a rejection may have written rows
         # under this saga_id), then checkpoint and audit rows in one statement.
         saga = decision.saga
         with self._autocommit() as conn:
             head = self._audit_head_txn(conn, saga.saga_id)
             rows = build_rows(saga, decision.audit, now, head, self.redactor)
-            params = {
-                **_checkpoint_params(saga),
-                "audit_head": rows[-1]["hash"] if rows else head,
-                "rows": _rows_json(rows),
-            }
+            head = rows[-1]["hash"] if rows else head
+            params = {**_checkpoint_params(saga), "audit_head": head, "rows": _rows_json(rows)}
             created = conn.exec_driver_sql(_INSERT_AND_AUDIT, params).scalar_one()
-        return bool(created)
+        return Loaded(replace(saga, version=1), head) if created else None
 
     @contextmanager
     def _autocommit(self) -> Iterator[Connection]:
@@ -264,7 +276,7 @@ class SagaStore:
         *,
         skip_locked: bool = False,
         loaded: Loaded | None = None,
-    ) -> tuple[Saga, Decision] | None:
+    ) -> Applied | None:
         """Load a saga, ask `decide` for a transition, commit it; None when the saga is unknown.
 
         Raises ConcurrencyConflict when another process committed first: load again.
@@ -287,22 +299,19 @@ class SagaStore:
             before = saga_from_row(row)
             decision = decide(before)
             if not decision.changed:
-                return before, decision
+                return Applied(before, decision, None)
             rows = build_rows(decision.saga, decision.audit, now, row["audit_head"], self.redactor)
+            head = rows[-1]["hash"] if rows else row["audit_head"]
             result = conn.execute(
                 update(checkpoints)
                 .where(checkpoints.c.saga_id == saga_id, checkpoints.c.version == before.version)
-                .values(
-                    **saga_to_row(decision.saga),
-                    version=before.version + 1,
-                    audit_head=rows[-1]["hash"] if rows else row["audit_head"],
-                )
+                .values(**saga_to_row(decision.saga), version=before.version + 1, audit_head=head)
             )
             if result.rowcount != 1:
                 raise ConcurrencyConflict(f"saga {saga_id} changed concurrently")
             if rows:
                 conn.execute(insert(audit_logs), rows)
-        return before, decision
+        return Applied(before, decision, Loaded(_versioned(decision.saga, before), head))
 
     def _apply_pg(
         self,
@@ -310,7 +319,7 @@ class SagaStore:
         decide: Callable[[Saga], Decision],
         now: datetime,
         loaded: Loaded | None,
-    ) -> tuple[Saga, Decision] | None:
+    ) -> Applied | None:
         if loaded is None:
             loaded = self.load_for_step(saga_id)
             if loaded is None:
@@ -318,20 +327,21 @@ class SagaStore:
         before = loaded.saga
         decision = decide(before)
         if not decision.changed:
-            return before, decision
+            return Applied(before, decision, None)
         rows = build_rows(decision.saga, decision.audit, now, loaded.audit_head, self.redactor)
+        head = rows[-1]["hash"] if rows else loaded.audit_head
         params = {
             **_checkpoint_params(decision.saga),
             "version": before.version,
             "new_version": before.version + 1,
-            "audit_head": rows[-1]["hash"] if rows else loaded.audit_head,
+            "audit_head": head,
             "rows": _rows_json(rows),
         }
         with self._autocommit() as conn:
             updated = conn.exec_driver_sql(_UPDATE_AND_AUDIT, params).scalar_one()
         if updated != 1:
             raise ConcurrencyConflict(f"saga {saga_id} changed concurrently")
-        return before, decision
+        return Applied(before, decision, Loaded(_versioned(decision.saga, before), head))
 
     def record_rejection(
         self,

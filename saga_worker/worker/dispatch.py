@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -10,7 +11,9 @@ from ..config import Settings
 from ..core.commands import RunAttempt
 from ..core.definition import Remote, SagaDefinition, idempotency_key
 from ..core.model import Direction, Saga
+from ..store.repository import Loaded
 from ..tokens import attempt_token
+from . import snapshot
 
 ADVANCE_TASK = "saga.advance"
 # Past the soft limit a step gets this long to clean up before its process is killed.
@@ -32,12 +35,20 @@ class CeleryDispatcher:
         shown = {**kwargs, "context": self.redactor.value(kwargs.get("context", {}))}
         if "token" in shown:
             shown["token"] = REDACTED
+        if "checkpoint" in shown:
+            shown["checkpoint"] = f"<version {shown['checkpoint'].get('version')}>"
         return repr(shown)[:2000]
 
     def token(self, saga_id: str, step_index: int, direction: Direction, attempt: int) -> str:
         return attempt_token(self.signing_key, saga_id, step_index, direction.value, attempt)
 
-    def send(self, definition: SagaDefinition, saga: Saga, command: RunAttempt) -> None:
+    def send(
+        self,
+        definition: SagaDefinition,
+        saga: Saga,
+        command: RunAttempt,
+        checkpoint: Loaded | None = None,
+    ) -> None:
         step = definition.steps[command.step_index]
         target = step.target(command.direction)
         timeout = definition.timeout(
@@ -83,6 +94,9 @@ class CeleryDispatcher:
             )
             return
         local_kwargs = {**reply, "saga_type": saga.saga_type, "context": dict(saga.context)}
+        if checkpoint is not None and checkpoint.saga.saga_id == saga.saga_id:
+            # Lets the step skip reading the checkpoint back (worker/snapshot.py).
+            local_kwargs["checkpoint"] = snapshot.encode(self.signing_key, checkpoint, time.time())
         self.app.send_task(
             definition.task_name(command.step_index, command.direction),
             kwargs=local_kwargs,

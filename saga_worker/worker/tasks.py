@@ -19,6 +19,7 @@ from ..errors import InvalidRequest, NonRetryableStepError, SagaError, SagaNotFo
 from ..requests import check_context, parse_abort, parse_start, valid_saga_id
 from ..store.repository import retry_transient
 from ..tokens import token_valid
+from . import snapshot
 from .runtime import RuntimeFactory
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ ADVANCE_FIELDS = frozenset(
         "timed_out",
     }
 )
-STEP_FIELDS = frozenset({"token", "saga_type", "context"})
+STEP_FIELDS = frozenset({"token", "saga_type", "context", "checkpoint"})
 AttemptRef = tuple[str, int, Direction, int]
 
 
@@ -195,11 +196,17 @@ def register_step_tasks(app: Any, runtimes: RuntimeFactory, definition: SagaDefi
             name = definition.task_name(index, direction)
             if name in app.tasks:
                 continue
-            app.task(name=name, **DB_OUTAGE_RETRY)(_step_task(app, runtimes, name))
+            app.task(name=name, bind=True, **DB_OUTAGE_RETRY)(_step_task(app, runtimes, name))
+
+
+def _sent_again(request: Any) -> bool:
+    """Redelivered by the broker or re-published by a retry: possibly superseded."""
+    delivery_info = getattr(request, "delivery_info", None) or {}
+    return bool(delivery_info.get("redelivered")) or bool(getattr(request, "retries", 0))
 
 
 def _step_task(app: Any, runtimes: RuntimeFactory, task_name: str) -> Any:
-    def run_step(**kwargs: Any) -> dict[str, Any]:
+    def run_step(task: Any, **kwargs: Any) -> dict[str, Any]:
         rt = runtimes.get()
         try:
             saga_id, step_index, dir_, attempt = parse_attempt_ref(kwargs, extra=STEP_FIELDS)
@@ -216,9 +223,22 @@ def _step_task(app: Any, runtimes: RuntimeFactory, task_name: str) -> Any:
             log.warning("%s refused for %s: invalid token", task_name, saga_id)
             _audit_refusal(rt, task_name, "invalid token", (saga_id, step_index, dir_, attempt))
             return {"ran": False, "reason": "invalid token"}
-        # One read serves both the "is this attempt still pending" check and, unless the
-        # checkpoint changes while the step runs (the write's version check), the transition.
-        loaded = retry_transient(lambda: rt.store.load_for_step(saga_id), what="pending check")
+        # The checkpoint serves both the "is this attempt still pending" check and, unless it
+        # changes while the step runs (the write's version check), the transition. A fresh
+        # first delivery carries it (worker/snapshot.py); otherwise it is read.
+        loaded = None
+        if "checkpoint" in kwargs and not _sent_again(task.request):
+            loaded = snapshot.decode(
+                rt.signing_key,
+                kwargs["checkpoint"],
+                saga_id=saga_id,
+                saga_type=saga_type,
+                context=context,
+                now=time.time(),
+                max_age_seconds=rt.settings.stall_grace_seconds,
+            )
+        if loaded is None:
+            loaded = retry_transient(lambda: rt.store.load_for_step(saga_id), what="pending check")
         held = None if loaded is None else loaded.saga.pending
         pending = None if held is None else (held.step_index, held.direction.value, held.number)
         if pending != (step_index, dir_.value, attempt):

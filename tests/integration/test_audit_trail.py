@@ -71,7 +71,9 @@ class RecordingDispatcher:
 
     sent: list[tuple[str, str, int]] = field(default_factory=list)
 
-    def send(self, definition: SagaDefinition, saga: Saga, command: RunAttempt) -> None:
+    def send(
+        self, definition: SagaDefinition, saga: Saga, command: RunAttempt, checkpoint: Any = None
+    ) -> None:
         name = definition.task_name(command.step_index, command.direction)
         self.sent.append((saga.saga_id, name, command.attempt))
 

@@ -5,11 +5,15 @@ from __future__ import annotations
 import time
 import uuid
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 
+from saga_worker.core.model import Attempt, Direction, SagaState
 from saga_worker.examples.backtest import simulate
+from saga_worker.store.repository import Loaded
 from saga_worker.tokens import attempt_token
+from saga_worker.worker import snapshot
 
 from .conftest import Stack
 
@@ -352,3 +356,68 @@ def test_two_hundred_concurrent_sagas_settle_consistently(stack: Stack) -> None:
             assert row is not None and row["results"] == simulate(int(ctx["strategy_id"]))  # type: ignore[call-overload]
         else:
             assert row is None
+
+
+def _worker_log(stack: Stack) -> str:
+    return "\n".join(w.log_path.read_text(errors="replace") for w in stack.workers)
+
+
+def _wait_for_log(stack: Stack, needle: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while needle not in _worker_log(stack):
+        assert time.monotonic() < deadline, f"{needle!r} not logged:\n{_worker_log(stack)[-3000:]}"
+        time.sleep(0.1)
+
+
+def test_carried_checkpoint_is_trusted_only_when_genuine_and_fresh(stack: Stack) -> None:
+    """A step message's checkpoint spares the read only if its signature holds and it is
+    fresh; a genuine but stale one is caught by the version check after the action."""
+    saga_id = stack.start("backtest_workflow", {"strategy_id": 23})
+    final = stack.wait(saga_id)
+    assert final.state.value == "COMPLETED"
+    trail = stack.store.audit_trail(saga_id)
+    row = stack.example_row(saga_id)
+    key = stack.store.signing_key()
+    # The checkpoint as it was when step 0 was sent: version 1, step 0 pending.
+    as_started = replace(
+        final,
+        state=SagaState.RUNNING,
+        current_step_index=0,
+        completed_steps=(),
+        version=1,
+        pending=Attempt(0, Direction.FORWARD, 1, final.started_at, final.started_at),
+    )
+
+    def step0(signing_key: str, sent_at: float, tag: str) -> None:
+        context = {"strategy_id": 23, "tag": tag}
+        old = Loaded(replace(as_started, context=context), trail[1]["hash"])
+        stack.send(
+            "saga.backtest_workflow.create_backtest",
+            {
+                "saga_id": saga_id,
+                "saga_type": "backtest_workflow",
+                "step_index": 0,
+                "direction": "forward",
+                "attempt": 1,
+                "token": attempt_token(key, saga_id, 0, "forward", 1),
+                "context": context,
+                "checkpoint": snapshot.encode(signing_key, old, sent_at),
+            },
+        )
+
+    # Forged (another key) and stale (sent an hour ago): not trusted, read, not pending.
+    step0("not-the-key", time.time(), "forged")
+    step0(key, time.time() - 3600, "stale")
+    skipped = f"for {saga_id}: attempt 1 is not pending"
+    deadline = time.monotonic() + 20
+    while _worker_log(stack).count(skipped) < 2:
+        assert time.monotonic() < deadline, _worker_log(stack)[-3000:]
+        time.sleep(0.1)
+    # Genuine and fresh: trusted, so the action runs; its write meets a newer version and
+    # the reloaded checkpoint has no such pending attempt: ignored, nothing written.
+    step0(key, time.time(), "genuine")
+    _wait_for_log(stack, f"saga {saga_id}: StepSucceeded ignored")
+    time.sleep(0.5)
+    assert stack.store.audit_trail(saga_id) == trail
+    assert stack.store.load(saga_id) == final
+    assert stack.example_row(saga_id) == row  # the step's effect is keyed: ran, changed nothing

@@ -79,7 +79,9 @@ class SendNothing:
     def __init__(self) -> None:
         self.lost: list[RunAttempt] = []
 
-    def send(self, definition: SagaDefinition, saga: Saga, command: RunAttempt) -> None:
+    def send(
+        self, definition: SagaDefinition, saga: Saga, command: RunAttempt, checkpoint: Any = None
+    ) -> None:
         self.lost.append(command)
 
 
@@ -90,7 +92,9 @@ class CountSends:
         self.sent: Counter[tuple[str, int, str, int]] = Counter()
         self._lock = threading.Lock()
 
-    def send(self, definition: SagaDefinition, saga: Saga, command: RunAttempt) -> None:
+    def send(
+        self, definition: SagaDefinition, saga: Saga, command: RunAttempt, checkpoint: Any = None
+    ) -> None:
         with self._lock:
             self.sent[
                 (saga.saga_id, command.step_index, command.direction.value, command.attempt)

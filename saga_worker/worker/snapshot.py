@@ -1,0 +1,81 @@
+"""The checkpoint a local step message carries, so the step need not read it back first.
+
+A step task used to read its saga's checkpoint before running, to skip attempts that are
+no longer pending. The commit that sends the step already knows that checkpoint, so the
+message carries it, signed with the saga signing key (a forged or altered copy is refused).
+The transition after the action is written with the usual version check: if anything
+changed the checkpoint in between, the write conflicts and the engine reloads it.
+
+A carried checkpoint is trusted only on a fresh first delivery. A message that was
+redelivered, re-published by a retry, or is older than the stall grace may have been
+superseded (by a recovery re-send, say): its step reads the checkpoint first, as before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from ..audit import canonical_json
+from ..core.model import Saga
+from ..store.codec import saga_from_row, saga_to_row
+from ..store.repository import Loaded
+
+#: Checkpoint columns that travel elsewhere in the message (or are derived).
+_ELSEWHERE = ("saga_id", "saga_type", "context", "deadline")
+_TIMES = ("started_at", "updated_at")
+
+
+def _mac(key: str, fields: Mapping[str, Any], saga_id: str, saga_type: str, context: Any) -> str:
+    signed = {"checkpoint": fields, "saga_id": saga_id, "saga_type": saga_type, "context": context}
+    return hmac.new(key.encode(), canonical_json(signed).encode(), hashlib.sha256).hexdigest()
+
+
+def encode(key: str, checkpoint: Loaded, sent_at: float) -> dict[str, Any]:
+    """The `checkpoint` kwarg of a step message: the committed checkpoint, signed.
+
+    The saga's id, type and context are not repeated (the message has them) but are signed.
+    """
+    saga = checkpoint.saga
+    fields = {k: v for k, v in saga_to_row(saga).items() if k not in _ELSEWHERE}
+    for name in _TIMES:
+        fields[name] = fields[name].isoformat()
+    fields.update(version=saga.version, audit_head=checkpoint.audit_head, sent_at=sent_at)
+    return {**fields, "mac": _mac(key, fields, saga.saga_id, saga.saga_type, dict(saga.context))}
+
+
+def decode(
+    key: str,
+    data: object,
+    *,
+    saga_id: str,
+    saga_type: str,
+    context: Mapping[str, Any],
+    now: float,
+    max_age_seconds: float,
+) -> Loaded | None:
+    """The carried checkpoint when it is genuine and fresh; None means "read it instead"."""
+    if not isinstance(data, Mapping) or not isinstance(data.get("mac"), str):
+        return None
+    fields = {k: v for k, v in data.items() if k != "mac"}
+    expected = _mac(key, fields, saga_id, saga_type, context)
+    if not hmac.compare_digest(expected, data["mac"]):
+        return None
+    sent_at = fields.get("sent_at")
+    if not isinstance(sent_at, int | float) or not 0 <= now - sent_at <= max_age_seconds:
+        return None
+    try:
+        row = {
+            **fields,
+            "saga_id": saga_id,
+            "saga_type": saga_type,
+            "context": dict(context),
+            **{name: datetime.fromisoformat(fields[name]) for name in _TIMES},
+        }
+        saga: Saga = saga_from_row(row)
+        return Loaded(saga, str(fields["audit_head"]))
+    except (KeyError, TypeError, ValueError):
+        return None  # signed by a build that encodes differently: read it instead
