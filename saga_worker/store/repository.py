@@ -13,6 +13,7 @@ from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     Connection,
     Engine,
     Float,
@@ -171,6 +172,35 @@ SELECT (SELECT count(*) FROM cp)
 """
 
 
+# The usual start: no audit row exists under the saga_id yet, so the chain starts from the
+# genesis hash and no read is needed first. `prior` says when that guess was wrong (a
+# rejection wrote rows under this saga_id): nothing is written and the caller reads the head.
+def _cast_type(column: Any) -> str:
+    # Base types only: a cast to varchar(n) would truncate silently, where the INSERT into
+    # the column refuses a value that is too long.
+    if isinstance(column.type, JSON):
+        return "json"
+    if isinstance(column.type, Boolean):
+        return "boolean"
+    return _record_type(column)
+
+
+_CAST_VALUES = ", ".join(
+    "1" if c.name == "version" else f"%({c.name})s::{_cast_type(c)}" for c in checkpoints.c
+)
+_INSERT_FIRST_AND_AUDIT = f"""
+WITH prior AS (
+    SELECT EXISTS (SELECT 1 FROM saga_audit_logs WHERE saga_id = %(saga_id)s) AS found
+), cp AS (
+    INSERT INTO saga_checkpoints ({", ".join(f'"{n}"' for n in _CHECKPOINT_NAMES)})
+    SELECT {_CAST_VALUES} FROM prior WHERE NOT prior.found
+    ON CONFLICT (saga_id) DO NOTHING
+    RETURNING 1
+), ins AS ({_AUDIT_FROM_ROWS})
+SELECT (SELECT count(*) FROM cp), (SELECT found FROM prior)
+"""
+
+
 def _checkpoint_params(saga: Saga) -> dict[str, Any]:
     from psycopg.types.json import Json
 
@@ -242,15 +272,21 @@ class SagaStore:
         return Loaded(replace(saga, version=1), head)
 
     def _create_pg(self, decision: Decision, now: datetime) -> Loaded | None:
-        # Two round trips in autocommit: the audit head (a rejection may have written rows
-        # under this saga_id), then checkpoint and audit rows in one statement.
+        # One round trip in autocommit (checkpoint and audit rows in one statement) when no
+        # audit row exists under this saga_id yet; otherwise (a rejection wrote some) a
+        # second one with the chain's head read first.
         saga = decision.saga
         with self._autocommit() as conn:
-            head = self._audit_head_txn(conn, saga.saga_id)
-            rows = build_rows(saga, decision.audit, now, head, self.redactor)
-            head = rows[-1]["hash"] if rows else head
+            rows = build_rows(saga, decision.audit, now, GENESIS_HASH, self.redactor)
+            head = rows[-1]["hash"] if rows else GENESIS_HASH
             params = {**_checkpoint_params(saga), "audit_head": head, "rows": _rows_json(rows)}
-            created = conn.exec_driver_sql(_INSERT_AND_AUDIT, params).scalar_one()
+            created, prior = conn.exec_driver_sql(_INSERT_FIRST_AND_AUDIT, params).one()
+            if prior and not created:
+                head = self._audit_head_txn(conn, saga.saga_id)
+                rows = build_rows(saga, decision.audit, now, head, self.redactor)
+                head = rows[-1]["hash"] if rows else head
+                params.update(audit_head=head, rows=_rows_json(rows))
+                created = conn.exec_driver_sql(_INSERT_AND_AUDIT, params).scalar_one()
         return Loaded(replace(saga, version=1), head) if created else None
 
     @contextmanager

@@ -421,3 +421,23 @@ def test_carried_checkpoint_is_trusted_only_when_genuine_and_fresh(stack: Stack)
     assert stack.store.audit_trail(saga_id) == trail
     assert stack.store.load(saga_id) == final
     assert stack.example_row(saga_id) == row  # the step's effect is keyed: ran, changed nothing
+
+
+def test_a_saga_id_rejected_once_can_start_and_its_chain_continues(stack: Stack) -> None:
+    """The start writes from the genesis hash in one statement; when a rejection already
+    wrote rows under the saga_id, it reads the chain's head and writes after it."""
+    saga_id = f"{stack.backend}-rej-then-ok-{uuid.uuid4().hex[:8]}"
+    stack.start("no_such_saga", {"strategy_id": 1}, saga_id=saga_id)
+    deadline = time.monotonic() + 20
+    while stack.events(saga_id) != ["saga_rejected"]:
+        assert time.monotonic() < deadline, stack.events(saga_id)
+        time.sleep(0.05)
+    assert stack.store.load(saga_id) is None
+    stack.start("backtest_workflow", {"strategy_id": 2}, saga_id=saga_id)
+    assert stack.wait(saga_id).state is SagaState.COMPLETED
+    events = stack.events(saga_id)
+    assert events[:3] == ["saga_rejected", "saga_start", "step_start"]
+    assert events[-1] == "saga_complete"
+    stack.assert_chain_ok(saga_id)
+    trail = stack.store.audit_trail(saga_id)
+    assert trail[1]["prev_hash"] == trail[0]["hash"]
