@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt
 
 COLORS = {
     "saga_worker": "#1f77b4",
+    "saga_worker_events": "#aec7e8",
     "celery_chain": "#7f7f7f",
     "dbos_start": "#d62728",
     "dbos_queue": "#ff9896",

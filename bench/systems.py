@@ -116,7 +116,13 @@ class Process:
 
 
 def _celery_worker(
-    ctx: Context, app: str, queue: str, name: str, env: dict[str, str], ready_key: str
+    ctx: Context,
+    app: str,
+    queue: str,
+    name: str,
+    env: dict[str, str],
+    ready_key: str,
+    extra_args: tuple[str, ...] = (),
 ) -> Process:
     """`celery worker --pool prefork --concurrency 2`, ready when it pushed `ready_key`."""
     redis = redis_client(ctx.redis_url)
@@ -147,6 +153,7 @@ def _celery_worker(
         "--without-gossip",
         "-n",
         f"{name}-{uuid.uuid4().hex[:6]}@%h",
+        *extra_args,
     ]
     # cwd is the work dir, not the repository: `python -m` puts the cwd first on sys.path,
     # which would shadow a --saga-src checkout named in PYTHONPATH.
@@ -160,6 +167,7 @@ class SagaWorker:
 
     name = "saga_worker"
     queue = "bench-saga"
+    worker_args: tuple[str, ...] = ()
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -181,7 +189,13 @@ class SagaWorker:
             "BENCH_DONE_KEY": "bench:done:saga_worker",
         }
         self.process = _celery_worker(
-            self.ctx, "saga_worker.app", self.queue, "saga_worker", env, "bench:ready:saga"
+            self.ctx,
+            "saga_worker.app",
+            self.queue,
+            self.name,
+            env,
+            "bench:ready:saga",
+            self.worker_args,
         )
 
     def measure(self, plan: Plan, tag: str) -> dict[str, Any]:
@@ -228,6 +242,13 @@ class SagaWorker:
         if self.process is not None:
             self.process.stop()
             self.process = None
+
+
+class SagaWorkerWithEvents(SagaWorker):
+    """saga_worker with Celery task events on (`worker -E`): its cost while Flower watches."""
+
+    name = "saga_worker_events"
+    worker_args = ("-E",)
 
 
 class CeleryChain:
@@ -395,6 +416,7 @@ def _free_port() -> int:
 
 SYSTEMS = {
     "saga_worker": SagaWorker,
+    "saga_worker_events": SagaWorkerWithEvents,
     "celery_chain": CeleryChain,
     "dbos_start": DbosStart,
     "dbos_queue": DbosQueue,
