@@ -174,7 +174,7 @@ class SagaEngine:
             applied.before,
             applied.decision,
             time.perf_counter() - began,
-            True,
+            loaded is None or not loaded.carried,  # a checkpoint was read, here or by the step
             applied.committed,
         )
 

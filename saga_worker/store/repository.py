@@ -95,10 +95,14 @@ def is_transient(exc: BaseException) -> bool:
 
 @dataclass(frozen=True)
 class Loaded:
-    """A checkpoint read before a step runs, reused by the transition that follows."""
+    """A checkpoint read before a step runs, reused by the transition that follows.
+
+    `carried` says it came with the step's message (worker/snapshot.py), not from a read.
+    """
 
     saga: Saga
     audit_head: str
+    carried: bool = False
 
 
 class Applied(NamedTuple):

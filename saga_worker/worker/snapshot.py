@@ -6,9 +6,11 @@ message carries it, signed with the saga signing key (a forged or altered copy i
 The transition after the action is written with the usual version check: if anything
 changed the checkpoint in between, the write conflicts and the engine reloads it.
 
-A carried checkpoint is trusted only on a fresh first delivery. A message that was
-redelivered, re-published by a retry, or is older than the stall grace may have been
-superseded (by a recovery re-send, say): its step reads the checkpoint first, as before.
+A carried checkpoint is trusted only on the first send of an attempt, on its first
+delivery, while fresh: a message that was redelivered, re-published by a retry, re-sent by
+the recovery or an operator (the attempt's `recoveries` is above 0), or is older than the
+stall grace may have a twin that already ran and moved the saga on, so its step reads the
+checkpoint first and skips an attempt that is no longer pending, as before.
 """
 
 from __future__ import annotations
@@ -30,7 +32,13 @@ _TIMES = ("started_at", "updated_at")
 
 
 def _mac(key: str, fields: Mapping[str, Any], saga_id: str, saga_type: str, context: Any) -> str:
-    signed = {"checkpoint": fields, "saga_id": saga_id, "saga_type": saga_type, "context": context}
+    signed = {
+        "purpose": "step checkpoint",  # the same key signs attempt tokens
+        "checkpoint": fields,
+        "saga_id": saga_id,
+        "saga_type": saga_type,
+        "context": context,
+    }
     return hmac.new(key.encode(), canonical_json(signed).encode(), hashlib.sha256).hexdigest()
 
 
@@ -57,12 +65,19 @@ def decode(
     now: float,
     max_age_seconds: float,
 ) -> Loaded | None:
-    """The carried checkpoint when it is genuine and fresh; None means "read it instead"."""
-    if not isinstance(data, Mapping) or not isinstance(data.get("mac"), str):
+    """The carried checkpoint when it is genuine, fresh and of a first send; None means
+    "read it instead". Never raises: whatever a message holds, the fallback is the read."""
+    if not isinstance(data, Mapping):
+        return None
+    mac = data.get("mac")
+    if not isinstance(mac, str) or not mac.isascii():
         return None
     fields = {k: v for k, v in data.items() if k != "mac"}
-    expected = _mac(key, fields, saga_id, saga_type, context)
-    if not hmac.compare_digest(expected, data["mac"]):
+    try:
+        expected = _mac(key, fields, saga_id, saga_type, context)
+    except (TypeError, ValueError, RecursionError):
+        return None  # not canonical JSON (a lone surrogate, say): not what we signed
+    if not hmac.compare_digest(expected, mac):
         return None
     sent_at = fields.get("sent_at")
     if not isinstance(sent_at, int | float) or not 0 <= now - sent_at <= max_age_seconds:
@@ -76,6 +91,8 @@ def decode(
             **{name: datetime.fromisoformat(fields[name]) for name in _TIMES},
         }
         saga: Saga = saga_from_row(row)
-        return Loaded(saga, str(fields["audit_head"]))
     except (KeyError, TypeError, ValueError):
         return None  # signed by a build that encodes differently: read it instead
+    if saga.pending is None or saga.pending.recoveries > 0:
+        return None  # a re-sent attempt: its first message may have run already
+    return Loaded(saga, str(fields["audit_head"]), carried=True)

@@ -206,7 +206,8 @@ def _sent_again(request: Any) -> bool:
 
 
 def _step_task(app: Any, runtimes: RuntimeFactory, task_name: str) -> Any:
-    def run_step(task: Any, **kwargs: Any) -> dict[str, Any]:
+    # `task` is positional-only: a message's own "task" kwarg must reach the strict check.
+    def run_step(task: Any, /, **kwargs: Any) -> dict[str, Any]:
         rt = runtimes.get()
         try:
             saga_id, step_index, dir_, attempt = parse_attempt_ref(kwargs, extra=STEP_FIELDS)
@@ -227,7 +228,9 @@ def _step_task(app: Any, runtimes: RuntimeFactory, task_name: str) -> Any:
         # changes while the step runs (the write's version check), the transition. A fresh
         # first delivery carries it (worker/snapshot.py); otherwise it is read.
         loaded = None
-        if "checkpoint" in kwargs and not _sent_again(task.request):
+        # kombu's filesystem broker (the embedded default) loses the redelivered flag.
+        trusted_broker = not rt.settings.is_embedded_broker
+        if "checkpoint" in kwargs and trusted_broker and not _sent_again(task.request):
             loaded = snapshot.decode(
                 rt.signing_key,
                 kwargs["checkpoint"],

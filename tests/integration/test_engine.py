@@ -441,3 +441,27 @@ def test_a_saga_id_rejected_once_can_start_and_its_chain_continues(stack: Stack)
     stack.assert_chain_ok(saga_id)
     trail = stack.store.audit_trail(saga_id)
     assert trail[1]["prev_hash"] == trail[0]["hash"]
+
+
+def test_a_step_message_with_a_task_kwarg_is_refused_like_any_unknown_argument(
+    stack: Stack,
+) -> None:
+    """The step wrapper is a bound task; its own parameter must not swallow a kwarg."""
+    saga_id = f"{stack.backend}-taskkw-{uuid.uuid4().hex[:8]}"
+    key = stack.store.signing_key()
+    stack.send(
+        "saga.backtest_workflow.create_backtest",
+        {
+            "saga_id": saga_id,
+            "saga_type": "backtest_workflow",
+            "step_index": 0,
+            "direction": "forward",
+            "attempt": 1,
+            "token": attempt_token(key, saga_id, 0, "forward", 1),
+            "context": {"strategy_id": 1},
+            "task": "hijack",
+        },
+    )
+    _wait_for_log(stack, "saga.backtest_workflow.create_backtest refused: task: unknown argument")
+    ok = stack.start("backtest_workflow", {"strategy_id": 3})
+    assert stack.wait(ok).state is SagaState.COMPLETED

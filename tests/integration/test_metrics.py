@@ -387,7 +387,10 @@ def expected_counters() -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
             1,
         ),
         ("saga_checkpoint_saved_total", t, 43),
-        ("saga_checkpoint_loaded_total", t, 36),
+        # Reads only: the abort, the late abort, and the reload after the aborted saga's
+        # running step met the abort's newer version. Every other step result was decided
+        # on the checkpoint its message carried (worker/snapshot.py).
+        ("saga_checkpoint_loaded_total", t, 3),
     ]
     rows += [
         ("saga_audit_log_written_total", {**t, "event_type": k}, v) for k, v in AUDIT_ROWS.items()
@@ -464,14 +467,14 @@ def run_workload(obs: Observed, producer: Celery) -> None:
         "flaky": "COMPLETED",
         "stuck": "FAILED",
     }, obs.logs()
-    # An abort of a finished saga is an ignored transition: one checkpoint load, no save.
+    # An abort of a finished saga is an ignored transition: one checkpoint read, no save.
     producer.send_task(
         "saga.abort", kwargs={"saga_id": ids["ok1"], "reason": "late"}, queue=obs.queue
     )
     loaded = ("saga_checkpoint_loaded_total", frozenset({("saga_type", SAGA)}))
     obs.final = wait_for(
         "the late abort's checkpoint load",
-        lambda: (s := scrape(obs.metrics_port)).get(loaded) == 36 and s,
+        lambda: (s := scrape(obs.metrics_port)).get(loaded) == 3 and s,
         30,
         obs.logs,
     )

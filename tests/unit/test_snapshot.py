@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from saga_worker.core.model import Attempt, Direction, Saga, SagaState
 from saga_worker.store.repository import Loaded
 from saga_worker.worker import snapshot
+from saga_worker.worker.tasks import _sent_again
 
 KEY = "k" * 64
 T0 = datetime(2026, 11, 27, 9, 30, 0, 123456, tzinfo=UTC)
@@ -28,7 +30,7 @@ def checkpoint() -> Loaded:
         total_steps=3,
         started_at=T0,
         updated_at=T0 + timedelta(seconds=2),
-        pending=Attempt(1, Direction.COMPENSATE, 2, T0, T0 + timedelta(seconds=60), 1, False, 1),
+        pending=Attempt(1, Direction.COMPENSATE, 2, T0, T0 + timedelta(seconds=60), 0, False, 1),
         completed_steps=("create_backtest", "run_strategy"),
         compensated_steps=(),
         failed_compensations=("save_results",),
@@ -62,7 +64,8 @@ def decode(data: object, *, context: Any = None, now: float = NOW, **kw: Any) ->
 
 
 def test_round_trip_through_json_gives_the_same_checkpoint() -> None:
-    assert decode(wire(snapshot.encode(KEY, checkpoint(), NOW - 1))) == checkpoint()
+    decoded = decode(wire(snapshot.encode(KEY, checkpoint(), NOW - 1)))
+    assert decoded == replace(checkpoint(), carried=True)
 
 
 @pytest.mark.parametrize(
@@ -106,7 +109,37 @@ def test_a_signed_but_incomplete_checkpoint_is_refused_not_raised() -> None:
     assert decode(data) is None
 
 
-def test_a_finished_saga_travels_too() -> None:
-    done = replace(checkpoint().saga, state=SagaState.COMPLETED, pending=None)
-    loaded = Loaded(done, "c" * 64)
-    assert decode(wire(snapshot.encode(KEY, loaded, NOW))) == loaded
+def test_a_resent_attempt_or_no_attempt_is_not_trusted() -> None:
+    saga = checkpoint().saga
+    assert saga.pending is not None
+    for pending in (replace(saga.pending, recoveries=1), None):
+        loaded = Loaded(replace(saga, pending=pending), "c" * 64)
+        assert decode(wire(snapshot.encode(KEY, loaded, NOW))) is None
+
+
+def test_what_cannot_be_canonical_json_or_compared_is_refused_not_raised() -> None:
+    data = wire(snapshot.encode(KEY, checkpoint(), NOW - 1))
+    assert decode({**data, "mac": "é" * 64}) is None  # compare_digest refuses non-ASCII str
+    lone_surrogate = {**wire(dict(checkpoint().saga.context)), "x": "\ud800"}
+    assert decode(data, context=lone_surrogate) is None
+    deep: dict[str, Any] = {}
+    for _ in range(100_000):
+        deep = {"d": deep}
+    assert decode(data, context=deep) is None
+
+
+@pytest.mark.parametrize(
+    "delivery_info, retries, again",
+    [
+        ({"redelivered": False}, 0, False),
+        (None, 0, False),
+        ({"redelivered": True}, 0, True),
+        ({}, 2, True),
+        ({"redelivered": None}, None, False),
+    ],
+)
+def test_redelivered_or_retried_messages_count_as_sent_again(
+    delivery_info: Any, retries: Any, again: bool
+) -> None:
+    request = SimpleNamespace(delivery_info=delivery_info, retries=retries)
+    assert _sent_again(request) is again
