@@ -6,6 +6,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -358,6 +359,24 @@ def test_two_hundred_concurrent_sagas_settle_consistently(stack: Stack) -> None:
             assert row is None
 
 
+def _send_first_step(stack: Stack, saga_id: str, context: dict[str, Any], **extra: Any) -> None:
+    """A validly signed message for attempt 1 of create_backtest, plus `extra` kwargs."""
+    key = stack.store.signing_key()
+    stack.send(
+        "saga.backtest_workflow.create_backtest",
+        {
+            "saga_id": saga_id,
+            "saga_type": "backtest_workflow",
+            "step_index": 0,
+            "direction": "forward",
+            "attempt": 1,
+            "token": attempt_token(key, saga_id, 0, "forward", 1),
+            "context": context,
+            **extra,
+        },
+    )
+
+
 def _worker_log(stack: Stack) -> str:
     return "\n".join(w.log_path.read_text(errors="replace") for w in stack.workers)
 
@@ -391,18 +410,8 @@ def test_carried_checkpoint_is_trusted_only_when_genuine_and_fresh(stack: Stack)
     def step0(signing_key: str, sent_at: float, tag: str) -> None:
         context = {"strategy_id": 23, "tag": tag}
         old = Loaded(replace(as_started, context=context), trail[1]["hash"])
-        stack.send(
-            "saga.backtest_workflow.create_backtest",
-            {
-                "saga_id": saga_id,
-                "saga_type": "backtest_workflow",
-                "step_index": 0,
-                "direction": "forward",
-                "attempt": 1,
-                "token": attempt_token(key, saga_id, 0, "forward", 1),
-                "context": context,
-                "checkpoint": snapshot.encode(signing_key, old, sent_at),
-            },
+        _send_first_step(
+            stack, saga_id, context, checkpoint=snapshot.encode(signing_key, old, sent_at)
         )
 
     # Forged (another key) and stale (sent an hour ago): not trusted, read, not pending.
@@ -448,20 +457,7 @@ def test_a_step_message_with_a_task_kwarg_is_refused_like_any_unknown_argument(
 ) -> None:
     """The step wrapper is a bound task; its own parameter must not swallow a kwarg."""
     saga_id = f"{stack.backend}-taskkw-{uuid.uuid4().hex[:8]}"
-    key = stack.store.signing_key()
-    stack.send(
-        "saga.backtest_workflow.create_backtest",
-        {
-            "saga_id": saga_id,
-            "saga_type": "backtest_workflow",
-            "step_index": 0,
-            "direction": "forward",
-            "attempt": 1,
-            "token": attempt_token(key, saga_id, 0, "forward", 1),
-            "context": {"strategy_id": 1},
-            "task": "hijack",
-        },
-    )
+    _send_first_step(stack, saga_id, {"strategy_id": 1}, task="hijack")
     _wait_for_log(stack, "saga.backtest_workflow.create_backtest refused: task: unknown argument")
     ok = stack.start("backtest_workflow", {"strategy_id": 3})
     assert stack.wait(ok).state is SagaState.COMPLETED
