@@ -25,6 +25,9 @@ EXIT_REFUSED = 4  # retry/abort does not apply to the saga's state
 EXIT_UNAVAILABLE = 5  # database unreachable or not migrated, configuration error
 EXIT_INTERNAL = 70  # a bug: reported in one line (SAGA_CLI_DEBUG=1 shows the traceback)
 
+#: `--json` of every command that prints: JSON for scripts instead of tables.
+JSON_OPTION = click.option("--json", "json_mode", is_flag=True, help="Print JSON for scripts.")
+
 EXIT_CODES_HELP = (
     "Exit codes: 0 ok; 1 problems found (verify) or action incomplete; 2 bad usage or "
     "filter; 3 unknown saga; 4 action refused in the saga's state; 5 database or "

@@ -11,6 +11,7 @@ import click
 
 from ._output import (
     EXIT_PROBLEMS,
+    JSON_OPTION,
     TIME,
     Output,
     dash,
@@ -18,8 +19,6 @@ from ._output import (
     stderr_is_terminal,
     ts,
 )
-
-JSON_OPTION = click.option("--json", "json_mode", is_flag=True, help="Print JSON for scripts.")
 
 
 def register(main: click.Group) -> None:

@@ -10,14 +10,13 @@ import click
 
 from ._output import (
     EXIT_PROBLEMS,
+    JSON_OPTION,
     TIME,
     Output,
     ago,
     dash,
     ts,
 )
-
-JSON_OPTION = click.option("--json", "json_mode", is_flag=True, help="Print JSON for scripts.")
 
 
 def register(main: click.Group) -> None:
