@@ -28,7 +28,7 @@ PHASES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("saga.start: parse + validate request", ("parse_start (", "check_context (")),
     ("saga.start: create txn (checkpoint + audit)", ("SagaStore.create (",)),
     ("step: parse message + token", ("parse_attempt_ref (", "token_valid (")),
-    ("step: pending check (read checkpoint)", ("SagaStore.pending_key (", "load_for_step (")),
+    ("step: pending check (read checkpoint)", ("load_for_step (",)),
     ("step: transition txn (store.apply)", ("SagaStore.apply (",)),
     ("dispatch: send_task of next step", ("CeleryDispatcher.send (",)),
     ("hooks: metrics", ("MetricsHook.",)),
