@@ -7,7 +7,6 @@ prints what these methods return. Database errors become one `SagaError` with th
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import socket
@@ -313,6 +312,8 @@ class SagaClient:
         if self._app is None:
             from .worker.app import create_app
 
+            # First, so that a missing module is a configuration error, not a traceback.
+            registry.import_modules(self.settings.imports)
             self._app = create_app(self.settings)
         return self._app
 
@@ -447,8 +448,7 @@ class SagaClient:
         """The registered definition of a saga type (modules of SAGA_IMPORTS imported once)."""
         if not self._imported:
             self._imported = True
-            for module in self.settings.imports:
-                importlib.import_module(module)
+            registry.import_modules(self.settings.imports)
         try:
             return registry.get(saga_type)
         except UnknownSagaType:

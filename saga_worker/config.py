@@ -71,7 +71,8 @@ class Settings:
             k.strip().lower() for k in env.get("SAGA_REDACT_KEYS", "").split(",") if k.strip()
         )
         return cls(
-            database_url=env.get("SAGA_DATABASE_URL") or f"sqlite:///{home / 'saga.sqlite3'}",
+            database_url=_database_url(env.get("SAGA_DATABASE_URL"))
+            or f"sqlite:///{home / 'saga.sqlite3'}",
             broker_url=env.get("SAGA_BROKER_URL") or "filesystem://",
             home=home,
             imports=tuple(m.strip() for m in env.get("SAGA_IMPORTS", "").split(",") if m.strip()),
@@ -86,6 +87,39 @@ class Settings:
             redact_keys=DEFAULT_REDACT_KEYS + extra_redact,
             max_recoveries=_int(env, "SAGA_MAX_RECOVERIES", 5, minimum=0) or 0,
         )
+
+
+SUPPORTED_DATABASES = ("postgresql", "sqlite")
+_DATABASE_EXAMPLES = "postgresql+psycopg://user:password@host:5432/db or sqlite:////path/saga.sqlite3"
+
+
+def _database_url(raw: str | None) -> str | None:
+    """SAGA_DATABASE_URL checked up front, so a typo is one line naming the variable and not a
+    driver traceback at the first query. Messages never repeat the URL: it holds a password."""
+    if raw is None or raw.strip() == "":
+        return None
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        url = make_url(raw)
+    except ArgumentError:
+        raise ConfigurationError(
+            f"SAGA_DATABASE_URL is not a database URL; use {_DATABASE_EXAMPLES}"
+        ) from None
+    if url.get_backend_name() not in SUPPORTED_DATABASES:
+        raise ConfigurationError(
+            f"SAGA_DATABASE_URL names database {url.drivername!r}, which saga_worker does not "
+            f"support; use {_DATABASE_EXAMPLES}"
+        )
+    try:
+        url.get_dialect().import_dbapi()
+    except (ArgumentError, ImportError) as exc:
+        raise ConfigurationError(
+            f"SAGA_DATABASE_URL names driver {url.drivername!r}, which is not installed "
+            f"({exc}); use {_DATABASE_EXAMPLES}"
+        ) from None
+    return raw
 
 
 def _int(env: Mapping[str, str], name: str, default: int | None, *, minimum: int) -> int | None:
