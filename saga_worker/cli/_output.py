@@ -235,6 +235,7 @@ def exit_code_for(exc: BaseException) -> int:
     from ..client import DatabaseUnavailable, InvalidFilter, OperationRefused
     from ..errors import (
         ConfigurationError,
+        GrantRefused,
         InvalidRequest,
         SagaError,
         SagaNotFound,
@@ -245,7 +246,7 @@ def exit_code_for(exc: BaseException) -> int:
         return EXIT_NOT_FOUND
     if isinstance(exc, InvalidFilter | InvalidRequest):
         return EXIT_USAGE
-    if isinstance(exc, OperationRefused):
+    if isinstance(exc, OperationRefused | GrantRefused):
         return EXIT_REFUSED
     if isinstance(exc, ConfigurationError):
         return EXIT_CONFIG

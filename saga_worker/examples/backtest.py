@@ -74,6 +74,16 @@ def _db() -> Engine:
     return _engine[1]
 
 
+def create_tables(engine: Engine) -> tuple[str, ...]:
+    """Create the demo tables when missing; returns their names.
+
+    Workers create them on first use too, but a run-time role without CREATE cannot: run
+    this as the owner (`saga-worker db grant ROLE --examples` does) before such workers start.
+    """
+    metadata.create_all(engine, checkfirst=True)
+    return tuple(metadata.tables)
+
+
 def _inject(call: StepInput) -> None:
     ctx = call.context
     compensating = call.direction.value == "compensate"
