@@ -339,13 +339,53 @@ class SagaClient:
 
     # -- producer messages ---------------------------------------------------------------
 
-    def start(self, saga_type: str, context: dict[str, Any], **fields: Any) -> None:
-        """Send saga.start exactly as a producer would."""
-        self.app.send_task(
+    def start(self, saga_type: str, context: dict[str, Any], **fields: Any) -> str:
+        """Send saga.start exactly as a producer would; returns the saga's id.
+
+        Without a saga_id the id is the start message's task id (DESIGN §2). It is also put in
+        the message, so the id holds whatever version the consuming workers run.
+        """
+        from celery.utils import uuid
+
+        task_id = uuid()
+        fields = {k: v for k, v in fields.items() if v is not None}
+        fields.setdefault("saga_id", task_id)  # == result.id
+        result = self.app.send_task(
             "saga.start",
             kwargs={"saga_type": saga_type, "context": context, **fields},
             queue=self.settings.queue,
+            task_id=task_id,
         )
+        return str(fields["saga_id"]) if "saga_id" in fields else str(result.id)
+
+    def rejections(self, saga_id: str) -> list[str]:
+        """Why starts of this saga_id were rejected (`saga_rejected` audit rows), oldest first."""
+        return [
+            str(row["error_message"] or "")
+            for row in self.audit_trail(saga_id)
+            if row["event_type"] == "saga_rejected"
+        ]
+
+    def wait_started(
+        self, saga_id: str, timeout: float, rejections_before: int = 0
+    ) -> tuple[Saga | None, str | None]:
+        """Poll until the saga is terminal, its start was rejected, or `timeout` passes.
+
+        Returns the last checkpoint seen (None if there is none) and the rejection reason when
+        a new `saga_rejected` row appeared for this id.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            saga = self.get(saga_id)
+            if saga is not None and saga.state.is_terminal:
+                return saga, None
+            if saga is None:
+                reasons = self.rejections(saga_id)
+                if len(reasons) > rejections_before:
+                    return None, reasons[-1]
+            if time.monotonic() >= deadline:
+                return saga, None
+            time.sleep(0.2)
 
     def send_abort(self, saga_id: str, reason: str, user_id: str | None = None) -> None:
         """Send saga.abort through the broker, exactly as a producer would."""
