@@ -35,7 +35,13 @@ def run(args: list[str], env: dict[str, str], home: Path) -> subprocess.Complete
         (["list"], {"SAGA_DATABASE_URL": "mysql://u:pw-x1@db/sagas"}, "SAGA_DATABASE_URL"),
         (["list", "--json"], {"SAGA_DATABASE_URL": "no url at all"}, "SAGA_DATABASE_URL"),
         (["status", "s1"], {"SAGA_DATABASE_URL": "postgresql+nodriver://u:pw-x1@h/d"}, "driver"),
+        (["db", "upgrade", "--sql"], {"SAGA_DATABASE_URL": "oracle://u:pw-x1@h/d"}, "oracle"),
         (["worker"], {"SAGA_IMPORTS": "no_such_module_x"}, "SAGA_IMPORTS"),
+        (
+            ["start", "backtest_workflow", "--context", "{}"],
+            {"SAGA_IMPORTS": "no_such_module_x"},
+            "no_such_module_x",
+        ),
         (["worker"], {"SAGA_IMPORTS": "saga_worker.no_such_sub"}, "SAGA_IMPORTS"),
     ],
 )
