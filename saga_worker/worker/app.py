@@ -19,6 +19,7 @@ from ..recovery import sweep
 from .broker import TRANSPORT_PATH
 from .guard import GuardedTask
 from .runtime import RuntimeFactory
+from .shutdown import size_soft_shutdown
 from .tasks import register_core_tasks, register_step_tasks
 
 log = logging.getLogger(__name__)
@@ -114,4 +115,6 @@ def create_app(settings: Settings | None = None) -> Celery:
     registry.on_register(lambda definition: register_step_tasks(app, runtimes, definition))
     for module in settings.imports:
         importlib.import_module(module)
+    # After the imports: sized from the sagas they registered (why: worker/shutdown.py).
+    size_soft_shutdown(app, registry.all_definitions(), settings.default_step_timeout_seconds)
     return app
