@@ -114,6 +114,14 @@ if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2
     phase_done
 fi
 
+# amtool checks deploy/alertmanager/alertmanager.yml; it comes with Debian's alertmanager.
+if ! command -v amtool >/dev/null 2>&1; then
+    phase "installing prometheus-alertmanager (amtool) with apt-get"
+    apt_install prometheus-alertmanager prometheus-alertmanager
+    command -v amtool >/dev/null 2>&1 || die "amtool still not on PATH"
+    phase_done
+fi
+
 # ----------------------------------------------------------------- checks ---
 
 lint_targets=()

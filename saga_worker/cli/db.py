@@ -139,8 +139,25 @@ def db_history(json_mode: bool) -> None:
     is_flag=True,
     help="Create the example sagas' tables when missing and let ROLE use them.",
 )
+@click.option(
+    "--create",
+    is_flag=True,
+    help="Create ROLE (LOGIN, nothing more) when it does not exist, instead of refusing.",
+)
+@click.option(
+    "--password-env",
+    metavar="VAR",
+    help="Set ROLE's password from environment variable VAR (never on the command line).",
+)
 @JSON_OPTION
-def db_grant(role: str, tables: tuple[str, ...], examples: bool, json_mode: bool) -> None:
+def db_grant(
+    role: str,
+    tables: tuple[str, ...],
+    examples: bool,
+    create: bool,
+    password_env: str | None,
+    json_mode: bool,
+) -> None:
     """Give an existing PostgreSQL ROLE exactly what workers, beat, console and CLI need.
 
     SELECT/INSERT/UPDATE on saga_checkpoints; SELECT/INSERT on saga_audit_logs (and USAGE
@@ -148,11 +165,23 @@ def db_grant(role: str, tables: tuple[str, ...], examples: bool, json_mode: bool
     schema. Nothing else: no UPDATE, DELETE or TRUNCATE of the audit trail, no DDL, so the
     role cannot disable or drop the append-only triggers. Run it as the tables' owner (the
     migration's SAGA_DATABASE_URL), after `db upgrade`; running it again is harmless.
-    Refused (exit 4) for an unknown role, a superuser, or the owner itself. Exits 1 when the
-    role can still do more through PUBLIC or a role membership (it says what to revoke).
+    Refused (exit 4) for an unknown role (unless --create), a superuser, or the owner
+    itself. Exits 1 when the role can still do more through PUBLIC or a role membership
+    (it says what to revoke).
     """
+    import os
+
+    from ..errors import ConfigurationError
     from ..store.grants import grant_runtime
 
+    password = None
+    if password_env is not None:
+        password = os.environ.get(password_env)
+        if not password:
+            raise ConfigurationError(
+                f"environment variable {password_env} (named by --password-env) is not set or "
+                "empty; set it to the run-time role's password"
+            )
     engine, safe_url = _engine()
     extra = tables
     with _database(safe_url):
@@ -160,7 +189,9 @@ def db_grant(role: str, tables: tuple[str, ...], examples: bool, json_mode: bool
             from ..examples.backtest import create_tables
 
             extra = (*extra, *create_tables(engine))
-        report = grant_runtime(engine, role, tuple(dict.fromkeys(extra)))
+        report = grant_runtime(
+            engine, role, tuple(dict.fromkeys(extra)), create=create, password=password
+        )
     engine.dispose()
     out = Output(json_mode)
     if json_mode:
@@ -170,7 +201,7 @@ def db_grant(role: str, tables: tuple[str, ...], examples: bool, json_mode: bool
             ["TABLE", "PRIVILEGES"],
             [[f"{report.schema}.{t}", ", ".join(p)] for t, p in report.tables.items()]
             + [[f"{report.schema}.{s}", "USAGE (sequence)"] for s in report.sequences],
-            title=f"role {role} at {safe_url}",
+            title=f"role {role}{' (created)' if report.created else ''} at {safe_url}",
         )
     for line in report.excess:
         click.echo(f"warning: {role} can still use {line}", err=True)

@@ -46,6 +46,7 @@ class GrantReport:
     #: Privileges the role still has beyond `tables` through PUBLIC or another role it is a
     #: member of, each with the statement that removes it. Empty when the grant is exact.
     excess: list[str] = field(default_factory=list)
+    created: bool = False
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -54,14 +55,24 @@ class GrantReport:
             "tables": {t: list(p) for t, p in self.tables.items()},
             "sequences": list(self.sequences),
             "excess": list(self.excess),
+            "created": self.created,
         }
 
 
-def grant_runtime(engine: Engine, role: str, app_tables: tuple[str, ...] = ()) -> GrantReport:
+def grant_runtime(
+    engine: Engine,
+    role: str,
+    app_tables: tuple[str, ...] = (),
+    *,
+    create: bool = False,
+    password: str | None = None,
+) -> GrantReport:
     """Give `role` exactly the run-time privileges, in one transaction; run it as the owner.
 
     Idempotent: everything the role held on these tables and their sequences is revoked first,
-    then granted again, so running it twice (or after a new migration) converges.
+    then granted again, so running it twice (or after a new migration) converges. With
+    `create`, a missing role is created (LOGIN, no other attribute; needs CREATEROLE); with
+    `password`, its password is set, after the checks, so a refused role is left untouched.
     """
     if engine.dialect.name != "postgresql":
         raise ConfigurationError(
@@ -72,6 +83,10 @@ def grant_runtime(engine: Engine, role: str, app_tables: tuple[str, ...] = ()) -
         superuser = conn.execute(
             text("SELECT rolsuper FROM pg_roles WHERE rolname = :role"), {"role": role}
         ).scalar()
+        created = superuser is None and create
+        if created:
+            _login_role(conn, "CREATE", role, password)
+            superuser = False
         if superuser is None:
             raise GrantRefused(
                 f"no PostgreSQL role {role!r}: create it first (CREATE ROLE {_quote(conn, role)} "
@@ -88,6 +103,8 @@ def grant_runtime(engine: Engine, role: str, app_tables: tuple[str, ...] = ()) -
         schema = found["saga_checkpoints"][0]
         for table, (table_schema, owner) in found.items():
             _check_roles(conn, role, table, table_schema, owner)
+        if password is not None and not created:
+            _login_role(conn, "ALTER", role, password)
         sequences: list[str] = []
         me = _quote(conn, role)
         conn.execute(text(f"GRANT USAGE ON SCHEMA {_quote(conn, schema)} TO {me}"))
@@ -105,7 +122,21 @@ def grant_runtime(engine: Engine, role: str, app_tables: tuple[str, ...] = ()) -
                     sequences.append(sequence)
         granted = {t: p for t, p in wanted.items() if t in found}
         excess = _verify(conn, role, schema, granted, found)
-    return GrantReport(role, schema, granted, tuple(sequences), excess)
+    return GrantReport(role, schema, granted, tuple(sequences), excess, created)
+
+
+def _login_role(conn: Connection, verb: str, role: str, password: str | None) -> None:
+    # The server quotes name and password (format %I / %L), so any password is safe.
+    template = f"{verb} ROLE %I WITH LOGIN" + (" PASSWORD %L" if password is not None else "")
+    statement = conn.execute(
+        text(
+            "SELECT format(CAST(:template AS text), CAST(:role AS text), "
+            "CAST(:password AS text))"
+        ),
+        {"template": template, "role": role, "password": password},
+    ).scalar_one()
+    # Not text(): a password may hold ':name', which text() would take for a parameter.
+    conn.exec_driver_sql(str(statement))
 
 
 def _tables(conn: Connection, wanted: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, str]]:
