@@ -285,3 +285,58 @@ def test_runtime_role_is_refused_what_would_rewrite_history(
         assert "permission denied" in message or "must be owner" in message, message
     finally:
         engine.dispose()
+
+
+def password_hash(url: str, role: str) -> str | None:
+    engine = admin(url)
+    with engine.connect() as conn:
+        value = conn.execute(
+            text("SELECT rolpassword FROM pg_authid WHERE rolname = :r"), {"r": role}
+        ).scalar()
+    engine.dispose()
+    return None if value is None else str(value)
+
+
+def test_grant_create_and_password_env_create_rotate_and_never_touch_a_refused_role(
+    pg_admin_url: str,
+) -> None:
+    url = fresh_postgres_database(pg_admin_url)
+    role = f"it_new_{uuid.uuid4().hex[:8]}"
+    env = {"SAGA_DATABASE_URL": url, "IT_ROLE_PW": "p:w'%s\"x 1"}
+    created = cli(
+        ["db", "grant", role, "--create", "--password-env", "IT_ROLE_PW", "--json"], env
+    )
+    assert created.returncode == 0, created.stderr
+    assert json.loads(created.stdout)["created"] is True
+    assert table_grants(url, role) == EXPECTED
+    first = password_hash(url, role)
+    assert first is not None and first.startswith("SCRAM-SHA-256$")
+    engine = admin(url)
+    with engine.connect() as conn:
+        attributes = conn.execute(
+            text(
+                "SELECT rolcanlogin, rolsuper, rolcreaterole, rolcreatedb, rolinherit "
+                "FROM pg_roles WHERE rolname = :r"
+            ),
+            {"r": role},
+        ).one()
+    engine.dispose()
+    assert tuple(attributes) == (True, False, False, False, True)
+    # Again with another password: the role exists, only its password changes.
+    rotated = cli(
+        ["db", "grant", role, "--create", "--password-env", "IT_ROLE_PW", "--json"],
+        {**env, "IT_ROLE_PW": "rotated-secret"},
+    )
+    assert rotated.returncode == 0, rotated.stderr
+    assert json.loads(rotated.stdout)["created"] is False
+    assert password_hash(url, role) not in (None, first)
+    assert "rotated-secret" not in rotated.stdout + rotated.stderr
+    # A refused role keeps its password: the checks come first.
+    owner = make_url(url).username
+    assert owner is not None
+    before = password_hash(url, owner)
+    refused = cli(["db", "grant", owner, "--password-env", "IT_ROLE_PW"], env)
+    assert refused.returncode == 4 and "superuser" in refused.stderr
+    assert password_hash(url, owner) == before
+    unset = cli(["db", "grant", role, "--password-env", "IT_UNSET_VAR"], env)
+    assert unset.returncode == 6 and "IT_UNSET_VAR" in unset.stderr
