@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -340,3 +342,59 @@ def test_grant_create_and_password_env_create_rotate_and_never_touch_a_refused_r
     assert password_hash(url, owner) == before
     unset = cli(["db", "grant", role, "--password-env", "IT_UNSET_VAR"], env)
     assert unset.returncode == 6 and "IT_UNSET_VAR" in unset.stderr
+
+
+def test_warm_shutdown_lets_the_running_step_finish(
+    pg_admin_url: str, broker_url: str, tmp_path: Path
+) -> None:
+    """SIGTERM to the worker's main process only, as `docker stop` sends it: the step that is
+    running finishes (it is not cut short and not run again), the worker then exits 0, and the
+    next worker carries the saga on."""
+    url = fresh_postgres_database(pg_admin_url)
+    env = {
+        "SAGA_DATABASE_URL": url,
+        "SAGA_BROKER_URL": broker_url,
+        "SAGA_QUEUE": f"it-stop-{uuid.uuid4().hex[:8]}",
+        "SAGA_IMPORTS": "saga_worker.examples",
+        "SAGA_HOME": str(tmp_path),
+    }
+    store = SagaStore(create_db_engine(url, pool=False), Redactor([]))
+    first = start_worker("saga_worker.app", env, env["SAGA_QUEUE"], tmp_path / "w1.log")
+    second = None
+    try:
+        saga_id = f"stop-{uuid.uuid4().hex[:8]}"
+        context = {"strategy_id": 5, "slow_step": {"step": "create_backtest", "seconds": 4}}
+        sent = cli(
+            ["start", "backtest_workflow", "--context", json.dumps(context), "--saga-id", saga_id],
+            env,
+        )
+        assert sent.returncode == 0, sent.stderr
+        deadline = time.monotonic() + 30
+        while not any(r["event_type"] == "step_start" for r in store.audit_trail(saga_id)):
+            assert time.monotonic() < deadline, first.log_tail()
+            time.sleep(0.05)
+        time.sleep(1)  # well inside the 4 s step
+        signalled = time.monotonic()
+        os.kill(first.process.pid, signal.SIGTERM)
+        assert first.process.wait(timeout=60) == 0, first.log_tail()
+        assert time.monotonic() - signalled >= 2.5, "the worker left before its step ended"
+        second = start_worker("saga_worker.app", env, env["SAGA_QUEUE"], tmp_path / "w2.log")
+        deadline = time.monotonic() + 90
+        while True:
+            saga = store.load(saga_id)
+            if saga is not None and saga.state.is_terminal:
+                break
+            assert time.monotonic() < deadline, second.log_tail()
+            time.sleep(0.1)
+        assert saga.state.value == "COMPLETED", saga
+        starts = [
+            r
+            for r in store.audit_trail(saga_id)
+            if r["event_type"] == "step_start" and r["step_name"] == "create_backtest"
+        ]
+        assert len(starts) == 1, "the interrupted step ran again"
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+        store.engine.dispose()
