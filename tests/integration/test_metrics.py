@@ -661,6 +661,7 @@ def prometheus_config(obs: Observed) -> dict[str, Any]:
     assert {job["job_name"] for job in config["scrape_configs"]} == set(targets)
     config["global"].update(scrape_interval="1s", evaluation_interval="1s")
     config["rule_files"] = [str(DEPLOY / "prometheus" / "alerts.yml")]
+    config.pop("alerting", None)  # no Alertmanager here: the test reads Prometheus' alerts
     for job in config["scrape_configs"]:
         job.pop("dns_sd_configs", None)
         job["static_configs"] = [{"targets": [f"127.0.0.1:{targets[job['job_name']]}"]}]
@@ -747,11 +748,21 @@ def test_prometheus_scrapes_the_worker(observed: Observed, tmp_path: Path) -> No
         )
         for panel_title, expr in dashboard_queries():
             query = expr.replace("$saga_type", ".*").replace("$__rate_interval", "1m")
+            for name, default in dashboard_job_defaults().items():
+                query = query.replace(f"${name}", default)
             result = prom_query(port, query)
             if "histogram_quantile" not in expr:  # NaN once the workload is over
                 assert result, f"{panel_title}: {query} returned nothing"
     finally:
         server.stop()
+
+
+def dashboard_job_defaults() -> dict[str, str]:
+    """The dashboard's job variables and their defaults (deploy/'s scrape job names)."""
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "saga_worker.json").read_text())
+    return {
+        v["name"]: v["query"] for v in dashboard["templating"]["list"] if v["type"] == "textbox"
+    }
 
 
 def dashboard_queries() -> list[tuple[str, str]]:
