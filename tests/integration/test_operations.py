@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from celery import Celery
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
@@ -254,6 +255,50 @@ def test_start_without_wait_prints_the_task_id_and_rejections_are_reported(
     assert "rejected: unknown saga_type 'no_such_saga'" in rejected.stderr
     bad = cli(["start", "backtest_workflow", "--context", "[1]"], runtime.env)
     assert bad.returncode == 2 and "JSON object" in bad.stderr
+
+
+def test_operator_abort_and_the_recovery_sweep_run_as_the_runtime_role(
+    runtime: RuntimeStack, broker_url: str
+) -> None:
+    saga_id = f"ops-abort-{uuid.uuid4().hex[:8]}"
+    context = {"strategy_id": 4, "slow_step": {"step": "run_strategy", "seconds": 2}}
+    sent = cli(
+        ["start", "backtest_workflow", "--context", json.dumps(context), "--saga-id", saga_id],
+        runtime.env,
+    )
+    assert sent.returncode == 0, sent.stderr
+    store = SagaStore(create_db_engine(runtime.owner_url, pool=False), Redactor([]))
+    try:
+        deadline = time.monotonic() + 30
+        while "run_strategy" not in {
+            r["step_name"] for r in store.audit_trail(saga_id) if r["event_type"] == "step_start"
+        }:
+            assert time.monotonic() < deadline, runtime.worker.log_tail()
+            time.sleep(0.05)
+        aborted = cli(
+            ["abort", saga_id, "--reason", "ops test", "--user", "ops_2", "--json"], runtime.env
+        )
+        assert aborted.returncode == 0, aborted.stderr
+        final = cli(["status", saga_id, "--json"], runtime.env)
+        deadline = time.monotonic() + 60
+        while json.loads(final.stdout)["state"] not in ("ABORTED", "FAILED", "COMPENSATED"):
+            assert time.monotonic() < deadline, runtime.worker.log_tail()
+            time.sleep(0.2)
+            final = cli(["status", saga_id, "--json"], runtime.env)
+        assert json.loads(final.stdout)["state"] == "ABORTED", runtime.worker.log_tail()
+        # The beat's job, as the workers run it: reads and updates checkpoints as the role.
+        producer = Celery("it-ops", broker=broker_url, set_as_current=False)
+        producer.conf.update(task_serializer="json", accept_content=["json"])
+        try:
+            result = producer.send_task("saga.recover", queue=runtime.env["SAGA_QUEUE"])
+        finally:
+            producer.close()
+        deadline = time.monotonic() + 30
+        while f"saga.recover[{result.id}] succeeded" not in runtime.worker.log_tail(400):
+            assert time.monotonic() < deadline, runtime.worker.log_tail()
+            time.sleep(0.1)
+    finally:
+        store.engine.dispose()
 
 
 @pytest.mark.parametrize(
