@@ -44,7 +44,13 @@ from .core.events import Event, RetryRequested
 from .core.model import Attempt, Saga, SagaState
 from .core.transition import Decision, transition
 from .engine import Dispatcher, SagaEngine, utcnow
-from .errors import ConcurrencyConflict, SagaError, SagaNotFound, UnknownSagaType
+from .errors import (
+    ConcurrencyConflict,
+    ConfigurationError,
+    SagaError,
+    SagaNotFound,
+    UnknownSagaType,
+)
 from .requests import parse_abort, valid_saga_id
 from .store.repository import (
     AuditQuery,
@@ -66,6 +72,12 @@ class DatabaseUnavailable(SagaError):
     """The saga database cannot be reached, or it has no saga tables yet."""
 
     code = "database_unavailable"
+
+
+class BrokerUnavailable(SagaError):
+    """The broker of SAGA_BROKER_URL cannot be reached."""
+
+    code = "broker_unavailable"
 
 
 class InvalidFilter(SagaError):
@@ -312,8 +324,10 @@ class SagaClient:
         if self._app is None:
             from .worker.app import create_app
 
-            # First, so that a missing module is a configuration error, not a traceback.
+            # First, so that a missing module or an unknown broker transport is a
+            # configuration error, not a traceback.
             registry.import_modules(self.settings.imports)
+            _check_broker_url(self.settings.broker_url)
             self._app = create_app(self.settings)
         return self._app
 
@@ -350,12 +364,13 @@ class SagaClient:
         task_id = uuid()
         fields = {k: v for k, v in fields.items() if v is not None}
         fields.setdefault("saga_id", task_id)  # == result.id
-        result = self.app.send_task(
-            "saga.start",
-            kwargs={"saga_type": saga_type, "context": context, **fields},
-            queue=self.settings.queue,
-            task_id=task_id,
-        )
+        with self._broker():
+            result = self.app.send_task(
+                "saga.start",
+                kwargs={"saga_type": saga_type, "context": context, **fields},
+                queue=self.settings.queue,
+                task_id=task_id,
+            )
         return str(fields["saga_id"]) if "saga_id" in fields else str(result.id)
 
     def rejections(self, saga_id: str) -> list[str]:
@@ -389,11 +404,12 @@ class SagaClient:
 
     def send_abort(self, saga_id: str, reason: str, user_id: str | None = None) -> None:
         """Send saga.abort through the broker, exactly as a producer would."""
-        self.app.send_task(
-            "saga.abort",
-            kwargs={"saga_id": saga_id, "reason": reason, "user_id": user_id},
-            queue=self.settings.queue,
-        )
+        with self._broker():
+            self.app.send_task(
+                "saga.abort",
+                kwargs={"saga_id": saga_id, "reason": reason, "user_id": user_id},
+                queue=self.settings.queue,
+            )
 
     # -- reading sagas -------------------------------------------------------------------
 
@@ -848,6 +864,20 @@ class SagaClient:
         return data
 
     @contextmanager
+    def _broker(self) -> Iterator[None]:
+        """A broker that cannot be reached is one line naming it (password hidden)."""
+        from kombu.exceptions import OperationalError as BrokerError
+        from kombu.utils.url import maybe_sanitize_url
+
+        try:
+            yield
+        except BrokerError as exc:
+            safe = maybe_sanitize_url(self.settings.broker_url)
+            raise BrokerUnavailable(
+                f"cannot reach the broker at {safe}: {_first_line(exc)}"
+            ) from None
+
+    @contextmanager
     def _database(self) -> Iterator[None]:
         """Turn driver errors into one line naming the database (password hidden)."""
         try:
@@ -867,6 +897,21 @@ class SagaClient:
             raise DatabaseUnavailable(
                 f"cannot reach the database at {self.safe_url}: {text}"
             ) from None
+
+
+def _check_broker_url(url: str) -> None:
+    """SAGA_BROKER_URL names a transport kombu knows (redis, rediss, amqp, sentinel, ...)."""
+    from kombu.transport import resolve_transport
+
+    scheme = url.split("://", 1)[0] if "://" in url else url
+    try:
+        resolve_transport(scheme)
+    except (KeyError, ImportError) as exc:
+        raise ConfigurationError(
+            f"SAGA_BROKER_URL uses transport {scheme!r}, which cannot be loaded ({exc}); use "
+            "redis://host:6379/0, rediss://..., amqp://user:password@host:5672// or leave it "
+            "unset for the embedded broker"
+        ) from None
 
 
 def verify_export_file(

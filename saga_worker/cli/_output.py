@@ -22,7 +22,7 @@ EXIT_PROBLEMS = 1  # verify found problems, a demo saga ended wrong, a message w
 EXIT_USAGE = 2  # bad option, filter or argument (Click's own code for usage errors)
 EXIT_NOT_FOUND = 3  # no saga with that id
 EXIT_REFUSED = 4  # retry/abort does not apply to the saga's state; db grant refused
-EXIT_UNAVAILABLE = 5  # database unreachable or not migrated
+EXIT_UNAVAILABLE = 5  # database or broker unreachable, database not migrated
 EXIT_CONFIG = 6  # a SAGA_* setting is malformed or names something that does not exist
 EXIT_INTERNAL = 70  # a bug: reported in one line (SAGA_CLI_DEBUG=1 shows the traceback)
 
@@ -32,8 +32,9 @@ JSON_OPTION = click.option("--json", "json_mode", is_flag=True, help="Print JSON
 EXIT_CODES_HELP = (
     "Exit codes: 0 ok; 1 problems found (verify), action incomplete, or a waited-for saga "
     "did not complete; 2 bad usage or filter; 3 unknown saga; 4 action refused (the saga's "
-    "state, or db grant to an unknown or owning role); 5 database unreachable or not "
-    "migrated; 6 configuration error (fix the SAGA_* variable named); 70 internal error."
+    "state, or db grant to an unknown or owning role); 5 database or broker unreachable, "
+    "or database not migrated; 6 configuration error (fix the SAGA_* variable named); "
+    "70 internal error."
 )
 
 STATE_STYLES = {
@@ -232,7 +233,7 @@ def exit_code_for(exc: BaseException) -> int:
     """The exit code of an exception that reached the top of a command."""
     from sqlalchemy.exc import DBAPIError, OperationalError
 
-    from ..client import DatabaseUnavailable, InvalidFilter, OperationRefused
+    from ..client import BrokerUnavailable, DatabaseUnavailable, InvalidFilter, OperationRefused
     from ..errors import (
         ConfigurationError,
         GrantRefused,
@@ -250,7 +251,7 @@ def exit_code_for(exc: BaseException) -> int:
         return EXIT_REFUSED
     if isinstance(exc, ConfigurationError):
         return EXIT_CONFIG
-    if isinstance(exc, DatabaseUnavailable | UnknownSagaType):
+    if isinstance(exc, DatabaseUnavailable | BrokerUnavailable | UnknownSagaType):
         return EXIT_UNAVAILABLE
     if isinstance(exc, OperationalError | DBAPIError):
         return EXIT_UNAVAILABLE

@@ -42,6 +42,11 @@ def run(args: list[str], env: dict[str, str], home: Path) -> subprocess.Complete
             {"SAGA_IMPORTS": "no_such_module_x"},
             "no_such_module_x",
         ),
+        (
+            ["start", "backtest_workflow"],
+            {"SAGA_BROKER_URL": "nosuchtransport://u:pw-x1@h/0"},
+            "SAGA_BROKER_URL",
+        ),
         (["worker"], {"SAGA_IMPORTS": "saga_worker.no_such_sub"}, "SAGA_IMPORTS"),
     ],
 )
@@ -56,6 +61,17 @@ def test_configuration_errors_exit_6_with_one_line(
     assert "Traceback" not in result.stderr and "pw-x1" not in result.stderr
     if "--json" in args:
         assert '"exit_code": 6' in result.stdout and '"configuration_error"' in result.stdout
+
+
+def test_unreachable_broker_is_unavailable_not_internal(tmp_path: Path) -> None:
+    # Port 1 on loopback: nothing listens there.
+    env = {"SAGA_BROKER_URL": "redis://:pw-x1@127.0.0.1:1/0"}
+    result = run(["start", "backtest_workflow", "--json"], env, tmp_path)
+    assert result.returncode == 5, result.stdout + result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: cannot reach the broker at redis://:**@127.0.0.1:1/0")
+    assert "pw-x1" not in result.stdout + result.stderr
+    assert '"broker_unavailable"' in result.stdout
 
 
 def test_configuration_error_maps_to_its_own_code() -> None:
