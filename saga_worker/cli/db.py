@@ -199,7 +199,7 @@ def db_grant(
     else:
         out.table(
             ["TABLE", "PRIVILEGES"],
-            [[f"{report.schema}.{t}", ", ".join(p)] for t, p in report.tables.items()]
+            [[t, ", ".join(p)] for t, p in report.tables.items()]
             + [[f"{report.schema}.{s}", "USAGE (sequence)"] for s in report.sequences],
             title=f"role {role}{' (created)' if report.created else ''} at {safe_url}",
         )

@@ -59,6 +59,15 @@ class GrantReport:
         }
 
 
+@dataclass(frozen=True)
+class _Table:
+    name: str  # as asked for: `table` or `schema.table`
+    schema: str
+    relname: str
+    owner: str
+    qualified: str  # quoted schema.relname
+
+
 def grant_runtime(
     engine: Engine,
     role: str,
@@ -73,11 +82,18 @@ def grant_runtime(
     then granted again, so running it twice (or after a new migration) converges. With
     `create`, a missing role is created (LOGIN, no other attribute; needs CREATEROLE); with
     `password`, its password is set, after the checks, so a refused role is left untouched.
+    `app_tables` (`table` or `schema.table`) get APP_TABLE_GRANTS.
     """
     if engine.dialect.name != "postgresql":
         raise ConfigurationError(
             "db grant needs PostgreSQL: SAGA_DATABASE_URL points at "
             f"{engine.dialect.name}, which has no roles"
+        )
+    reserved = sorted(set(app_tables) & set(RUNTIME_GRANTS))
+    if reserved:
+        raise GrantRefused(
+            f"{', '.join(reserved)}: a saga table's run-time privileges are fixed; --table is "
+            "for your application's tables"
         )
     with engine.begin() as conn:
         superuser = conn.execute(
@@ -100,29 +116,30 @@ def grant_runtime(
         wanted = dict(RUNTIME_GRANTS)
         wanted.update({table: APP_TABLE_GRANTS for table in app_tables})
         found = _tables(conn, wanted)
-        schema = found["saga_checkpoints"][0]
-        for table, (table_schema, owner) in found.items():
-            _check_roles(conn, role, table, table_schema, owner)
+        for table in found.values():
+            _check_roles(conn, role, table)
         if password is not None and not created:
             _login_role(conn, "ALTER", role, password)
-        sequences: list[str] = []
         me = _quote(conn, role)
-        conn.execute(text(f"GRANT USAGE ON SCHEMA {_quote(conn, schema)} TO {me}"))
-        for table, privileges in wanted.items():
-            if table not in found:
-                continue
-            qualified = _qualified(conn, found[table][0], table)
-            conn.execute(text(f"REVOKE ALL ON TABLE {qualified} FROM {me}"))
-            conn.execute(text(f"GRANT {', '.join(privileges)} ON TABLE {qualified} TO {me}"))
-            for sequence in _owned_sequences(conn, qualified):
-                seq = _qualified(conn, found[table][0], sequence)
+        schemas = sorted({t.schema for t in found.values()})
+        for schema in schemas:
+            conn.execute(text(f"GRANT USAGE ON SCHEMA {_quote(conn, schema)} TO {me}"))
+        sequences: list[str] = []
+        granted: dict[str, tuple[str, ...]] = {}
+        for name, table in found.items():
+            privileges = wanted[name]
+            conn.execute(text(f"REVOKE ALL ON TABLE {table.qualified} FROM {me}"))
+            conn.execute(text(f"GRANT {', '.join(privileges)} ON TABLE {table.qualified} TO {me}"))
+            granted[f"{table.schema}.{table.relname}"] = privileges
+            for seq_schema, sequence in _owned_sequences(conn, table.qualified):
+                seq = _qualified(conn, seq_schema, sequence)
                 conn.execute(text(f"REVOKE ALL ON SEQUENCE {seq} FROM {me}"))
                 if "INSERT" in privileges:
                     conn.execute(text(f"GRANT USAGE ON SEQUENCE {seq} TO {me}"))
                     sequences.append(sequence)
-        granted = {t: p for t, p in wanted.items() if t in found}
-        excess = _verify(conn, role, schema, granted, found)
-    return GrantReport(role, schema, granted, tuple(sequences), excess, created)
+        excess = _verify(conn, role, schemas, found, wanted)
+    main_schema = found["saga_checkpoints"].schema
+    return GrantReport(role, main_schema, granted, tuple(sequences), excess, created)
 
 
 def _login_role(conn: Connection, verb: str, role: str, password: str | None) -> None:
@@ -139,97 +156,104 @@ def _login_role(conn: Connection, verb: str, role: str, password: str | None) ->
     conn.exec_driver_sql(str(statement))
 
 
-def _tables(conn: Connection, wanted: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, str]]:
-    """schema and owner of each wanted table that exists (as the search path resolves it)."""
-    found: dict[str, tuple[str, str]] = {}
-    for table in wanted:
+def _tables(conn: Connection, wanted: dict[str, tuple[str, ...]]) -> dict[str, _Table]:
+    """Each wanted table that exists (unqualified names as the search path resolves them)."""
+    found: dict[str, _Table] = {}
+    for name in wanted:
+        parts = name.split(".", 1) if name not in RUNTIME_GRANTS else [name]
         row = conn.execute(
             text(
-                "SELECT n.nspname, pg_get_userbyid(c.relowner) FROM pg_class c "
-                "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass(:t)"
+                "SELECT n.nspname, c.relname, pg_get_userbyid(c.relowner) FROM pg_class c "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE c.oid = to_regclass(:t) AND c.relkind IN ('r', 'p')"
             ),
-            {"t": _quote(conn, table)},
+            {"t": ".".join(_quote(conn, part) for part in parts)},
         ).first()
         if row is not None:
-            found[table] = (str(row[0]), str(row[1]))
-        elif table in RUNTIME_GRANTS and table != VERSION_TABLE:
+            schema, relname, owner = (str(v) for v in row)
+            found[name] = _Table(name, schema, relname, owner, _qualified(conn, schema, relname))
+        elif name in RUNTIME_GRANTS and name != VERSION_TABLE:
             raise GrantRefused(
-                f"the database has no table {table}: run `saga-worker db upgrade` first"
+                f"the database has no table {name}: run `saga-worker db upgrade` first"
             )
-        elif table not in RUNTIME_GRANTS:
+        elif name not in RUNTIME_GRANTS:
             raise GrantRefused(
-                f"the database has no table {table!r}: create it first (as its owner), then "
+                f"the database has no table {name!r}: create it first (as its owner), then "
                 "grant (`--examples` creates the example tables)"
             )
     return found
 
 
-def _check_roles(conn: Connection, role: str, table: str, schema: str, owner: str) -> None:
+def _check_roles(conn: Connection, role: str, table: _Table) -> None:
+    where = f"{table.schema}.{table.relname}"
     if conn.execute(
-        text("SELECT pg_has_role(:role, :owner, 'MEMBER')"), {"role": role, "owner": owner}
+        text("SELECT pg_has_role(:role, :owner, 'MEMBER')"), {"role": role, "owner": table.owner}
     ).scalar():
         raise GrantRefused(
-            f"role {role!r} owns {schema}.{table} (or is a member of its owner {owner!r}), so it "
+            f"role {role!r} owns {where} (or is a member of its owner {table.owner!r}), so it "
             "could disable the audit table's triggers: run the processes as a separate role "
             "that owns nothing"
         )
     if not conn.execute(
-        text("SELECT pg_has_role(current_user, :owner, 'USAGE')"), {"owner": owner}
+        text("SELECT pg_has_role(current_user, :owner, 'USAGE')"), {"owner": table.owner}
     ).scalar():
         me = conn.execute(text("SELECT current_user")).scalar()
         raise GrantRefused(
-            f"connected as {me!r}, which cannot grant on {schema}.{table} (owned by {owner!r}): "
+            f"connected as {me!r}, which cannot grant on {where} (owned by {table.owner!r}): "
             "run `saga-worker db grant` with the owner's SAGA_DATABASE_URL (the one migrations use)"
         )
 
 
-def _owned_sequences(conn: Connection, qualified: str) -> list[str]:
-    """Sequences behind serial or identity columns of the table."""
+def _owned_sequences(conn: Connection, qualified: str) -> list[tuple[str, str]]:
+    """(schema, name) of the sequences behind serial or identity columns of the table."""
     rows = conn.execute(
         text(
-            "SELECT s.relname FROM pg_class s JOIN pg_depend d ON d.objid = s.oid "
+            "SELECT n.nspname, s.relname FROM pg_class s "
+            "JOIN pg_namespace n ON n.oid = s.relnamespace "
+            "JOIN pg_depend d ON d.objid = s.oid "
             "WHERE s.relkind = 'S' AND d.deptype IN ('a', 'i') "
             "AND d.refobjid = to_regclass(:t) ORDER BY s.relname"
         ),
         {"t": qualified},
     )
-    return [str(r[0]) for r in rows]
+    return [(str(r[0]), str(r[1])) for r in rows]
 
 
 def _verify(
     conn: Connection,
     role: str,
-    schema: str,
-    granted: dict[str, tuple[str, ...]],
-    found: dict[str, tuple[str, str]],
+    schemas: list[str],
+    found: dict[str, _Table],
+    wanted: dict[str, tuple[str, ...]],
 ) -> list[str]:
     """Check what the role can do now: a missing grant is an error (the GRANT warned and did
     nothing), an extra privilege from PUBLIC or a membership is reported with its fix."""
     excess: list[str] = []
-    for table, privileges in granted.items():
-        qualified = _qualified(conn, found[table][0], table)
+    for name, table in found.items():
         for privilege in TABLE_PRIVILEGES:
             has = conn.execute(
                 text("SELECT has_table_privilege(:role, to_regclass(:t), :p)"),
-                {"role": role, "t": qualified, "p": privilege},
+                {"role": role, "t": table.qualified, "p": privilege},
             ).scalar()
-            if privilege in privileges and not has:
+            if privilege in wanted[name] and not has:
                 raise GrantRefused(
-                    f"granting {privilege} on {qualified} to {role!r} had no effect: run "
+                    f"granting {privilege} on {table.qualified} to {role!r} had no effect: run "
                     "`saga-worker db grant` as the owner of the tables"
                 )
-            if privilege not in privileges and has:
+            if privilege not in wanted[name] and has:
                 excess.append(
-                    f"{privilege} on {qualified} (from PUBLIC or a role {role!r} is a member "
-                    f"of: REVOKE {privilege} ON {qualified} FROM PUBLIC, or from that role)"
+                    f"{privilege} on {table.qualified} (from PUBLIC or a role {role!r} is a "
+                    f"member of: REVOKE {privilege} ON {table.qualified} FROM PUBLIC, or from "
+                    "that role)"
                 )
-    if conn.execute(
-        text("SELECT has_schema_privilege(:role, :s, 'CREATE')"), {"role": role, "s": schema}
-    ).scalar():
-        excess.append(
-            f"CREATE on schema {schema} (REVOKE CREATE ON SCHEMA {_quote(conn, schema)} "
-            "FROM PUBLIC; PostgreSQL 15 and later do this by default for schema public)"
-        )
+    for schema in schemas:
+        if conn.execute(
+            text("SELECT has_schema_privilege(:role, :s, 'CREATE')"), {"role": role, "s": schema}
+        ).scalar():
+            excess.append(
+                f"CREATE on schema {schema} (REVOKE CREATE ON SCHEMA {_quote(conn, schema)} "
+                "FROM PUBLIC; PostgreSQL 15 and later do this by default for schema public)"
+            )
     return excess
 
 

@@ -443,3 +443,47 @@ def test_warm_shutdown_lets_the_running_step_finish(
         if second is not None:
             second.stop()
         store.engine.dispose()
+
+
+def test_grant_app_tables_and_report_privileges_left_through_public(pg_admin_url: str) -> None:
+    url = fresh_postgres_database(pg_admin_url)
+    env = {"SAGA_DATABASE_URL": url}
+    role = create_role(url)
+    engine = admin(url)
+    with engine.connect() as conn:
+        conn.execute(text("CREATE SCHEMA shop"))
+        conn.execute(text("CREATE TABLE shop.orders (id bigserial PRIMARY KEY, note text)"))
+        conn.execute(text("CREATE TABLE ledger (id int GENERATED ALWAYS AS IDENTITY, x int)"))
+    engine.dispose()
+    result = cli(
+        ["db", "grant", role, "--table", "shop.orders", "--table", "ledger", "--json"], env
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["tables"]["shop.orders"] == ["SELECT", "INSERT", "UPDATE", "DELETE"]
+    assert report["tables"]["public.ledger"] == ["SELECT", "INSERT", "UPDATE", "DELETE"]
+    assert {"orders_id_seq", "ledger_id_seq"} <= set(report["sequences"])
+    role_engine = create_db_engine(as_role(url, role), pool=False)
+    try:
+        with role_engine.begin() as conn:
+            conn.execute(text("INSERT INTO shop.orders (note) VALUES ('a')"))
+            conn.execute(text("INSERT INTO ledger (x) VALUES (1)"))
+            conn.execute(text("DELETE FROM shop.orders"))
+        with pytest.raises(DBAPIError), role_engine.begin() as conn:
+            conn.execute(text("TRUNCATE shop.orders"))
+    finally:
+        role_engine.dispose()
+    saga_table = cli(["db", "grant", role, "--table", "saga_audit_logs"], env)
+    assert saga_table.returncode == 4 and "fixed" in saga_table.stderr
+    missing = cli(["db", "grant", role, "--table", "no_such_table"], env)
+    assert missing.returncode == 4 and "no table 'no_such_table'" in missing.stderr
+    # Someone granted the audit table to PUBLIC: the grant itself is done, but it says what
+    # the role can still do and exits 1.
+    engine = admin(url)
+    with engine.connect() as conn:
+        conn.execute(text("GRANT UPDATE ON saga_audit_logs TO PUBLIC"))
+    engine.dispose()
+    leaky = cli(["db", "grant", role], env)
+    assert leaky.returncode == 1, leaky.stderr
+    assert "UPDATE on public.saga_audit_logs" in leaky.stderr
+    assert "REVOKE UPDATE ON public.saga_audit_logs FROM PUBLIC" in leaky.stderr
