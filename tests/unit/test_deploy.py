@@ -441,6 +441,14 @@ def test_prometheus_sends_alerts_to_the_composed_alertmanager() -> None:
     severities = {r["labels"]["severity"] for g in rules["groups"] for r in g["rules"]}
     routed = {m.split("=")[1].strip('"') for r in config["route"]["routes"] for m in r["matchers"]}
     assert routed <= severities
+    alerts = {r["alert"] for g in rules["groups"] for r in g["rules"]}
+    for inhibit in config.get("inhibit_rules", []):
+        for matcher in inhibit["source_matchers"] + inhibit["target_matchers"]:
+            parsed = re.fullmatch(r'(\w+)=~?"(.*)"', matcher)
+            assert parsed, matcher
+            label, value = parsed.groups()
+            if label == "alertname":
+                assert set(value.split("|")) <= alerts, matcher
 
 
 def test_amtool_check_config() -> None:
