@@ -40,7 +40,8 @@ class Settings:
     broker_url: str
     home: Path
     imports: tuple[str, ...] = ()
-    queue: str = "celery"
+    queue: str = "saga"
+    celery_config: str | None = None
     metrics_port: int | None = None
     recovery_interval_seconds: float = 10.0
     stall_grace_seconds: float = 30.0
@@ -75,7 +76,8 @@ class Settings:
             broker_url=env.get("SAGA_BROKER_URL") or "filesystem://",
             home=home,
             imports=tuple(m.strip() for m in env.get("SAGA_IMPORTS", "").split(",") if m.strip()),
-            queue=env.get("SAGA_QUEUE") or "celery",
+            queue=env.get("SAGA_QUEUE") or "saga",
+            celery_config=env.get("SAGA_CELERY_CONFIG", "").strip() or None,
             metrics_port=_int(env, "SAGA_METRICS_PORT", None, minimum=0),
             recovery_interval_seconds=_float(env, "SAGA_RECOVERY_INTERVAL_SECONDS", 10.0),
             stall_grace_seconds=_float(env, "SAGA_STALL_GRACE_SECONDS", 30.0),
