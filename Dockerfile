@@ -11,7 +11,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY saga_worker ./saga_worker
 COPY migrations ./migrations
-RUN pip install . \
+RUN pip install '.[flower]' \
     && useradd --system --uid 10001 --create-home --home-dir /home/saga saga
 
 # Run from outside the source tree: the installed package (migrations included) is used.
