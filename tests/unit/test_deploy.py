@@ -1,5 +1,5 @@
 """deploy/, Dockerfile and docker-compose.yml: valid, consistent with each other, the code and
-the README. No Docker engine is needed: the compose file is checked, not run."""
+docs/. No Docker engine is needed: the compose file is checked, not run."""
 
 from __future__ import annotations
 
@@ -241,8 +241,9 @@ def published_ports(service: dict[str, Any]) -> set[int]:
 
 
 def readme_ports() -> dict[str, int]:
-    readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("## Observability and deployment") :]
+    """The published ports the operations runbook lists for the compose stack."""
+    runbook = (REPO / "docs" / "operations.md").read_text()
+    section = runbook[runbook.index("## Docker compose") :]
     return {
         service: int(port)
         for service, port in re.findall(r"^\| (\w+) \| (\d+) \|", section, re.MULTILINE)
