@@ -21,7 +21,7 @@ PACKAGE = Path(saga_worker.__file__).resolve().parent
 # Built by concatenation so that this file does not match itself.
 FORBIDDEN = re.compile(
     "|".join(
-        re.escape(p) for p in ("../" + "shared", "shared/" + "DESIGN", "DESIGN" + ".md")
+        re.escape(p) for p in (".." + "/shared", "shared" + "/DESIGN", "DESIGN" + ".md")
     )
 )
 # [text](target) in Markdown; targets with a scheme or a pure anchor stay inside anyway.
@@ -79,6 +79,31 @@ def test_markdown_links_stay_inside_the_repository() -> None:
             if not resolved.is_relative_to(REPO):
                 escaping.append(f"{path.relative_to(REPO)}: {target}")
     assert escaping == []
+
+
+def github_anchor(heading: str) -> str:
+    """The id GitHub gives a Markdown heading: lower case, punctuation dropped, spaces to -."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_markdown_anchors_name_existing_headings() -> None:
+    # Links to documents written in other branches (docs/deployment.md, docs/rabbitmq.md) are
+    # checked once the file exists; an anchor into a file that exists must name a heading.
+    broken = []
+    for path in tracked_files():
+        if path.suffix != ".md" or (text := text_of(path)) is None:
+            continue
+        for target in MD_LINK.findall(text):
+            if "://" in target or "#" not in target:
+                continue
+            name, anchor = target.split("#", 1)
+            linked = (path.parent / name).resolve() if name else path
+            if (linked_text := text_of(linked)) is None:
+                continue
+            headings = re.findall(r"^#{1,6} (.+)$", linked_text, re.MULTILINE)
+            if anchor not in {github_anchor(h) for h in headings}:
+                broken.append(f"{path.relative_to(REPO)}: {target}")
+    assert broken == []
 
 
 def test_export_manifest_names_the_hash_definition_not_a_file() -> None:
