@@ -18,7 +18,7 @@ RUN pip install '.[flower]' \
 WORKDIR /home/saga
 USER saga
 
-# The example saga (DESIGN.md §8); add your modules, comma-separated.
+# The example saga (docs/contract.md); add your modules, comma-separated.
 ENV SAGA_IMPORTS=saga_worker.examples
 
 # 9100: worker metrics, 9101: beat metrics, 5555: Flower.

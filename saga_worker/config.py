@@ -34,7 +34,7 @@ def default_home() -> Path:
 
 @dataclass(frozen=True)
 class Settings:
-    """Every knob of DESIGN.md §6; build with `Settings.from_env()`."""
+    """Every knob of docs/contract.md (Environment variables); build with `Settings.from_env()`."""
 
     database_url: str
     broker_url: str

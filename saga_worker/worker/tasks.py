@@ -42,7 +42,7 @@ DB_OUTAGE_RETRY: dict[str, Any] = {
 
 
 def register_core_tasks(app: Any, runtimes: RuntimeFactory) -> None:
-    """Register the stable task names of DESIGN.md §2 on `app`."""
+    """Register the stable task names of docs/contract.md (Tasks) on `app`."""
 
     @app.task(name="saga.start", bind=True, **DB_OUTAGE_RETRY)  # type: ignore[untyped-decorator]
     def saga_start(task: Any, /, *args: Any, **kwargs: Any) -> dict[str, Any]:

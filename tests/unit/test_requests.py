@@ -1,4 +1,4 @@
-"""Validation of producer messages: saga.start and saga.abort kwargs (DESIGN.md §2)."""
+"""Validation of producer messages: saga.start and saga.abort kwargs (docs/contract.md)."""
 
 from __future__ import annotations
 
