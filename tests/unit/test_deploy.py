@@ -318,7 +318,7 @@ def test_dockerfile_installs_the_package_with_its_migrations() -> None:
     for line in (
         "COPY saga_worker ./saga_worker",
         "COPY migrations ./migrations",
-        "RUN pip install .",
+        "RUN pip install '.[flower]'",  # Flower runs from the same image
     ):
         assert line in dockerfile
     assert "USER saga" in dockerfile
