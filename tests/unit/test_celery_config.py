@@ -75,3 +75,17 @@ def test_it_may_not_change_what_the_engine_relies_on(
 def test_a_module_that_cannot_be_imported_is_a_configuration_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="SAGA_CELERY_CONFIG='no_such_module_x'"):
         create_app(_settings(tmp_path, "no_such_module_x"))
+
+
+def test_the_signing_key_can_come_from_a_file(tmp_path: Path) -> None:
+    key_file = tmp_path / "key"
+    key_file.write_text("k" * 64 + "\n")
+    settings = Settings.from_env({"SAGA_SIGNING_KEY_FILE": str(key_file)})
+    assert settings.signing_key == "k" * 64
+    with pytest.raises(ConfigurationError, match="not both"):
+        Settings.from_env({"SAGA_SIGNING_KEY_FILE": str(key_file), "SAGA_SIGNING_KEY": "x"})
+    with pytest.raises(ConfigurationError, match="cannot be read"):
+        Settings.from_env({"SAGA_SIGNING_KEY_FILE": str(tmp_path / "missing")})
+    key_file.write_text("\n")
+    with pytest.raises(ConfigurationError, match="is empty"):
+        Settings.from_env({"SAGA_SIGNING_KEY_FILE": str(key_file)})
