@@ -23,6 +23,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
 
 from . import registry
 from .audit import (
+    AUDIT_HASH_SPEC,
     EXPORT_COLUMNS,
     EXPORT_FORMATS,
     FILE_MISMATCH,
@@ -356,8 +357,8 @@ class SagaClient:
     def start(self, saga_type: str, context: dict[str, Any], **fields: Any) -> str:
         """Send saga.start exactly as a producer would; returns the saga's id.
 
-        Without a saga_id the id is the start message's task id (DESIGN §2). It is also put in
-        the message, so the id holds whatever version the consuming workers run.
+        Without a saga_id the id is the start message's task id (docs/contract.md, Producer).
+        It is also put in the message, so the id holds whatever version the workers run.
         """
         from celery.utils import uuid
 
@@ -739,8 +740,9 @@ class SagaClient:
                         "since": iso_utc(since) if since else None,
                         "until": iso_utc(until) if until else None,
                         "saga_type": saga_type,
-                        "hash": "SHA-256 of canonical JSON of every column but id and hash "
-                        "(DESIGN.md section 4); prev_hash links each saga's rows",
+                        # Names the definition instead of pointing at a document, so the
+                        # manifest stays meaningful wherever the export is archived.
+                        "hash": AUDIT_HASH_SPEC,
                         "heads": heads,
                     },
                     indent=1,

@@ -44,16 +44,9 @@ trap 'exit 143' TERM
 # ------------------------------------------------------------ virtualenv ----
 
 phase "virtualenv (.venv)"
-if [[ ! -x .venv/bin/python ]]; then
-    if ! python3 -m venv .venv; then
-        # Debian's system python needs python3-venv for ensurepip.
-        rm -rf .venv
-        log "python3 -m venv failed; installing python3-venv"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
-        python3 -m venv .venv
-    fi
-fi
+# shellcheck source=scripts/venv.sh
+source scripts/venv.sh
+ensure_venv
 if [[ -f pyproject.toml ]]; then
     # -q keeps pip silent unless something goes wrong.
     .venv/bin/pip install -q -e '.[dev]'

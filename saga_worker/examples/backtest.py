@@ -234,7 +234,7 @@ backtest_workflow = register(
     )
 )
 
-try:  # the demo table is created when a worker imports this module (DESIGN.md §8)
+try:  # the demo table is created when a worker imports this module (docs/contract.md)
     _db()
 except Exception as exc:  # a missing database must not break importing the definition
     log.warning("example_backtests not created yet: %s", type(exc).__name__)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
+from celery.app.defaults import DEFAULTS as CELERY_SETTINGS
 from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init
 from kombu.entity import Queue
 
@@ -15,6 +16,7 @@ from .. import metrics, registry
 from ..audit import Redactor, install_log_redaction
 from ..config import Settings
 from ..engine import utcnow
+from ..errors import ConfigurationError
 from ..recovery import sweep
 from .broker import TRANSPORT_PATH
 from .guard import GuardedTask
@@ -43,6 +45,59 @@ def broker_options(settings: Settings) -> dict[str, Any]:
     if settings.broker_url.startswith(("redis://", "rediss://")):
         return {"visibility_timeout": 3600}
     return {}
+
+
+# What the saga engine's guarantees rest on: SAGA_CELERY_CONFIG may not change these.
+PINNED_SETTINGS = (
+    "task_serializer",
+    "result_serializer",
+    "accept_content",
+    "event_serializer",
+    "result_accept_content",
+    "task_acks_late",
+    "task_reject_on_worker_lost",
+    "task_send_sent_event",
+    "task_default_queue",
+    "task_queues",
+    "task_routes",
+    "enable_utc",
+    "timezone",
+)
+
+
+def apply_celery_config(app: Celery, module_name: str) -> None:
+    """Apply the settings of the module SAGA_CELERY_CONFIG names (Sentinel, TLS, transport).
+
+    Its upper-case or lower-case Celery settings override the defaults, except those in
+    PINNED_SETTINGS; its `broker_transport_options` are merged over ours.
+    """
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"SAGA_CELERY_CONFIG={module_name!r} cannot be imported ({exc}); "
+            "name a module on the Python path of every worker, beat and CLI process"
+        ) from None
+    given = {
+        name.lower(): value
+        for name, value in vars(module).items()
+        if not name.startswith("_") and name.lower() in CELERY_SETTINGS
+    }
+    pinned = sorted(name for name in given if name in PINNED_SETTINGS)
+    if pinned:
+        raise ConfigurationError(
+            f"SAGA_CELERY_CONFIG={module_name!r} sets {', '.join(pinned)}, which saga_worker "
+            "fixes (JSON only, late acks, its own queue); remove them from that module "
+            "(use SAGA_QUEUE for the queue name)"
+        )
+    options = given.pop("broker_transport_options", None)
+    if options is not None:
+        if not isinstance(options, dict):
+            raise ConfigurationError(
+                f"SAGA_CELERY_CONFIG={module_name!r}: broker_transport_options must be a dict"
+            )
+        given["broker_transport_options"] = {**app.conf.broker_transport_options, **options}
+    app.conf.update(given)
 
 
 def _redact_logs(settings: Settings) -> None:
@@ -79,8 +134,11 @@ def create_app(settings: Settings | None = None) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
+        # Every saga message on the saga's own queue, never Celery's default `celery`: a
+        # worker of another application that consumes `celery` drops unknown task names.
         task_default_queue=settings.queue,
         task_queues=[Queue(settings.queue)],  # type: ignore[no-untyped-call]
+        task_routes={"saga.*": {"queue": settings.queue}},
         # Task events cost a Redis round trip each in the worker's single-threaded main
         # process (about a third of its CPU per task). Off unless someone watches: Flower
         # turns them on in every worker it sees (its default --enable_events), and
@@ -99,6 +157,8 @@ def create_app(settings: Settings | None = None) -> Celery:
             }
         },
     )
+    if settings.celery_config:
+        apply_celery_config(app, settings.celery_config)
     _redact_logs(settings)
     runtimes = RuntimeFactory(app, settings)
     # Metrics subscribe to engine hooks; Celery signals set up their endpoint (SAGA_METRICS_PORT).

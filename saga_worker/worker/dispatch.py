@@ -28,7 +28,6 @@ class CeleryDispatcher:
         self.settings = settings
         self.signing_key = signing_key
         self.redactor = Redactor(settings.redact_keys)
-        self.redis_broker = settings.broker_url.startswith(("redis://", "rediss://"))
 
     def _kwargsrepr(self, kwargs: dict[str, Any]) -> str:
         # What task events, Flower and worker logs show instead of the real kwargs:
@@ -103,9 +102,5 @@ class CeleryDispatcher:
             kwargs=local_kwargs,
             kwargsrepr=self._kwargsrepr(local_kwargs),
             queue=self.settings.queue,
-            # On Redis a direct queue is a list that LPUSH creates; Celery's per-publish
-            # declare only re-checks a binding the worker made when it started consuming.
-            # Other brokers (RabbitMQ) keep it: there an undeclared queue drops messages.
-            declare=[] if self.redis_broker else None,
             **options,
         )

@@ -16,7 +16,7 @@ from ..core.definition import SagaDefinition, StepInput, idempotency_key
 from ..core.events import ResultRejected, StepFailed, StepSucceeded
 from ..core.model import Direction
 from ..errors import InvalidRequest, NonRetryableStepError, SagaError, SagaNotFound
-from ..requests import check_context, parse_abort, parse_start, valid_saga_id
+from ..requests import check_context, parse_abort, parse_start, start_saga_id, valid_saga_id
 from ..store.repository import retry_transient
 from ..tokens import token_valid
 from . import snapshot
@@ -42,14 +42,15 @@ DB_OUTAGE_RETRY: dict[str, Any] = {
 
 
 def register_core_tasks(app: Any, runtimes: RuntimeFactory) -> None:
-    """Register the stable task names of DESIGN.md §2 on `app`."""
+    """Register the stable task names of docs/contract.md (Tasks) on `app`."""
 
-    @app.task(name="saga.start", **DB_OUTAGE_RETRY)  # type: ignore[untyped-decorator]
-    def saga_start(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    @app.task(name="saga.start", bind=True, **DB_OUTAGE_RETRY)  # type: ignore[untyped-decorator]
+    def saga_start(task: Any, /, *args: Any, **kwargs: Any) -> dict[str, Any]:
         rt = runtimes.get()
-        raw_id = kwargs.get("saga_id")
+        message_id = task.request.id
+        raw_id = start_saga_id(kwargs, message_id)
         try:
-            request = parse_start(args, kwargs, rt.settings)
+            request = parse_start(args, kwargs, rt.settings, message_id)
             registry.get(request.saga_type)
         except SagaError as exc:
             return _reject_start(rt, raw_id, kwargs, exc)

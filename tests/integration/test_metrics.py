@@ -317,7 +317,7 @@ class Observed:
         return "\n".join(parts)
 
 
-# What the workload must produce, worked out by hand from DESIGN.md §3-§4 and §8
+# What the workload must produce, worked out by hand from docs/contract.md (states, events)
 # (3 attempts per step and compensation):
 #   3 x complete; 2 x fail_step run_strategy; 1 x flaky save_results (1 failure);
 #   1 x fail_step save_results + fail_compensation create_backtest (ends FAILED);

@@ -1,5 +1,5 @@
 """deploy/, Dockerfile and docker-compose.yml: valid, consistent with each other, the code and
-the README. No Docker engine is needed: the compose file is checked, not run."""
+docs/. No Docker engine is needed: the compose file is checked, not run."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ from typing import Any
 import yaml
 
 from saga_worker import metrics
-from tests.requirements import require_binary, unavailable
+from tests.requirements import require_binary
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 PROMETHEUS = DEPLOY / "prometheus"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "saga_worker.json"
-DESIGN = REPO.parent / "shared" / "DESIGN.md"
+CONTRACT = REPO / "docs" / "contract.md"
 
 HISTOGRAMS = {
     "saga_duration_seconds",
@@ -247,21 +247,20 @@ def test_grafana_provisioning_matches_dashboard() -> None:
     assert "./deploy/grafana/provisioning:/etc/grafana/provisioning:ro" in grafana["volumes"]
 
 
-def design_metrics() -> dict[str, tuple[str, ...]]:
-    """`name{labels}` of DESIGN.md §5 (the binding contract)."""
-    if not DESIGN.exists():
-        unavailable(f"{DESIGN} not found (shared/ lies beside the repository)")
-    text = DESIGN.read_text()
-    section = text[text.index("## 5.") : text.index("## 6.")]
+def contract_metrics() -> dict[str, tuple[str, ...]]:
+    """`name{labels}` of the Metrics section of docs/contract.md (the binding contract)."""
+    text = CONTRACT.read_text()
+    start = text.index("\n## Metrics\n")
+    section = text[start : text.index("\n## ", start + 1)]
     return {
         name: tuple(labels.split(","))
         for name, labels in re.findall(r"`(saga_[a-z_]+)\{([a-z_,]+)\}`", section)
     }
 
 
-def test_metrics_match_design_names_and_labels() -> None:
-    design = design_metrics()
-    assert set(design) == metrics.DESIGN_METRICS
+def test_metrics_match_contract_names_and_labels() -> None:
+    contract = contract_metrics()
+    assert set(contract) == metrics.METRIC_NAMES
     m = metrics.SagaMetrics()  # not registered anywhere: registry=None
     served: dict[str, tuple[str, ...]] = {}
     for value in vars(m).values():
@@ -270,8 +269,10 @@ def test_metrics_match_design_names_and_labels() -> None:
         if value._type == "histogram":
             labels = tuple(n for n in labels if n != "le")
         served[name] = labels
-    served["saga_running_current"] = ("saga_type",)  # from the database collector
-    assert served == design
+    # The state gauges come from the database collector, not from SagaMetrics.
+    for gauge in ("saga_running_current", "saga_failed_current", "saga_stalled_current"):
+        served[gauge] = ("saga_type",)
+    assert served == contract
 
 
 # -- docker compose ----------------------------------------------------------------------------
@@ -292,8 +293,9 @@ def published_ports(service: dict[str, Any]) -> set[int]:
 
 
 def readme_ports() -> dict[str, int]:
-    readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("## Observability and deployment") :]
+    """The published ports the operations runbook lists for the compose stack."""
+    runbook = (REPO / "docs" / "operations.md").read_text()
+    section = runbook[runbook.index("## Docker compose") :]
     return {
         service: int(port)
         for service, port in re.findall(r"^\| (\w+) \| (\d+) \|", section, re.MULTILINE)
@@ -324,7 +326,7 @@ def test_compose_services_ports_and_health_checks() -> None:
     ports = {name: published_ports(s) for name, s in services.items() if s.get("ports")}
     published = {name: p for name, (p,) in ((n, tuple(v)) for n, v in ports.items())}
     assert published == deployment_doc_ports()
-    # The README's table may list fewer services, but no port that is not published.
+    # The operations runbook's table may list fewer services, but no port that is not published.
     assert readme_ports().items() <= published.items()
     for name, service in services.items():
         if name == "migrate":
@@ -471,7 +473,7 @@ def test_dockerfile_installs_the_package_with_its_migrations() -> None:
     for line in (
         "COPY saga_worker ./saga_worker",
         "COPY migrations ./migrations",
-        "RUN pip install .",
+        "RUN pip install '.[flower]'",  # Flower runs from the same image
     ):
         assert line in dockerfile
     assert "USER saga" in dockerfile

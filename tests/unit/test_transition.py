@@ -162,7 +162,7 @@ def test_start_creates_running_saga_and_sends_first_attempt() -> None:
     assert saga.pending is not None
     assert saga.pending.key() == (0, FWD, 1)
     assert saga.pending.not_before == NOW
-    # deadline = dispatch time + step timeout + stall grace (DESIGN.md §3)
+    # deadline = dispatch time + step timeout + stall grace (docs/recovery.md)
     assert saga.pending.deadline == NOW + timedelta(seconds=10 + 30)
     assert d.commands == (RunAttempt("saga-1", 0, FWD, 1, NOW),)
     assert types(d.audit) == ["saga_start", "step_start"]
