@@ -75,3 +75,18 @@ def test_the_app_sizes_it_from_the_imported_sagas(tmp_path: Path) -> None:
         registry.all_definitions(), settings.default_step_timeout_seconds
     )
     assert app.conf.worker_soft_shutdown_timeout == expected >= 30 + MARGIN
+
+
+def test_saga_celery_config_wins(tmp_path: Path, monkeypatch: Any) -> None:
+    from saga_worker.worker.app import create_app
+
+    (tmp_path / "shutdown_conf_x1.py").write_text("worker_soft_shutdown_timeout = 600.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    settings = Settings.from_env(
+        {
+            "SAGA_HOME": str(tmp_path),
+            "SAGA_IMPORTS": "saga_worker.examples",
+            "SAGA_CELERY_CONFIG": "shutdown_conf_x1",
+        }
+    )
+    assert create_app(settings).conf.worker_soft_shutdown_timeout == 600.0
