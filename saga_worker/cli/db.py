@@ -30,9 +30,17 @@ def _database(safe_url: str) -> Iterator[None]:
 
     try:
         yield
-    except (OperationalError, ProgrammingError) as exc:
+    except OperationalError as exc:
         first = (str(exc.orig).strip().splitlines() or ["?"])[0]
-        raise DatabaseUnavailable(f"database at {safe_url}: {first}") from None
+        raise DatabaseUnavailable(f"cannot reach the database at {safe_url}: {first}") from None
+    except ProgrammingError as exc:
+        first = (str(exc.orig).strip().splitlines() or ["?"])[0]
+        raise DatabaseUnavailable(f"the database at {safe_url} refused: {first}") from None
+
+
+def _json_errors(json_mode: bool) -> None:
+    """Errors of this command as JSON too when --json was given (see SagaGroup.invoke)."""
+    click.get_current_context().find_root().meta["saga_json"] = json_mode
 
 
 def _engine() -> tuple[Any, str]:
@@ -67,7 +75,7 @@ def db_upgrade(revision: str, sql: bool) -> None:
         upgrade_sql(Settings.from_env().database_url, sys.stdout, revision)
         return
     engine, safe_url = _engine()
-    with _database(f"{safe_url} (cannot reach it or cannot migrate)"):
+    with _database(safe_url):
         upgrade(engine, revision)
         now = current_revision(engine)
     engine.dispose()
@@ -81,6 +89,7 @@ def db_current(check: bool, json_mode: bool) -> None:
     """Show the revision the database is at (`none` before the first upgrade)."""
     from ..store.migrate import current_revision, head_revision
 
+    _json_errors(json_mode)
     engine, safe_url = _engine()
     with _database(safe_url):
         current = current_revision(engine)
@@ -105,6 +114,7 @@ def db_history(json_mode: bool) -> None:
     """List the migrations this version ships, newest first (no database needed)."""
     from ..store.migrate import history
 
+    _json_errors(json_mode)
     revisions = history()
     out = Output(json_mode)
     if json_mode:
@@ -174,6 +184,7 @@ def db_grant(
     from ..errors import ConfigurationError
     from ..store.grants import grant_runtime
 
+    _json_errors(json_mode)
     password = None
     if password_env is not None:
         password = os.environ.get(password_env)

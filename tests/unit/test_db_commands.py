@@ -74,3 +74,23 @@ def test_runtime_grants_never_allow_rewriting_history_or_ddl() -> None:
     for table, privileges in RUNTIME_GRANTS.items():
         assert not {"DELETE", "TRUNCATE", "TRIGGER", "REFERENCES"} & set(privileges), table
     assert "TRUNCATE" not in APP_TABLE_GRANTS and "TRIGGER" not in APP_TABLE_GRANTS
+
+
+def test_db_current_and_grant_name_an_unreachable_database_in_one_line(tmp_path: Path) -> None:
+    url = "postgresql+psycopg://owner:pw-x2@127.0.0.1:1/sagas"
+    for args in (["db", "current", "--json"], ["db", "grant", "saga_app", "--json"]):
+        result = run(args, {"SAGA_DATABASE_URL": url}, tmp_path)
+        assert result.returncode == 5, result.stderr
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith(
+            "error: cannot reach the database at postgresql+psycopg://owner:***@127.0.0.1:1/sagas"
+        )
+        assert json.loads(result.stdout)["error"]["code"] == "database_unavailable"
+        assert "pw-x2" not in result.stdout + result.stderr
+
+
+def test_db_grant_needs_postgresql(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 's.sqlite3'}"
+    assert run(["db", "upgrade"], {"SAGA_DATABASE_URL": url}, tmp_path).returncode == 0
+    result = run(["db", "grant", "saga_app"], {"SAGA_DATABASE_URL": url}, tmp_path)
+    assert result.returncode == 6 and "needs PostgreSQL" in result.stderr
