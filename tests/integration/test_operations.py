@@ -186,6 +186,11 @@ def runtime(
     }
     worker = start_worker("saga_worker.app", env, env["SAGA_QUEUE"], folder / "worker.log")
     try:
+        # One saga through, so that every test finds audit rows, whichever runs alone.
+        first = cli(
+            ["start", "backtest_workflow", "--context", '{"strategy_id": 1}', "--wait", "60"], env
+        )
+        assert first.returncode == 0, first.stderr + worker.log_tail()
         yield RuntimeStack(owner_url, role, role_url, env, worker)
     finally:
         worker.stop()
@@ -324,7 +329,7 @@ def test_runtime_role_is_refused_what_would_rewrite_history(
     engine = create_db_engine(runtime.role_url, pool=False)
     try:
         with engine.begin() as conn:
-            # Some rows exist (the starts above), so the row triggers would fire too.
+            # Rows exist (the fixture's saga), so the row triggers would fire too.
             assert conn.execute(text("SELECT count(*) FROM saga_audit_logs")).scalar()
         with pytest.raises(DBAPIError) as refused, engine.begin() as conn:
             conn.execute(text(statement))
