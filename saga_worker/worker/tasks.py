@@ -6,15 +6,17 @@ import logging
 import time
 import traceback
 from collections.abc import Mapping
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, NoReturn
 
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Retry, SoftTimeLimitExceeded
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from .. import registry
 from ..core.definition import SagaDefinition, StepInput, idempotency_key
 from ..core.events import ResultRejected, StepFailed, StepSucceeded
 from ..core.model import Direction
+from ..core.transition import Decision, next_attempt
 from ..errors import InvalidRequest, NonRetryableStepError, SagaError, SagaNotFound
 from ..requests import check_context, parse_abort, parse_start, valid_saga_id
 from ..store.repository import retry_transient
@@ -186,6 +188,43 @@ def _short(exc: BaseException) -> str:
     return _describe(exc)[:300]
 
 
+class StepAttemptFailed(Exception):
+    """A step attempt failed and the engine has already recorded it.
+
+    Raised by a step task only after its transition was committed, so that Celery's task
+    events and Flower show FAILURE (or RETRY, wrapped in celery's Retry) instead of SUCCESS.
+    It is neither a database error (DB_OUTAGE_RETRY's autoretry_for) nor Reject: Celery acks
+    the message (acks_late with task_acks_on_failure_or_timeout, its default) and nothing
+    is re-published; the engine has already sent the next attempt, if any.
+    """
+
+    def __init__(self, error_type: str, message: str) -> None:
+        # Both positional, so the exception pickles across the prefork pool as it is.
+        super().__init__(error_type, message)
+        self.error_type = error_type
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.error_type}: {self.message}"
+
+
+# What a failed attempt shows in Flower and in the worker's one log line about it; the
+# whole message and stack trace are in the audit trail.
+SHOWN_ERROR_CHARS = 500
+
+
+def _report_failed_attempt(event: StepFailed, decision: Decision | None) -> NoReturn:
+    """Raise what makes Celery record the failed attempt as RETRY or FAILURE."""
+    failure = StepAttemptFailed(event.error_type, event.message[:SHOWN_ERROR_CHARS])
+    following = None if decision is None else next_attempt(decision, event)
+    if following is None:
+        raise failure
+    delay = max(0.0, (following.not_before - datetime.now(UTC)).total_seconds())
+    # Raised, not task.retry(): Task.retry would publish a copy of this message, while the
+    # engine already sent (or holds) the next attempt with its own token and checkpoint.
+    raise Retry(exc=failure, when=round(delay, 3))
+
+
 def register_step_tasks(app: Any, runtimes: RuntimeFactory, definition: SagaDefinition) -> None:
     """One task per local action and compensation, named saga.<type>.<step>[.compensate]."""
     for index, step in enumerate(definition.steps):
@@ -196,7 +235,14 @@ def register_step_tasks(app: Any, runtimes: RuntimeFactory, definition: SagaDefi
             name = definition.task_name(index, direction)
             if name in app.tasks:
                 continue
-            app.task(name=name, bind=True, **DB_OUTAGE_RETRY)(_step_task(app, runtimes, name))
+            app.task(
+                name=name,
+                bind=True,
+                # An expected error: Celery logs one line with its text, not a traceback
+                # (the audit trail keeps the step's own stack trace).
+                throws=(StepAttemptFailed,),
+                **DB_OUTAGE_RETRY,
+            )(_step_task(app, runtimes, name))
 
 
 def _sent_again(request: Any) -> bool:
@@ -312,7 +358,12 @@ def _step_task(app: Any, runtimes: RuntimeFactory, task_name: str) -> Any:
                 queue=rt.settings.queue,
                 countdown=2,
             )
+            if isinstance(event, StepFailed):
+                # Whether another attempt follows is decided once saga.advance commits it.
+                _report_failed_attempt(event, None)
             return {"ran": True, "outcome": type(event).__name__, "deferred": True}
+        if isinstance(event, StepFailed):
+            _report_failed_attempt(event, decision)
         return {"ran": True, "outcome": type(event).__name__, "ignored": decision.ignored}
 
     run_step.__name__ = task_name.replace(".", "_")
