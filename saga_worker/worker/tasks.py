@@ -15,9 +15,16 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from .. import registry
 from ..core.definition import SagaDefinition, StepInput, idempotency_key
 from ..core.events import ResultRejected, StepFailed, StepSucceeded
+from ..core.failure import (
+    MAX_ERROR_CHARS,
+    MAX_TRACE_CHARS,
+    named_non_retryable,
+    reported_failure,
+    storable_text,
+)
 from ..core.model import Direction
 from ..core.transition import Decision, next_attempt
-from ..errors import InvalidRequest, NonRetryableStepError, SagaError, SagaNotFound
+from ..errors import InvalidRequest, SagaError, SagaNotFound
 from ..requests import check_context, parse_abort, parse_start, valid_saga_id
 from ..store.repository import retry_transient
 from ..tokens import token_valid
@@ -25,8 +32,6 @@ from . import snapshot
 from .runtime import RuntimeFactory
 
 log = logging.getLogger(__name__)
-
-MAX_ERROR_CHARS = 4000
 
 # While the database is down, a task whose in-process retries ran out is re-published with
 # backoff rather than dropped: the broker keeps the transition until the database is back.
@@ -147,27 +152,18 @@ def _advance_event(
     result: Any, kwargs: Mapping[str, Any], ref: AttemptRef, success: bool, settings: Any
 ) -> StepSucceeded | StepFailed:
     _, step_index, direction, attempt = ref
-    duration = kwargs.get("duration_ms")
-    duration_ms = float(duration) if isinstance(duration, int | float) and duration >= 0 else None
     if success:
+        duration = kwargs.get("duration_ms")
+        duration_ms = (
+            float(duration) if isinstance(duration, int | float) and duration >= 0 else None
+        )
         output = kwargs.get("output", result)
         problem = _output_problem(output, settings)
         if problem is None:
             return StepSucceeded(step_index, direction, attempt, dict(output or {}), duration_ms)
         return StepFailed(step_index, direction, attempt, "StepOutputError", problem)
-    stack = kwargs.get("stack_trace")
-    return StepFailed(
-        step_index,
-        direction,
-        attempt,
-        error_type=_text(kwargs.get("error_type"), 100) or "RemoteTaskFailed",
-        message=_text(kwargs.get("message"), MAX_ERROR_CHARS)
-        or f"remote task {_text(result, 100)} failed (see its worker's log)",
-        stack_trace=_text(stack, 20_000) if stack is not None else None,
-        retryable=kwargs.get("retryable", True) is not False,
-        timed_out=kwargs.get("timed_out") is True,
-        duration_ms=duration_ms,
-    )
+    # `result` is the failed task's id when Celery itself called the errback.
+    return reported_failure(step_index, direction, attempt, kwargs, task_id=result)
 
 
 def _audit_refusal(rt: Any, task: str, reason: str, ref: AttemptRef) -> None:
@@ -176,12 +172,6 @@ def _audit_refusal(rt: Any, task: str, reason: str, ref: AttemptRef) -> None:
         rt.engine.handle(saga_id, ResultRejected(task, reason, step_index, direction, attempt))
     except SagaNotFound:
         log.warning("%s refused for unknown saga %s: %s", task, saga_id, reason)
-
-
-def _text(value: Any, limit: int) -> str:
-    if value is None:
-        return ""
-    return (value if isinstance(value, str) else repr(value))[:limit]
 
 
 def _short(exc: BaseException) -> str:
@@ -338,8 +328,10 @@ def _step_task(app: Any, runtimes: RuntimeFactory, task_name: str) -> Any:
                 attempt,
                 error_type=type(exc).__name__,
                 message=_describe(exc),
-                stack_trace=traceback.format_exc()[-20000:],
-                retryable=not isinstance(exc, NonRetryableStepError),
+                stack_trace=storable_text(traceback.format_exc(), MAX_TRACE_CHARS, keep_end=True),
+                # saga_worker's NonRetryableStepError, or any class of that name: the
+                # convention remote services follow without importing saga_worker.
+                retryable=not any(named_non_retryable(c.__name__) for c in type(exc).__mro__),
                 duration_ms=elapsed_ms,
             )
         try:
@@ -423,7 +415,7 @@ def _describe(exc: BaseException) -> str:
         text = str(exc)
     except Exception:
         text = f"<{type(exc).__name__} whose message cannot be rendered>"
-    return (text or type(exc).__name__)[:MAX_ERROR_CHARS]
+    return storable_text(text or type(exc).__name__, MAX_ERROR_CHARS)
 
 
 def _snapshot_if_valid(context: Any, settings: Any) -> Mapping[str, Any] | None:
