@@ -557,3 +557,14 @@ def test_forged_remote_failure_writes_nothing_of_its_own(stack: Stack) -> None:
         saga.error,
         saga.pending,
     )
+
+
+def test_local_step_error_with_control_characters_is_recorded(stack: Stack) -> None:
+    saga_id = stack.start("it_error_text", {})
+    saga = stack.wait(saga_id, timeout=30)
+    assert saga.state.value == "COMPENSATED"
+    failed = next(r for r in stack.store.audit_trail(saga_id) if r["event_type"] == "step_failed")
+    assert failed["error_message"].startswith("bad\\x00byte\\x1b[2J zzz")
+    assert len(failed["error_message"]) <= 4000
+    assert "\x00" not in failed["error_stack_trace"]
+    stack.assert_chain_ok(saga_id)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+import redis
 from celery import Celery
 
 from saga_worker.audit import Redactor
@@ -38,6 +39,7 @@ class Watched:
     flower: Service
     flower_port: int
     producer: Celery
+    broker_url: str
 
     def logs(self) -> str:
         return f"--- worker\n{self.worker.log_tail(60)}\n--- flower\n{self.flower.log_tail(20)}"
@@ -96,7 +98,7 @@ def watched(
     worker = None
     try:
         worker = start_worker("saga_worker.app", env, queue, folder / "worker.log", concurrency=2)
-        obs = Watched(queue, store, worker, flower, flower_port, producer)
+        obs = Watched(queue, store, worker, flower, flower_port, producer, broker_url)
         wait_for(
             "Flower",
             lambda: http_get(f"http://127.0.0.1:{flower_port}/healthcheck") == b"OK",
@@ -239,6 +241,17 @@ def test_flower_shows_failed_and_retried_attempts(watched: Watched) -> None:
         assert len(ids) == sum(expected.values())
         for task_id in ids:
             assert log.count(f"[{task_id}] received") == 1, task_id
+    # Acked, not left for redelivery: kombu's Redis transport keeps a message it delivered
+    # in the `unacked` hash until the worker acks it.
+    failed_ids = [
+        t["uuid"]
+        for name in sagas.values()
+        for t in watched.flower_tasks(name)
+        if t["state"] in ("RETRY", "FAILURE")
+    ]
+    assert len(failed_ids) == 6
+    unacked = redis.Redis.from_url(watched.broker_url).hvals("unacked")
+    assert not [i for i in failed_ids if any(i.encode() in v for v in unacked)]
     # Readable log: one line per failed attempt with its error, no traceback.
     assert "Traceback" not in log, watched.logs()
     assert re.search(r"raised expected: .*InjectedFailure.*run_strategy", log), watched.logs()
