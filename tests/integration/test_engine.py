@@ -508,6 +508,8 @@ def test_remote_failure_text_with_control_characters_is_stored_bounded(stack: St
     message = rows[-1]["error_message"]
     assert "ValueError" in message and "card" in message and "declined" in message
     assert not any(ord(ch) < 32 and ch not in "\t\n\r" for ch in message), repr(message[:80])
+    # The audit's Redactor applies to remote errors too.
+    assert "hunter2" not in message and "hunter2" not in rows[-1]["error_stack_trace"]
     assert len(message) <= 4000
     assert len(rows[-1]["error_stack_trace"]) <= 20_000
     stack.assert_chain_ok(saga_id)
