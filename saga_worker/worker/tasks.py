@@ -13,6 +13,7 @@ from celery.exceptions import Retry, SoftTimeLimitExceeded
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from .. import registry
+from ..audit import Redactor
 from ..core.definition import SagaDefinition, StepInput, idempotency_key
 from ..core.events import ResultRejected, StepFailed, StepSucceeded
 from ..core.failure import (
@@ -203,9 +204,14 @@ class StepAttemptFailed(Exception):
 SHOWN_ERROR_CHARS = 500
 
 
-def _report_failed_attempt(event: StepFailed, decision: Decision | None) -> NoReturn:
+def _report_failed_attempt(
+    event: StepFailed, decision: Decision | None, redactor: Redactor
+) -> NoReturn:
     """Raise what makes Celery record the failed attempt as RETRY or FAILURE."""
-    failure = StepAttemptFailed(event.error_type, event.message[:SHOWN_ERROR_CHARS])
+    # Task events reach Flower unfiltered: mask secrets as the audit trail does, before
+    # cutting (a cut card number would no longer be recognised).
+    shown = (redactor.text(event.message) or "")[:SHOWN_ERROR_CHARS]
+    failure = StepAttemptFailed(event.error_type, shown)
     following = None if decision is None else next_attempt(decision, event)
     if following is None:
         raise failure
@@ -352,10 +358,10 @@ def _step_task(app: Any, runtimes: RuntimeFactory, task_name: str) -> Any:
             )
             if isinstance(event, StepFailed):
                 # Whether another attempt follows is decided once saga.advance commits it.
-                _report_failed_attempt(event, None)
+                _report_failed_attempt(event, None, rt.store.redactor)
             return {"ran": True, "outcome": type(event).__name__, "deferred": True}
         if isinstance(event, StepFailed):
-            _report_failed_attempt(event, decision)
+            _report_failed_attempt(event, decision, rt.store.redactor)
         return {"ran": True, "outcome": type(event).__name__, "ignored": decision.ignored}
 
     run_step.__name__ = task_name.replace(".", "_")

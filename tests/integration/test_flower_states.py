@@ -29,6 +29,7 @@ pytestmark = pytest.mark.integration
 
 BT = "saga.backtest_workflow."
 TO = "saga.it_timeout."
+ET = "saga.it_error_text."
 
 
 @dataclass
@@ -59,7 +60,7 @@ class Watched:
         return [
             t
             for t in tasks.values()
-            if saga_id in str(t.get("kwargs")) and str(t.get("name")).startswith((BT, TO))
+            if saga_id in str(t.get("kwargs")) and str(t.get("name")).startswith((BT, TO, ET))
         ]
 
 
@@ -160,10 +161,20 @@ TIMED_OUT_SLEEPY = [
     ("compensation_complete", "prepare"),
     ("saga_compensated", None),
 ]
+GARBLED = [
+    ("saga_start", None),
+    ("step_start", "prepare"),
+    ("step_complete", "prepare"),
+    ("step_start", "garbled"),
+    ("step_failed", "garbled"),
+    ("compensation_start", "prepare"),
+    ("compensation_complete", "prepare"),
+    ("saga_compensated", None),
+]
 
 
 def test_flower_shows_failed_and_retried_attempts(watched: Watched) -> None:
-    """fail_step, flaky_step and a timed-out step: RETRY, FAILURE and SUCCESS as they were."""
+    """fail_step, flaky_step, a timed-out step and an unsightly error, as the engine saw them."""
     sagas = {
         "fail": watched.start("backtest_workflow", {"strategy_id": 3, "fail_step": "run_strategy"}),
         "flaky": watched.start(
@@ -172,6 +183,8 @@ def test_flower_shows_failed_and_retried_attempts(watched: Watched) -> None:
         ),
         # it_timeout's sleepy step has a 1 s timeout and 2 attempts.
         "timeout": watched.start("it_timeout", {"sleep": 3}),
+        # garbled raises with NUL, an escape sequence and a password in its message.
+        "garbled": watched.start("it_error_text", {}),
     }
     expected_states = {
         "fail": Tally(
@@ -198,9 +211,26 @@ def test_flower_shows_failed_and_retried_attempts(watched: Watched) -> None:
                 (f"{TO}prepare.compensate", "SUCCESS"): 1,
             }
         ),
+        "garbled": Tally(
+            {
+                (f"{ET}prepare", "SUCCESS"): 1,
+                (f"{ET}garbled", "FAILURE"): 1,
+                (f"{ET}prepare.compensate", "SUCCESS"): 1,
+            }
+        ),
     }
-    trails = {"fail": FAILED_RUN_STRATEGY, "flaky": FLAKY_SAVE_RESULTS, "timeout": TIMED_OUT_SLEEPY}
-    final = {"fail": "COMPENSATED", "flaky": "COMPLETED", "timeout": "COMPENSATED"}
+    trails = {
+        "fail": FAILED_RUN_STRATEGY,
+        "flaky": FLAKY_SAVE_RESULTS,
+        "timeout": TIMED_OUT_SLEEPY,
+        "garbled": GARBLED,
+    }
+    final = {
+        "fail": "COMPENSATED",
+        "flaky": "COMPLETED",
+        "timeout": "COMPENSATED",
+        "garbled": "COMPENSATED",
+    }
 
     def settled() -> bool:
         loaded = [watched.store.load(i) for i in sagas.values()]
@@ -233,6 +263,9 @@ def test_flower_shows_failed_and_retried_attempts(watched: Watched) -> None:
     assert all("InjectedFailure" in t["exception"] for t in retried)
     timed_out = [t for t in watched.flower_tasks(sagas["timeout"]) if t["state"] == "FAILURE"]
     assert "StepTimeout" in timed_out[0]["exception"]
+    (garbled,) = [t for t in watched.flower_tasks(sagas["garbled"]) if t["state"] == "FAILURE"]
+    assert "x00byte" in garbled["exception"] and "REDACTED" in garbled["exception"]
+    assert "hunter2" not in garbled["exception"] and len(garbled["exception"]) < 700
 
     # One attempt, one message: nothing re-published by Celery (Task.retry reuses the id).
     log = watched.worker.log_path.read_text(errors="replace")
@@ -249,7 +282,7 @@ def test_flower_shows_failed_and_retried_attempts(watched: Watched) -> None:
         for t in watched.flower_tasks(name)
         if t["state"] in ("RETRY", "FAILURE")
     ]
-    assert len(failed_ids) == 6
+    assert len(failed_ids) == 7
     unacked = redis.Redis.from_url(watched.broker_url).hvals("unacked")
     assert not [i for i in failed_ids if any(i.encode() in v for v in unacked)]
     # Readable log: one line per failed attempt with its error, no traceback.
