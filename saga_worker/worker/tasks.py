@@ -340,6 +340,7 @@ def _step_task(app: Any, runtimes: RuntimeFactory, task_name: str) -> Any:
                 retryable=not any(named_non_retryable(c.__name__) for c in type(exc).__mro__),
                 duration_ms=elapsed_ms,
             )
+        decision: Decision | None = None
         try:
             decision = rt.engine.handle(saga_id, event, loaded=loaded)
         except (OperationalError, DBAPIError):
@@ -356,12 +357,13 @@ def _step_task(app: Any, runtimes: RuntimeFactory, task_name: str) -> Any:
                 queue=rt.settings.queue,
                 countdown=2,
             )
-            if isinstance(event, StepFailed):
-                # Whether another attempt follows is decided once saga.advance commits it.
-                _report_failed_attempt(event, None, rt.store.redactor)
-            return {"ran": True, "outcome": type(event).__name__, "deferred": True}
         if isinstance(event, StepFailed):
+            # Outside the except block, so the database error (whose text may quote SQL
+            # parameters) is not chained into the traceback that task events carry. Deferred
+            # (no decision): whether another attempt follows is decided by saga.advance.
             _report_failed_attempt(event, decision, rt.store.redactor)
+        if decision is None:
+            return {"ran": True, "outcome": type(event).__name__, "deferred": True}
         return {"ran": True, "outcome": type(event).__name__, "ignored": decision.ignored}
 
     run_step.__name__ = task_name.replace(".", "_")
