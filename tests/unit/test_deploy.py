@@ -315,6 +315,7 @@ def test_dockerfile_installs_the_package_with_its_migrations() -> None:
     dockerfile = (REPO / "Dockerfile").read_text()
     for line in (
         "COPY saga_worker ./saga_worker",
+        "COPY saga_remote.py ./",  # pyproject's py-modules
         "COPY migrations ./migrations",
         "RUN pip install .",
     ):
