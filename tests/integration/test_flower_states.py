@@ -236,7 +236,7 @@ def test_flower_shows_failed_and_retried_attempts(watched: Watched) -> None:
         loaded = [watched.store.load(i) for i in sagas.values()]
         return all(s is not None and s.state.is_terminal for s in loaded)
 
-    wait_for("the three sagas to settle", settled, 90, watched.logs)
+    wait_for("the sagas to settle", settled, 90, watched.logs)
 
     def shown(name: str) -> Tally[tuple[str, str]]:
         return Tally((t["name"], t["state"]) for t in watched.flower_tasks(sagas[name]))
@@ -283,7 +283,8 @@ def test_flower_shows_failed_and_retried_attempts(watched: Watched) -> None:
         if t["state"] in ("RETRY", "FAILURE")
     ]
     assert len(failed_ids) == 7
-    unacked = redis.Redis.from_url(watched.broker_url).hvals("unacked")
+    with redis.Redis.from_url(watched.broker_url) as client:
+        unacked = client.hvals("unacked")
     assert not [i for i in failed_ids if any(i.encode() in v for v in unacked)]
     # Readable log: one line per failed attempt with its error, no traceback.
     assert "Traceback" not in log, watched.logs()
