@@ -10,6 +10,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY saga_worker ./saga_worker
+COPY saga_remote.py ./
 COPY migrations ./migrations
 RUN pip install '.[flower]' \
     && useradd --system --uid 10001 --create-home --home-dir /home/saga saga

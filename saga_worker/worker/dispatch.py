@@ -72,6 +72,7 @@ class CeleryDispatcher:
         if isinstance(target, Remote):
             # The remote worker only needs Celery: its result (or its failure) is handed to
             # saga.advance by Celery's link callbacks, which carry the token back untouched.
+            # The errback's queue option is also where saga_remote sends the exception.
             remote_kwargs = {
                 "context": dict(saga.context),
                 "idempotency_key": idempotency_key(saga.saga_id, step.name, command.direction),

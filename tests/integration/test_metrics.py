@@ -795,14 +795,14 @@ def test_flower_shows_steps_by_name(observed: Observed) -> None:
             if ours in str(t.get("kwargs")) and str(t.get("name")).startswith(prefix)
         )
 
-    step_tasks = {
-        (f"{prefix}{step}", "SUCCESS"): n
-        for step, n in {"create_backtest": 8, "run_strategy": 11, "save_results": 8}.items()
-    }
+    # Each attempt as the engine saw it (STEP_ATTEMPTS, COMPENSATION_ATTEMPTS): one that failed
+    # with another attempt to follow is RETRY, one that failed for good FAILURE.
+    shown = {"completed": "SUCCESS", "retried": "RETRY", "failed": "FAILURE"}
+    step_tasks = {(f"{prefix}{s}", shown[status]): n for (s, status), n in STEP_ATTEMPTS.items()}
     step_tasks.update(
         {
-            (f"{prefix}create_backtest.compensate", "SUCCESS"): 6,
-            (f"{prefix}run_strategy.compensate", "SUCCESS"): 1,
+            (f"{prefix}{s}.compensate", shown[status]): n
+            for (s, status), n in COMPENSATION_ATTEMPTS.items()
         }
     )
     wait_for("every step task in Flower", lambda: seen() == Tally(step_tasks), 30, observed.logs)

@@ -472,6 +472,7 @@ def test_dockerfile_installs_the_package_with_its_migrations() -> None:
     dockerfile = (REPO / "Dockerfile").read_text()
     for line in (
         "COPY saga_worker ./saga_worker",
+        "COPY saga_remote.py ./",  # pyproject's py-modules
         "COPY migrations ./migrations",
         "RUN pip install '.[flower]'",  # Flower runs from the same image
     ):
