@@ -60,6 +60,7 @@ from .store.repository import (
     create_db_engine,
     retry_transient,
 )
+from .worker.dispatch import shown_kwargs
 
 MAX_PAGE_SIZE = 500
 MAX_CONFLICT_RETRIES = 50
@@ -366,9 +367,11 @@ class SagaClient:
         fields = {k: v for k, v in fields.items() if v is not None}
         fields.setdefault("saga_id", task_id)  # == result.id
         with self._broker():
+            kwargs = {"saga_type": saga_type, "context": context, **fields}
             result = self.app.send_task(
                 "saga.start",
-                kwargs={"saga_type": saga_type, "context": context, **fields},
+                kwargs=kwargs,
+                kwargsrepr=shown_kwargs(self.redactor, kwargs),
                 queue=self.settings.queue,
                 task_id=task_id,
             )
@@ -406,9 +409,11 @@ class SagaClient:
     def send_abort(self, saga_id: str, reason: str, user_id: str | None = None) -> None:
         """Send saga.abort through the broker, exactly as a producer would."""
         with self._broker():
+            kwargs = {"saga_id": saga_id, "reason": reason, "user_id": user_id}
             self.app.send_task(
                 "saga.abort",
-                kwargs={"saga_id": saga_id, "reason": reason, "user_id": user_id},
+                kwargs=kwargs,
+                kwargsrepr=shown_kwargs(self.redactor, kwargs),
                 queue=self.settings.queue,
             )
 

@@ -82,7 +82,9 @@ class DetachableQoS(kombu_redis.QoS):
 
 
 class GuardedChannel(kombu_redis.Channel):
-    """Survives queue items that are not JSON at all, and a connection lost under it.
+    """kombu's Redis channel (redis://, rediss://), guarded.
+
+    It survives queue items that are not JSON at all, and a connection lost under it.
 
     It also reuses one synchronous redis-py client per connection pool. kombu builds a new
     `redis.Redis` for every publish, ack and event; with redis-py 8 each construction copies
@@ -119,6 +121,11 @@ class GuardedChannel(kombu_redis.Channel):
             raise Empty() from None
 
 
+# Python's method order puts GuardedChannel's overrides before SentinelChannel's pool logic.
+class GuardedSentinelChannel(GuardedChannel, kombu_redis.SentinelChannel):
+    """kombu's Redis Sentinel channel (sentinel://), guarded."""
+
+
 class GuardedRedisTransport(kombu_redis.Transport):
     """kombu's Redis transport with envelope checks (select with broker_transport)."""
 
@@ -132,4 +139,25 @@ class GuardedRedisTransport(kombu_redis.Transport):
         super()._deliver(message, queue)
 
 
+class GuardedSentinelTransport(GuardedRedisTransport, kombu_redis.SentinelTransport):
+    """kombu's Redis Sentinel transport with envelope checks."""
+
+    Channel = GuardedSentinelChannel
+
+
 TRANSPORT_PATH = f"{__name__}:GuardedRedisTransport"
+SENTINEL_TRANSPORT_PATH = f"{__name__}:GuardedSentinelTransport"
+
+
+def guarded_transport(broker_url: str) -> str | None:
+    """The guarded transport for a Redis broker URL (plain, TLS or Sentinel), else None.
+
+    Selecting a transport class by path hides the URL's scheme from kombu, which reads
+    `rediss` as "TLS on": the app then turns TLS on itself (worker/app.py).
+    """
+    scheme = broker_url.partition("://")[0].lower()
+    if scheme in ("redis", "rediss"):
+        return TRANSPORT_PATH
+    if scheme == "sentinel":
+        return SENTINEL_TRANSPORT_PATH
+    return None
