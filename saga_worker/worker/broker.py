@@ -109,14 +109,15 @@ class GuardedChannel(kombu_redis.Channel):
     def _brpop_read(self, **options: Any) -> Any:
         try:
             return super()._brpop_read(**options)
-        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError: the item is gone
+        # JSONDecodeError, UnicodeDecodeError, or nesting too deep to decode: the item is gone.
+        except (ValueError, RecursionError) as exc:
             log.error("dropped a queue item that is not a kombu message: %s", exc)
             return True
 
     def _get(self, queue: Any, timeout: Any = None) -> Any:
         try:
             return super()._get(queue)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             log.error("dropped a queue item of %s that is not a kombu message: %s", queue, exc)
             raise Empty() from None
 
