@@ -142,7 +142,7 @@ def db_history(json_mode: bool) -> None:
     multiple=True,
     metavar="TABLE",
     help="Also let ROLE SELECT/INSERT/UPDATE/DELETE this existing application table that "
-    "local steps write (repeatable).",
+    "local steps write (repeatable; `table`, `schema.table` or quoted SQL names).",
 )
 @click.option(
     "--examples",
@@ -175,8 +175,9 @@ def db_grant(
     schema. Nothing else: no UPDATE, DELETE or TRUNCATE of the audit trail, no DDL, so the
     role cannot disable or drop the append-only triggers. Run it as the tables' owner (the
     migration's SAGA_DATABASE_URL), after `db upgrade`; running it again is harmless.
-    Refused (exit 4) for an unknown role (unless --create), a superuser, or the owner
-    itself. Exits 1 when the role can still do more through PUBLIC or a role membership
+    Refused (exit 4), before any GRANT, for an unknown role (unless --create), a superuser,
+    the owner, a role with (or a member of one with) CREATEROLE, REPLICATION or BYPASSRLS,
+    and a --table that is missing or is a saga table. Exits 1 when the role can still do more through PUBLIC or a role membership
     (it says what to revoke).
     """
     import os
