@@ -177,8 +177,8 @@ def db_grant(
     migration's SAGA_DATABASE_URL), after `db upgrade`; running it again is harmless.
     Refused (exit 4), before any GRANT, for an unknown role (unless --create), a superuser,
     the owner, a role with (or a member of one with) CREATEROLE, REPLICATION or BYPASSRLS,
-    and a --table that is missing or is a saga table. Exits 1 when the role can still do more through PUBLIC or a role membership
-    (it says what to revoke).
+    and a --table that is missing or is a saga table. Exits 1 when the role can still do
+    more through PUBLIC or a role membership (it says what to revoke).
     """
     import os
 
