@@ -65,12 +65,11 @@ PINNED_SETTINGS = (
 )
 
 
-def apply_celery_config(app: Celery, module_name: str) -> None:
-    """Apply the settings of the module SAGA_CELERY_CONFIG names (Sentinel, TLS, transport).
-
-    Its upper-case or lower-case Celery settings override the defaults, except those in
-    PINNED_SETTINGS; its `broker_transport_options` are merged over ours.
-    """
+def celery_config_settings(module_name: str) -> dict[str, Any]:
+    """The Celery settings of the module SAGA_CELERY_CONFIG names, checked: ConfigurationError
+    when it cannot be imported, sets one of PINNED_SETTINGS, or has a malformed
+    `broker_transport_options`. `saga-worker worker/beat` call it before handing over to
+    Celery, so these are one line and exit 6, not a traceback of Celery's."""
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -90,12 +89,23 @@ def apply_celery_config(app: Celery, module_name: str) -> None:
             "fixes (JSON only, late acks, its own queue); remove them from that module "
             "(use SAGA_QUEUE for the queue name)"
         )
+    options = given.get("broker_transport_options")
+    if options is not None and not isinstance(options, dict):
+        raise ConfigurationError(
+            f"SAGA_CELERY_CONFIG={module_name!r}: broker_transport_options must be a dict"
+        )
+    return given
+
+
+def apply_celery_config(app: Celery, module_name: str) -> None:
+    """Apply the settings of the module SAGA_CELERY_CONFIG names (Sentinel, TLS, transport).
+
+    Its upper-case or lower-case Celery settings override the defaults, except those in
+    PINNED_SETTINGS; its `broker_transport_options` are merged over ours.
+    """
+    given = celery_config_settings(module_name)
     options = given.pop("broker_transport_options", None)
     if options is not None:
-        if not isinstance(options, dict):
-            raise ConfigurationError(
-                f"SAGA_CELERY_CONFIG={module_name!r}: broker_transport_options must be a dict"
-            )
         given["broker_transport_options"] = {**app.conf.broker_transport_options, **options}
     app.conf.update(given)
 
