@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import logging
 import ssl
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -80,13 +79,20 @@ def apply_celery_config(app: Celery, module_name: str) -> None:
 
     Its Celery settings (lower-case names) override the defaults, except PINNED_SETTINGS;
     its `broker_transport_options` are merged over ours and its `beat_schedule` added to the
-    recovery sweep's. Raises ConfigurationError for anything else it cannot honour.
+    recovery sweep's.
     """
-    app.conf.update(celery_config(module_name, app.conf))
+    given = celery_config_settings(module_name)
+    for name in ("broker_transport_options", "beat_schedule"):
+        if name in given:
+            given[name] = {**app.conf[name], **given[name]}
+    app.conf.update(given)
 
 
-def celery_config(module_name: str, current: Mapping[str, Any]) -> dict[str, Any]:
-    """The settings to apply from module `module_name` over the `current` ones."""
+def celery_config_settings(module_name: str) -> dict[str, Any]:
+    """The Celery settings of the module SAGA_CELERY_CONFIG names, checked: ConfigurationError
+    when it cannot be imported or sets anything saga_worker cannot honour. `saga-worker
+    worker/beat` call it before handing over to Celery, so these are one line and exit 6,
+    not a traceback of Celery's."""
     where = f"SAGA_CELERY_CONFIG={module_name!r}"
     try:
         module = importlib.import_module(module_name)
@@ -111,18 +117,11 @@ def celery_config(module_name: str, current: Mapping[str, Any]) -> dict[str, Any
     for name in ("broker_transport_options", "beat_schedule"):
         if name in given and not isinstance(given[name], dict):
             raise ConfigurationError(f"{where}: {name} must be a dict")
-    if "broker_transport_options" in given:
-        given["broker_transport_options"] = {
-            **current["broker_transport_options"],
-            **given["broker_transport_options"],
-        }
-    if "beat_schedule" in given:
-        if RECOVERY_ENTRY in given["beat_schedule"]:
-            raise ConfigurationError(
-                f"{where}: beat_schedule may not replace {RECOVERY_ENTRY!r}, the recovery "
-                "sweep (SAGA_RECOVERY_INTERVAL_SECONDS sets its period)"
-            )
-        given["beat_schedule"] = {**current["beat_schedule"], **given["beat_schedule"]}
+    if RECOVERY_ENTRY in given.get("beat_schedule", {}):
+        raise ConfigurationError(
+            f"{where}: beat_schedule may not replace {RECOVERY_ENTRY!r}, the recovery "
+            "sweep (SAGA_RECOVERY_INTERVAL_SECONDS sets its period)"
+        )
     return given
 
 
