@@ -63,6 +63,23 @@ def fresh_postgres_database(admin_url: str) -> str:
     return url
 
 
+def make_0_1_database(url: str) -> str:
+    """Turn a migrated database into what 0.1 left; returns the revision."""
+    engine = create_db_engine(url, pool=False)
+    with engine.begin() as conn:
+        head = str(conn.execute(text("SELECT version_num FROM saga_alembic_version")).scalar_one())
+        conn.execute(text("DROP TABLE saga_alembic_version"))
+        conn.execute(
+            text(
+                "CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL, "
+                "CONSTRAINT alembic_version_pkc PRIMARY KEY (version_num))"
+            )
+        )
+        conn.execute(text("INSERT INTO alembic_version VALUES (:v)"), {"v": head})
+    engine.dispose()
+    return head
+
+
 def fresh_sqlite_database(folder: Path) -> str:
     url = f"sqlite:///{folder / 'saga.sqlite3'}"
     engine = create_db_engine(url)

@@ -20,7 +20,7 @@ from saga_worker.store.migrate import upgrade
 from saga_worker.store.repository import SagaStore, create_db_engine
 from saga_worker.store.tables import checkpoints
 
-from .conftest import fresh_postgres_database, start_worker
+from .conftest import fresh_postgres_database, make_0_1_database, start_worker
 from .processes import start_beat
 
 OTHER_APP_REVISION = "ae1027a6acf"
@@ -71,17 +71,7 @@ def test_a_database_of_saga_worker_0_1_moves_its_revision_to_its_own_table(
         upgrade(create_db_engine(url, pool=False))
     engine = create_db_engine(url, pool=False)
     try:
-        # 0.1 kept its revision in Alembic's default table.
-        with engine.begin() as conn:
-            head = conn.execute(text("SELECT version_num FROM saga_alembic_version")).scalar_one()
-            conn.execute(text("DROP TABLE saga_alembic_version"))
-            conn.execute(
-                text(
-                    "CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL, "
-                    "CONSTRAINT alembic_version_pkc PRIMARY KEY (version_num))"
-                )
-            )
-            conn.execute(text("INSERT INTO alembic_version VALUES (:v)"), {"v": head})
+        head = make_0_1_database(url)  # 0.1 kept its revision in Alembic's default table
         upgrade(engine)
         with engine.connect() as conn:
             assert conn.execute(

@@ -13,27 +13,10 @@ from sqlalchemy import text
 from saga_worker.store.migrate import head_revision, upgrade
 from saga_worker.store.repository import create_db_engine
 
-from .conftest import fresh_postgres_database
+from .conftest import fresh_postgres_database, make_0_1_database
 from .test_operations import cli
 
 pytestmark = pytest.mark.integration
-
-
-def make_legacy(url: str) -> str:
-    """Turn a migrated database into what 0.1 left; returns the revision."""
-    engine = create_db_engine(url, pool=False)
-    with engine.begin() as conn:
-        head = str(conn.execute(text("SELECT version_num FROM saga_alembic_version")).scalar_one())
-        conn.execute(text("DROP TABLE saga_alembic_version"))
-        conn.execute(
-            text(
-                "CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL, "
-                "CONSTRAINT alembic_version_pkc PRIMARY KEY (version_num))"
-            )
-        )
-        conn.execute(text("INSERT INTO alembic_version VALUES (:v)"), {"v": head})
-    engine.dispose()
-    return head
 
 
 @pytest.mark.parametrize("backend", ["postgres", "sqlite"])
@@ -47,7 +30,7 @@ def test_db_current_on_a_0_1_database_names_the_legacy_table_and_the_fix(
         engine = create_db_engine(url, pool=False)
         upgrade(engine)
         engine.dispose()
-    revision = make_legacy(url)
+    revision = make_0_1_database(url)
     env = {"SAGA_DATABASE_URL": url, "SAGA_HOME": str(tmp_path)}
     current = cli(["db", "current"], env)
     assert current.returncode == 0, current.stderr

@@ -3,28 +3,18 @@ SAGA_* variable to fix, through the real `saga-worker` console script."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from saga_worker.cli._output import EXIT_CONFIG, EXIT_INTERNAL, exit_code_for
 from saga_worker.errors import ConfigurationError
-
-SAGA_WORKER = str(Path(sys.executable).with_name("saga-worker"))
+from tests.console_script import run_cli
 
 
 def run(args: list[str], env: dict[str, str], home: Path) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("SAGA_")}
-    return subprocess.run(
-        [SAGA_WORKER, *args],
-        env={**clean, "SAGA_HOME": str(home), **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_cli(args, env, home)
 
 
 @pytest.mark.parametrize(

@@ -4,28 +4,17 @@ every table the migrations create, and never let the audit trail be rewritten.""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 from saga_worker.store.grants import APP_TABLE_GRANTS, RUNTIME_GRANTS
 from saga_worker.store.migrate import VERSION_TABLE, head_revision
 from saga_worker.store.tables import metadata
-
-SAGA_WORKER = str(Path(sys.executable).with_name("saga-worker"))
+from tests.console_script import run_cli
 
 
 def run(args: list[str], env: dict[str, str], home: Path) -> subprocess.CompletedProcess[str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("SAGA_")}
-    return subprocess.run(
-        [SAGA_WORKER, *args],
-        env={**clean, "SAGA_HOME": str(home), **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=home,  # not the repository: the migrations travel with the package
-    )
+    return run_cli(args, env, home)
 
 
 def test_upgrade_sql_prints_postgresql_ddl_without_a_server(tmp_path: Path) -> None:
