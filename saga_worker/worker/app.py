@@ -9,7 +9,6 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init
-from kombu.entity import Queue
 
 from .. import metrics, registry
 from ..audit import Redactor, install_log_redaction
@@ -41,6 +40,12 @@ def broker_options(settings: Settings) -> dict[str, Any]:
         return {**{k: str(v) for k, v in folders.items()}, "polling_interval": 0.05}
     if settings.broker_url.startswith(("redis://", "rediss://")):
         return {"visibility_timeout": 3600}
+    if settings.broker_url.startswith(("amqp://", "amqps://", "pyamqp://")):
+        # Publisher confirms: without them py-amqp's basic_publish returns before RabbitMQ
+        # has the message, and one the broker drops (a full disk, a missing queue, a lost
+        # connection) is lost after its transition was committed, until the recovery sweep
+        # re-sends it. With them each publish waits for the broker's ack or raises.
+        return {"confirm_publish": True}
     return {}
 
 
@@ -78,8 +83,9 @@ def create_app(settings: Settings | None = None) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
+        # No task_queues: Celery declares the default queue itself, with the queue type of
+        # task_default_queue_type ("quorum" for a RabbitMQ quorum queue, docs/rabbitmq.md).
         task_default_queue=settings.queue,
-        task_queues=[Queue(settings.queue)],  # type: ignore[no-untyped-call]
         # Task events cost a Redis round trip each in the worker's single-threaded main
         # process (about a third of its CPU per task). Off unless someone watches: Flower
         # turns them on in every worker it sees (its default --enable_events), and

@@ -1,0 +1,182 @@
+"""The engine on RabbitMQ: real Celery workers on a real RabbitMQ node and PostgreSQL.
+
+The core scenarios are the Redis tests' own bodies run on a RabbitMQ stack; hostile input is
+published raw with kombu (py-amqp) onto the saga queue. Needs SAGA_TEST_AMQP_URL (scripts/test.sh
+starts a throwaway node): missing, these tests fail in CI and skip elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from kombu import Connection
+from sqlalchemy import func, select
+
+from saga_worker.examples.backtest import example_backtests
+from saga_worker.store.tables import audit_logs, checkpoints
+
+from . import test_engine as engine
+from .conftest import Stack
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.parametrize("stack", ["rabbitmq"], indirect=True),
+]
+
+SAGA_TYPE = "backtest_workflow"
+
+
+# -- the core scenarios ----------------------------------------------------------------------
+
+
+def test_completes_and_records_every_transition(stack: Stack) -> None:
+    engine.test_completes_and_records_every_transition(stack)
+
+
+def test_failure_compensates_completed_steps_in_reverse(stack: Stack) -> None:
+    engine.test_failure_compensates_completed_steps_in_reverse(stack)
+
+
+def test_flaky_step_is_retried_then_completes(stack: Stack) -> None:
+    engine.test_flaky_step_is_retried_then_completes(stack)
+
+
+def test_abort_mid_run_compensates_and_ends_aborted(stack: Stack) -> None:
+    engine.test_abort_mid_run_compensates_and_ends_aborted(stack)
+
+
+def test_remote_step_served_by_another_service(stack: Stack) -> None:
+    engine.test_remote_step_served_by_another_service(stack)
+
+
+def test_remote_step_failure_retries_then_compensates(stack: Stack) -> None:
+    engine.test_remote_step_failure_retries_then_compensates(stack)
+
+
+def test_audit_chains_of_concurrent_sagas_verify(stack: Stack) -> None:
+    contexts = [
+        {"strategy_id": 1},
+        {"strategy_id": 2, "fail_step": "run_strategy"},
+        {"strategy_id": 3, "flaky_step": {"step": "save_results", "failures": 1}},
+        {"strategy_id": 4, "fail_step": "save_results", "fail_compensation": "create_backtest"},
+    ]
+    saga_ids = [stack.start(SAGA_TYPE, context) for context in contexts]
+    final = stack.wait_all(saga_ids, timeout=120)
+    assert [final[s].state.value for s in saga_ids] == [
+        "COMPLETED",
+        "COMPENSATED",
+        "COMPLETED",
+        "FAILED",
+    ]
+    for saga_id in saga_ids:
+        stack.assert_chain_ok(saga_id)
+        assert stack.events(saga_id)[0] == "saga_start"
+
+
+# -- hostile input ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Raw:
+    """One message as anyone with write access to the broker could publish it."""
+
+    body: bytes
+    content_type: str = "application/json"
+    content_encoding: str = "utf-8"
+    headers: dict[str, Any] | None = None  # None: a well-formed saga.start's headers
+
+
+def _start_body(saga_id: str) -> bytes:
+    kwargs = {"saga_type": SAGA_TYPE, "context": {"strategy_id": 1}, "saga_id": saga_id}
+    return json.dumps([[], kwargs, {"callbacks": None, "errbacks": None, "chain": None}]).encode()
+
+
+def _hostile(marker: str) -> dict[str, Raw]:
+    """Each case breaks one thing; those with a valid body would start saga `marker`."""
+    good = _start_body(marker)
+    return {
+        "body_of_the_wrong_shape": Raw(json.dumps({"not": "a list"}).encode()),
+        "body_a_json_string": Raw(b'"saga.start"'),
+        "missing_id_header": Raw(good, headers={"task": "saga.start", "lang": "py"}),
+        "list_task_header": Raw(good, headers={"task": ["saga.start"], "id": marker}),
+        "missing_task_header": Raw(good, headers={"id": marker, "lang": "py"}),
+        "unknown_content_type": Raw(good, content_type="application/x-unknown"),
+        "unknown_content_encoding": Raw(good, content_encoding="x-no-such-codec"),
+        "unknown_compression": Raw(
+            good, headers={"task": "saga.start", "id": marker, "compression": "x-nope"}
+        ),
+        "nested_brackets": Raw(b"[" * 200_000 + b"]" * 200_000),
+        "pickle_body": Raw(
+            pickle.dumps(((), json.loads(good)[1], {})),
+            content_type="application/x-python-serialize",
+            content_encoding="binary",
+        ),
+        "non_utf8_bytes": Raw(b"\xff\xfe\x00[[], {\xc3\x28}]"),
+    }
+
+
+HOSTILE_CASES = sorted(_hostile("x"))
+
+
+def _row_counts(stack: Stack) -> dict[str, int]:
+    with stack.store.engine.connect() as conn:
+        return {
+            table.name: conn.execute(select(func.count()).select_from(table)).scalar_one()
+            for table in (checkpoints, audit_logs, example_backtests)
+        }
+
+
+def _queue_depth(stack: Stack) -> int:
+    """Messages ready on the saga queue (a passive declare: fails if the queue is gone)."""
+    with Connection(stack.broker_url) as conn:
+        _, ready, _ = conn.default_channel.queue_declare(queue=stack.queue, passive=True)
+        return int(ready)
+
+
+@pytest.mark.parametrize("case", HOSTILE_CASES)
+def test_hostile_message_is_dropped_and_the_worker_keeps_serving(stack: Stack, case: str) -> None:
+    worker = stack.workers[0]
+    pid = worker.process.pid
+    marker = f"hostile-{uuid.uuid4().hex[:12]}"
+    raw = _hostile(marker)[case]
+    headers = (
+        raw.headers
+        if raw.headers is not None
+        else {
+            "task": "saga.start",
+            "id": str(uuid.uuid4()),
+            "lang": "py",
+        }
+    )
+    before = _row_counts(stack)
+    with Connection(stack.broker_url) as conn:
+        conn.Producer().publish(
+            raw.body,
+            exchange="",
+            routing_key=stack.queue,
+            content_type=raw.content_type,
+            content_encoding=raw.content_encoding,
+            headers=headers,
+        )
+    # The queue is FIFO: by the time a saga started after the message has completed, the
+    # worker has taken the hostile message off the queue and dealt with it.
+    good = stack.start(SAGA_TYPE, {"strategy_id": 5})
+    saga = stack.wait(good, timeout=60)
+    assert saga.state.value == "COMPLETED", saga.error
+    assert worker.process.poll() is None, worker.log_tail()
+    assert worker.process.pid == pid
+    # Nothing but the good saga's rows reached the database.
+    after = _row_counts(stack)
+    assert after == {
+        "saga_checkpoints": before["saga_checkpoints"] + 1,
+        "saga_audit_logs": before["saga_audit_logs"] + len(engine.HAPPY),
+        "example_backtests": before["example_backtests"] + 1,
+    }, (before, after)
+    assert stack.store.load(marker) is None
+    # Dropped, not requeued to come round again.
+    assert _queue_depth(stack) == 0
