@@ -16,6 +16,7 @@ from ..config import Settings
 from ..engine import utcnow
 from ..recovery import sweep
 from .broker import TRANSPORT_PATH
+from .consumer import CONSUMER_PATH
 from .guard import GuardedTask
 from .runtime import RuntimeFactory
 from .tasks import register_core_tasks, register_step_tasks
@@ -83,6 +84,8 @@ def create_app(settings: Settings | None = None) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
+        # Drops task messages whose headers or body would crash Celery's handler.
+        worker_consumer=CONSUMER_PATH,
         # No task_queues: Celery declares the default queue itself, with the queue type of
         # task_default_queue_type ("quorum" for a RabbitMQ quorum queue, docs/rabbitmq.md).
         task_default_queue=settings.queue,

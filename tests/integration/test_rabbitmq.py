@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,7 @@ pytestmark = [
 ]
 
 SAGA_TYPE = "backtest_workflow"
+PROBLEM_LINE = re.compile(r"^\[[^]]*: (?:WARNING|ERROR|CRITICAL)/MainProcess\].*$", re.MULTILINE)
 
 
 # -- the core scenarios ----------------------------------------------------------------------
@@ -102,6 +104,7 @@ def _hostile(marker: str) -> dict[str, Raw]:
     return {
         "body_of_the_wrong_shape": Raw(json.dumps({"not": "a list"}).encode()),
         "body_a_json_string": Raw(b'"saga.start"'),
+        "body_a_json_number": Raw(b"5"),
         "missing_id_header": Raw(good, headers={"task": "saga.start", "lang": "py"}),
         "list_task_header": Raw(good, headers={"task": ["saga.start"], "id": marker}),
         "missing_task_header": Raw(good, headers={"id": marker, "lang": "py"}),
@@ -154,6 +157,7 @@ def test_hostile_message_is_dropped_and_the_worker_keeps_serving(stack: Stack, c
         }
     )
     before = _row_counts(stack)
+    log_offset = worker.log_path.stat().st_size
     with Connection(stack.broker_url) as conn:
         conn.Producer().publish(
             raw.body,
@@ -178,5 +182,9 @@ def test_hostile_message_is_dropped_and_the_worker_keeps_serving(stack: Stack, c
         "example_backtests": before["example_backtests"] + 1,
     }, (before, after)
     assert stack.store.load(marker) is None
-    # Dropped, not requeued to come round again.
+    # Dropped, not requeued to come round again, and logged once.
     assert _queue_depth(stack) == 0
+    with worker.log_path.open("rb") as log:
+        log.seek(log_offset)
+        complaints = PROBLEM_LINE.findall(log.read().decode(errors="replace"))
+    assert len(complaints) == 1, complaints
