@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import json
 import pickle
+import random
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,13 +24,14 @@ from sqlalchemy import func, select
 from saga_worker.examples.backtest import example_backtests
 from saga_worker.store.tables import audit_logs, checkpoints
 
+from . import test_chaos as chaos
 from . import test_engine as engine
-from .conftest import Stack
+from .conftest import Stack, fresh_postgres_database
+from .processes import Rig
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.parametrize("stack", ["rabbitmq"], indirect=True),
-]
+pytestmark = pytest.mark.integration
+# The session's RabbitMQ stack: PostgreSQL, a saga worker and a remote-service worker.
+ON_RABBITMQ = pytest.mark.parametrize("stack", ["rabbitmq"], indirect=True)
 
 SAGA_TYPE = "backtest_workflow"
 PROBLEM_LINE = re.compile(r"^\[[^]]*: (?:WARNING|ERROR|CRITICAL)/MainProcess\].*$", re.MULTILINE)
@@ -36,30 +40,37 @@ PROBLEM_LINE = re.compile(r"^\[[^]]*: (?:WARNING|ERROR|CRITICAL)/MainProcess\].*
 # -- the core scenarios ----------------------------------------------------------------------
 
 
+@ON_RABBITMQ
 def test_completes_and_records_every_transition(stack: Stack) -> None:
     engine.test_completes_and_records_every_transition(stack)
 
 
+@ON_RABBITMQ
 def test_failure_compensates_completed_steps_in_reverse(stack: Stack) -> None:
     engine.test_failure_compensates_completed_steps_in_reverse(stack)
 
 
+@ON_RABBITMQ
 def test_flaky_step_is_retried_then_completes(stack: Stack) -> None:
     engine.test_flaky_step_is_retried_then_completes(stack)
 
 
+@ON_RABBITMQ
 def test_abort_mid_run_compensates_and_ends_aborted(stack: Stack) -> None:
     engine.test_abort_mid_run_compensates_and_ends_aborted(stack)
 
 
+@ON_RABBITMQ
 def test_remote_step_served_by_another_service(stack: Stack) -> None:
     engine.test_remote_step_served_by_another_service(stack)
 
 
+@ON_RABBITMQ
 def test_remote_step_failure_retries_then_compensates(stack: Stack) -> None:
     engine.test_remote_step_failure_retries_then_compensates(stack)
 
 
+@ON_RABBITMQ
 def test_audit_chains_of_concurrent_sagas_verify(stack: Stack) -> None:
     contexts = [
         {"strategy_id": 1},
@@ -141,6 +152,7 @@ def _queue_depth(stack: Stack) -> int:
         return int(ready)
 
 
+@ON_RABBITMQ
 @pytest.mark.parametrize("case", HOSTILE_CASES)
 def test_hostile_message_is_dropped_and_the_worker_keeps_serving(stack: Stack, case: str) -> None:
     worker = stack.workers[0]
@@ -188,3 +200,46 @@ def test_hostile_message_is_dropped_and_the_worker_keeps_serving(stack: Stack, c
         log.seek(log_offset)
         complaints = PROBLEM_LINE.findall(log.read().decode(errors="replace"))
     assert len(complaints) == 1, complaints
+
+
+# -- chaos -----------------------------------------------------------------------------------
+
+CHAOS_SAGAS = 80
+CHAOS_SUBMIT_SECONDS = 20.0
+
+
+def test_no_saga_is_lost_or_applied_twice_when_workers_are_killed(
+    pg_admin_url: str, amqp_url: str, tmp_path: Path
+) -> None:
+    """test_chaos's run on RabbitMQ, smaller: pool children and whole workers SIGKILLed
+    while sagas run and a beat sweeps (the broker and PostgreSQL stay up)."""
+    rig = Rig.create(
+        fresh_postgres_database(pg_admin_url),
+        amqp_url,
+        tmp_path,
+        SAGA_STALL_GRACE_SECONDS=chaos.GRACE,
+        SAGA_RECOVERY_INTERVAL_SECONDS="1",
+    )
+
+    def plan(rng: random.Random) -> list[tuple[float, Callable[[chaos.Chaos], None]]]:
+        def child(run: chaos.Chaos) -> None:
+            chaos.kill_child(rig, run, rng)
+
+        def worker(run: chaos.Chaos) -> None:
+            chaos.kill_worker(rig, run)
+
+        return [
+            (rng.uniform(2, 4), child),
+            (rng.uniform(5, 8), worker),
+            (rng.uniform(9, 11), child),
+            (rng.uniform(12, 15), child),
+            (rng.uniform(16, 19), worker),
+            (rng.uniform(20, 22), child),
+        ]
+
+    try:
+        outcome = chaos.run_chaos(rig, CHAOS_SAGAS, CHAOS_SUBMIT_SECONDS, plan, name="rabbit-chaos")
+    finally:
+        rig.close()
+    assert outcome.chaos.counts["worker kills"] == 2
+    assert outcome.chaos.counts["pool child kills"] == 4
