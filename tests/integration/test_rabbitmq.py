@@ -26,7 +26,7 @@ from saga_worker.store.tables import audit_logs, checkpoints
 
 from . import test_chaos as chaos
 from . import test_engine as engine
-from .conftest import Stack, fresh_postgres_database
+from .conftest import Stack, fresh_postgres_database, start_worker
 from .processes import Rig
 
 pytestmark = pytest.mark.integration
@@ -243,3 +243,42 @@ def test_no_saga_is_lost_or_applied_twice_when_workers_are_killed(
         rig.close()
     assert outcome.chaos.counts["worker kills"] == 2
     assert outcome.chaos.counts["pool child kills"] == 4
+
+
+# -- quorum queue ----------------------------------------------------------------------------
+
+
+def test_sagas_run_on_a_quorum_queue(pg_admin_url: str, amqp_url: str, tmp_path: Path) -> None:
+    rig = Rig.create(fresh_postgres_database(pg_admin_url), amqp_url, tmp_path)
+    # A producer declares the queue it sends to: with the worker's arguments, or RabbitMQ
+    # refuses the declare (inequivalent x-queue-type) and the send fails.
+    rig.producer.conf.update(
+        task_create_missing_queue_type="quorum", task_create_missing_queue_exchange_type="topic"
+    )
+    try:
+        rig.workers.append(
+            start_worker("tests.fixtures.quorum_app", rig.env, rig.queue, tmp_path / "worker.log")
+        )
+        with Connection(amqp_url) as conn:
+            # Succeeds only on a queue that is already a quorum queue: RabbitMQ refuses a
+            # declare whose x-queue-type differs from the existing queue's.
+            conn.default_channel.queue_declare(
+                queue=rig.queue,
+                durable=True,
+                auto_delete=False,
+                arguments={"x-queue-type": "quorum"},
+            )
+        plain = rig.start_saga(SAGA_TYPE, {"strategy_id": 11}, f"quorum-{uuid.uuid4().hex[:8]}")
+        # Two failed attempts: their retries are sent with a countdown (delayed delivery).
+        flaky = rig.start_saga(
+            SAGA_TYPE,
+            {"strategy_id": 12, "flaky_step": {"step": "run_strategy", "failures": 2}},
+            f"quorum-{uuid.uuid4().hex[:8]}",
+        )
+        final = rig.wait_all([plain, flaky], timeout=90)
+        assert final[plain].state.value == "COMPLETED"
+        assert final[flaky].state.value == "COMPLETED" and final[flaky].retries == 2
+        log = rig.worker.log_path.read_text(errors="replace")
+        assert "Global QoS is disabled" in log  # Celery saw the quorum queue
+    finally:
+        rig.close()
