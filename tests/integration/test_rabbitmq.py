@@ -21,8 +21,10 @@ import pytest
 from kombu import Connection
 from sqlalchemy import func, select
 
+from saga_worker.config import Settings
 from saga_worker.examples.backtest import example_backtests
 from saga_worker.store.tables import audit_logs, checkpoints
+from saga_worker.worker.app import create_app
 
 from . import test_chaos as chaos
 from . import test_engine as engine
@@ -89,6 +91,28 @@ def test_audit_chains_of_concurrent_sagas_verify(stack: Stack) -> None:
     for saga_id in saga_ids:
         stack.assert_chain_ok(saga_id)
         assert stack.events(saga_id)[0] == "saga_start"
+
+
+# -- publisher confirms ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("confirmed", [True, False], ids=["app-settings", "without-confirms"])
+def test_a_publish_the_broker_drops_raises_with_the_apps_settings(
+    amqp_url: str, tmp_path: Path, confirmed: bool
+) -> None:
+    """RabbitMQ drops a message sent to an exchange that does not exist. With the app's
+    publisher confirms the publish raises; without them (the control) it returns as if sent."""
+    app = create_app(Settings.from_env({"SAGA_BROKER_URL": amqp_url, "SAGA_HOME": str(tmp_path)}))
+    if not confirmed:
+        app.conf.broker_transport_options = {}
+    with app.connection_for_write() as conn:
+        producer = conn.Producer()
+        missing = f"missing-{uuid.uuid4().hex[:8]}"
+        if confirmed:
+            with pytest.raises(conn.channel_errors):
+                producer.publish({"x": 1}, exchange=missing, routing_key="x", declare=[])
+        else:
+            producer.publish({"x": 1}, exchange=missing, routing_key="x", declare=[])
 
 
 # -- hostile input ---------------------------------------------------------------------------
