@@ -145,6 +145,12 @@ start_rabbitmq() {
         log "rabbitmq-server not found: installing it with apt-get"
         apt_install rabbitmq-server rabbitmq-server
         [[ -x "$RABBIT_LIB/rabbitmq-server" ]] || die "$RABBIT_LIB/rabbitmq-server still missing"
+        # The system node the postinst may have started leaves its epmd (port 4369) behind;
+        # stop it too, but only when no Erlang node is registered with it any more.
+        if epmd -names 2>/dev/null | grep -q '^epmd: up' \
+                && ! epmd -names 2>/dev/null | grep -q '^name '; then
+            epmd -kill >/dev/null 2>&1 || true
+        fi
     fi
     RABBIT_DIR=$(mktemp -d -t "$name-rabbitmq.XXXXXX")
     chown rabbitmq: "$RABBIT_DIR"
