@@ -10,15 +10,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY saga_worker ./saga_worker
+COPY saga_remote.py ./
 COPY migrations ./migrations
-RUN pip install . \
+RUN pip install '.[flower]' \
     && useradd --system --uid 10001 --create-home --home-dir /home/saga saga
 
 # Run from outside the source tree: the installed package (migrations included) is used.
 WORKDIR /home/saga
 USER saga
 
-# The example saga (DESIGN.md §8); add your modules, comma-separated.
+# The example saga (docs/contract.md); add your modules, comma-separated.
 ENV SAGA_IMPORTS=saga_worker.examples
 
 # 9100: worker metrics, 9101: beat metrics, 5555: Flower.

@@ -18,7 +18,10 @@ from .errors import (
 )
 from .registry import register
 
+__version__ = "0.2.0"
+
 __all__ = [
+    "__version__",
     # defining sagas
     "Remote",
     "RetryPolicy",

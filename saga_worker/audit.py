@@ -20,6 +20,14 @@ from .core.model import Saga
 from .core.transition import AuditEvent
 
 GENESIS_HASH = "0" * 64
+#: Name, version and summary of `row_hash`, recorded in export manifests (docs/audit.md,
+#: "Hash definition"). Change the version whenever the hashed bytes change.
+AUDIT_HASH_SPEC = (
+    "saga_worker audit hash v1: SHA-256 hex of the UTF-8 bytes of the JSON object of every "
+    "column but id and hash (prev_hash included), keys sorted, no whitespace, non-ASCII kept, "
+    "timestamp as ISO 8601 UTC with microseconds and +00:00, duration_ms a float; "
+    "prev_hash links each saga's rows, 64 zeros for its first"
+)
 REDACTED = "***REDACTED***"
 
 #: Columns covered by the hash, in no particular order (the canonical JSON sorts keys).
@@ -122,7 +130,7 @@ def iso_utc(ts: datetime) -> str:
 
 
 def row_hash(row: Mapping[str, Any]) -> str:
-    """SHA-256 hex of a row's hashed columns (DESIGN.md §4); anyone can recompute it."""
+    """SHA-256 hex of a row's hashed columns (`AUDIT_HASH_SPEC`); anyone can recompute it."""
     payload = {}
     for column in HASHED_COLUMNS:
         value = row.get(column)

@@ -7,7 +7,6 @@ prints what these methods return. Database errors become one `SagaError` with th
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import socket
@@ -24,6 +23,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
 
 from . import registry
 from .audit import (
+    AUDIT_HASH_SPEC,
     EXPORT_COLUMNS,
     EXPORT_FORMATS,
     FILE_MISMATCH,
@@ -45,7 +45,13 @@ from .core.events import Event, RetryRequested
 from .core.model import Attempt, Saga, SagaState
 from .core.transition import Decision, transition
 from .engine import Dispatcher, SagaEngine, utcnow
-from .errors import ConcurrencyConflict, SagaError, SagaNotFound, UnknownSagaType
+from .errors import (
+    ConcurrencyConflict,
+    ConfigurationError,
+    SagaError,
+    SagaNotFound,
+    UnknownSagaType,
+)
 from .requests import parse_abort, valid_saga_id
 from .store.repository import (
     AuditQuery,
@@ -67,6 +73,12 @@ class DatabaseUnavailable(SagaError):
     """The saga database cannot be reached, or it has no saga tables yet."""
 
     code = "database_unavailable"
+
+
+class BrokerUnavailable(SagaError):
+    """The broker of SAGA_BROKER_URL cannot be reached."""
+
+    code = "broker_unavailable"
 
 
 class InvalidFilter(SagaError):
@@ -313,6 +325,10 @@ class SagaClient:
         if self._app is None:
             from .worker.app import create_app
 
+            # First, so that a missing module or an unknown broker transport is a
+            # configuration error, not a traceback.
+            registry.import_modules(self.settings.imports)
+            _check_broker_url(self.settings.broker_url)
             self._app = create_app(self.settings)
         return self._app
 
@@ -338,21 +354,63 @@ class SagaClient:
 
     # -- producer messages ---------------------------------------------------------------
 
-    def start(self, saga_type: str, context: dict[str, Any], **fields: Any) -> None:
-        """Send saga.start exactly as a producer would."""
-        self.app.send_task(
-            "saga.start",
-            kwargs={"saga_type": saga_type, "context": context, **fields},
-            queue=self.settings.queue,
-        )
+    def start(self, saga_type: str, context: dict[str, Any], **fields: Any) -> str:
+        """Send saga.start exactly as a producer would; returns the saga's id.
+
+        Without a saga_id the id is the start message's task id (docs/contract.md, Producer).
+        It is also put in the message, so the id holds whatever version the workers run.
+        """
+        from celery.utils import uuid
+
+        task_id = uuid()
+        fields = {k: v for k, v in fields.items() if v is not None}
+        fields.setdefault("saga_id", task_id)  # == result.id
+        with self._broker():
+            result = self.app.send_task(
+                "saga.start",
+                kwargs={"saga_type": saga_type, "context": context, **fields},
+                queue=self.settings.queue,
+                task_id=task_id,
+            )
+        return str(fields["saga_id"]) if "saga_id" in fields else str(result.id)
+
+    def rejections(self, saga_id: str) -> list[str]:
+        """Why starts of this saga_id were rejected (`saga_rejected` audit rows), oldest first."""
+        return [
+            str(row["error_message"] or "")
+            for row in self.audit_trail(saga_id)
+            if row["event_type"] == "saga_rejected"
+        ]
+
+    def wait_started(
+        self, saga_id: str, timeout: float, rejections_before: int = 0
+    ) -> tuple[Saga | None, str | None]:
+        """Poll until the saga is terminal, its start was rejected, or `timeout` passes.
+
+        Returns the last checkpoint seen (None if there is none) and the rejection reason when
+        a new `saga_rejected` row appeared for this id.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            saga = self.get(saga_id)
+            if saga is not None and saga.state.is_terminal:
+                return saga, None
+            if saga is None:
+                reasons = self.rejections(saga_id)
+                if len(reasons) > rejections_before:
+                    return None, reasons[-1]
+            if time.monotonic() >= deadline:
+                return saga, None
+            time.sleep(0.2)
 
     def send_abort(self, saga_id: str, reason: str, user_id: str | None = None) -> None:
         """Send saga.abort through the broker, exactly as a producer would."""
-        self.app.send_task(
-            "saga.abort",
-            kwargs={"saga_id": saga_id, "reason": reason, "user_id": user_id},
-            queue=self.settings.queue,
-        )
+        with self._broker():
+            self.app.send_task(
+                "saga.abort",
+                kwargs={"saga_id": saga_id, "reason": reason, "user_id": user_id},
+                queue=self.settings.queue,
+            )
 
     # -- reading sagas -------------------------------------------------------------------
 
@@ -447,8 +505,7 @@ class SagaClient:
         """The registered definition of a saga type (modules of SAGA_IMPORTS imported once)."""
         if not self._imported:
             self._imported = True
-            for module in self.settings.imports:
-                importlib.import_module(module)
+            registry.import_modules(self.settings.imports)
         try:
             return registry.get(saga_type)
         except UnknownSagaType:
@@ -683,8 +740,9 @@ class SagaClient:
                         "since": iso_utc(since) if since else None,
                         "until": iso_utc(until) if until else None,
                         "saga_type": saga_type,
-                        "hash": "SHA-256 of canonical JSON of every column but id and hash "
-                        "(DESIGN.md section 4); prev_hash links each saga's rows",
+                        # Names the definition instead of pointing at a document, so the
+                        # manifest stays meaningful wherever the export is archived.
+                        "hash": AUDIT_HASH_SPEC,
                         "heads": heads,
                     },
                     indent=1,
@@ -808,6 +866,20 @@ class SagaClient:
         return data
 
     @contextmanager
+    def _broker(self) -> Iterator[None]:
+        """A broker that cannot be reached is one line naming it (password hidden)."""
+        from kombu.exceptions import OperationalError as BrokerError
+        from kombu.utils.url import maybe_sanitize_url
+
+        try:
+            yield
+        except BrokerError as exc:
+            safe = maybe_sanitize_url(self.settings.broker_url)
+            raise BrokerUnavailable(
+                f"cannot reach the broker at {safe}: {_first_line(exc)}"
+            ) from None
+
+    @contextmanager
     def _database(self) -> Iterator[None]:
         """Turn driver errors into one line naming the database (password hidden)."""
         try:
@@ -827,6 +899,21 @@ class SagaClient:
             raise DatabaseUnavailable(
                 f"cannot reach the database at {self.safe_url}: {text}"
             ) from None
+
+
+def _check_broker_url(url: str) -> None:
+    """SAGA_BROKER_URL names a transport kombu knows (redis, rediss, amqp, sentinel, ...)."""
+    from kombu.transport import resolve_transport
+
+    scheme = url.split("://", 1)[0] if "://" in url else url
+    try:
+        resolve_transport(scheme)
+    except (KeyError, ImportError) as exc:
+        raise ConfigurationError(
+            f"SAGA_BROKER_URL uses transport {scheme!r}, which cannot be loaded ({exc}); use "
+            "redis://host:6379/0, rediss://..., amqp://user:password@host:5672// or leave it "
+            "unset for the embedded broker"
+        ) from None
 
 
 def verify_export_file(

@@ -34,13 +34,14 @@ def default_home() -> Path:
 
 @dataclass(frozen=True)
 class Settings:
-    """Every knob of DESIGN.md §6; build with `Settings.from_env()`."""
+    """Every knob of docs/contract.md (Environment variables); build with `Settings.from_env()`."""
 
     database_url: str
     broker_url: str
     home: Path
     imports: tuple[str, ...] = ()
-    queue: str = "celery"
+    queue: str = "saga"
+    celery_config: str | None = None
     metrics_port: int | None = None
     recovery_interval_seconds: float = 10.0
     stall_grace_seconds: float = 30.0
@@ -71,21 +72,76 @@ class Settings:
             k.strip().lower() for k in env.get("SAGA_REDACT_KEYS", "").split(",") if k.strip()
         )
         return cls(
-            database_url=env.get("SAGA_DATABASE_URL") or f"sqlite:///{home / 'saga.sqlite3'}",
+            database_url=_database_url(env.get("SAGA_DATABASE_URL"))
+            or f"sqlite:///{home / 'saga.sqlite3'}",
             broker_url=env.get("SAGA_BROKER_URL") or "filesystem://",
             home=home,
             imports=tuple(m.strip() for m in env.get("SAGA_IMPORTS", "").split(",") if m.strip()),
-            queue=env.get("SAGA_QUEUE") or "celery",
+            queue=env.get("SAGA_QUEUE") or "saga",
+            celery_config=env.get("SAGA_CELERY_CONFIG", "").strip() or None,
             metrics_port=_int(env, "SAGA_METRICS_PORT", None, minimum=0),
             recovery_interval_seconds=_float(env, "SAGA_RECOVERY_INTERVAL_SECONDS", 10.0),
             stall_grace_seconds=_float(env, "SAGA_STALL_GRACE_SECONDS", 30.0),
             default_step_timeout_seconds=_float(env, "SAGA_DEFAULT_STEP_TIMEOUT_SECONDS", 300.0),
             max_context_bytes=_int(env, "SAGA_MAX_CONTEXT_BYTES", 262_144, minimum=2) or 262_144,
             max_context_depth=_int(env, "SAGA_MAX_CONTEXT_DEPTH", 32, minimum=1) or 32,
-            signing_key=env.get("SAGA_SIGNING_KEY") or None,
+            signing_key=_signing_key(env),
             redact_keys=DEFAULT_REDACT_KEYS + extra_redact,
             max_recoveries=_int(env, "SAGA_MAX_RECOVERIES", 5, minimum=0) or 0,
         )
+
+
+SUPPORTED_DATABASES = ("postgresql", "sqlite")
+_DATABASE_EXAMPLES = "postgresql+psycopg://user:password@host:5432/db or sqlite:////path/saga.sqlite3"
+
+
+def _database_url(raw: str | None) -> str | None:
+    """SAGA_DATABASE_URL checked up front, so a typo is one line naming the variable and not a
+    driver traceback at the first query. Messages never repeat the URL: it holds a password."""
+    if raw is None or raw.strip() == "":
+        return None
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        url = make_url(raw)
+    except ArgumentError:
+        raise ConfigurationError(
+            f"SAGA_DATABASE_URL is not a database URL; use {_DATABASE_EXAMPLES}"
+        ) from None
+    if url.get_backend_name() not in SUPPORTED_DATABASES:
+        raise ConfigurationError(
+            f"SAGA_DATABASE_URL names database {url.drivername!r}, which saga_worker does not "
+            f"support; use {_DATABASE_EXAMPLES}"
+        )
+    try:
+        url.get_dialect().import_dbapi()
+    except (ArgumentError, ImportError) as exc:
+        raise ConfigurationError(
+            f"SAGA_DATABASE_URL names driver {url.drivername!r}, which is not installed "
+            f"({exc}); use {_DATABASE_EXAMPLES}"
+        ) from None
+    return raw
+
+
+def _signing_key(env: Mapping[str, str]) -> str | None:
+    """SAGA_SIGNING_KEY, or the contents of SAGA_SIGNING_KEY_FILE (one of the two)."""
+    key, path = env.get("SAGA_SIGNING_KEY") or None, env.get("SAGA_SIGNING_KEY_FILE") or None
+    if key and path:
+        raise ConfigurationError("set SAGA_SIGNING_KEY or SAGA_SIGNING_KEY_FILE, not both")
+    if path is None:
+        return key
+    try:
+        # A trailing newline is what `echo KEY > file` leaves, not part of the key.
+        text = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigurationError(
+            f"SAGA_SIGNING_KEY_FILE={path!r} cannot be read ({exc}); "
+            "point it at a UTF-8 file readable by this process"
+        ) from None
+    if not text:
+        raise ConfigurationError(f"SAGA_SIGNING_KEY_FILE={path!r} is empty")
+    return text
 
 
 def _int(env: Mapping[str, str], name: str, default: int | None, *, minimum: int) -> int | None:

@@ -84,3 +84,10 @@ class NonRetryableStepError(SagaError):
     """Raise from a step to fail it at once, without its remaining attempts."""
 
     code = "non_retryable_step_error"
+
+
+class GrantRefused(SagaError):
+    """`saga-worker db grant` cannot give a role the run-time privileges safely: the role is
+    unknown, owns the tables or is a superuser, or the connection cannot grant."""
+
+    code = "grant_refused"

@@ -1,4 +1,4 @@
-"""Prometheus metrics (DESIGN.md §5), fed by engine hooks and served per process group.
+"""Prometheus metrics (docs/contract.md, Metrics), fed by engine hooks and served per process group.
 
 Counters and histograms: every prefork child writes its own memory-mapped file in a private
 directory that the worker's main process creates before the pool forks (prometheus_client's
@@ -53,7 +53,7 @@ MmapedDict: Any = mmap_dict.MmapedDict
 MultiProcessCollector: Any = multiprocess.MultiProcessCollector
 MultiProcessValue: Any = values.MultiProcessValue
 
-#: Names of DESIGN.md §5 as exposed (counters with their `_total` suffix).
+#: Names of docs/contract.md (Metrics) as exposed (counters with their `_total` suffix).
 DESIGN_METRICS = frozenset(
     {
         "saga_started_total",
@@ -77,7 +77,7 @@ DESIGN_METRICS = frozenset(
         "saga_recovered_total",
     }
 )
-#: Gauges this module adds to §5 for the alerts on sagas waiting for an operator or stalled.
+#: Gauges added to those for the alerts on sagas waiting for an operator or stalled.
 EXTRA_METRICS = frozenset({"saga_failed_current", "saga_stalled_current"})
 METRIC_NAMES = DESIGN_METRICS | EXTRA_METRICS
 
@@ -109,7 +109,7 @@ ATTEMPT_STATUS = {
 
 
 class SagaMetrics:
-    """The §5 counters and histograms, and how one transition updates them."""
+    """The contract's counters and histograms, and how one transition updates them."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         # registry=None: in multiprocess mode the values live in files, not in a registry.

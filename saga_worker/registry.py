@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from .core.definition import SagaDefinition
-from .errors import DuplicateSagaType, UnknownSagaType
+from .errors import ConfigurationError, DuplicateSagaType, UnknownSagaType
 
 _definitions: dict[str, SagaDefinition] = {}
 _listeners: list[Callable[[SagaDefinition], None]] = []
@@ -50,3 +52,40 @@ def on_register(listener: Callable[[SagaDefinition], None]) -> None:
         current = list(_definitions.values())
     for definition in current:
         listener(definition)
+
+
+def import_modules(modules: Iterable[str]) -> None:
+    """Import the SAGA_IMPORTS modules (which register their sagas).
+
+    A module that is missing or fails to import is a ConfigurationError naming the module and
+    the variable, not a traceback; other errors of the module (an invalid definition) pass.
+    """
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            raise _not_found(module, exc.name or module) from None
+
+
+def check_modules(modules: Iterable[str]) -> None:
+    """Fail as `import_modules` would when a SAGA_IMPORTS module does not exist, without
+    running it (its parent packages are imported): for commands that hand over to Celery."""
+    for module in modules:
+        try:
+            found = importlib.util.find_spec(module)
+        except ModuleNotFoundError as exc:
+            raise _not_found(module, exc.name or module) from None
+        if found is None:
+            raise _not_found(module, module)
+
+
+def _not_found(module: str, missing: str) -> ConfigurationError:
+    if module == missing or module.startswith(missing + "."):
+        return ConfigurationError(
+            f"SAGA_IMPORTS lists module {module!r}, which cannot be found: fix SAGA_IMPORTS or "
+            "install the package that provides it (and check PYTHONPATH)"
+        )
+    return ConfigurationError(
+        f"SAGA_IMPORTS module {module!r} cannot be imported: it needs module {missing!r}, "
+        "which is not installed"
+    )

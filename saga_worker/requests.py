@@ -6,7 +6,6 @@ import ipaddress
 import json
 import math
 import re
-import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,17 +23,36 @@ def valid_saga_id(value: object) -> bool:
     return isinstance(value, str) and SAGA_ID_RE.fullmatch(value) is not None
 
 
+def start_saga_id(kwargs: Mapping[str, Any], message_id: object) -> object:
+    """The saga_id a start names: its own, or else the start message's Celery task id.
+
+    The task id stays the same when the broker redelivers the message or Celery retries the
+    task, so one message can never start two sagas, and the producer knows the id
+    (`send_task(...).id`) without choosing one.
+    """
+    given = kwargs.get("saga_id")
+    return message_id if given is None else given
+
+
 def parse_start(
-    args: tuple[Any, ...], kwargs: Mapping[str, Any], settings: Settings
+    args: tuple[Any, ...], kwargs: Mapping[str, Any], settings: Settings, message_id: object
 ) -> StartRequested:
-    """A `StartRequested` from saga.start's arguments, or InvalidRequest naming field and rule."""
+    """A `StartRequested` from saga.start's arguments, or InvalidRequest naming field and rule.
+
+    `message_id` is the start message's task id, the saga_id when the message names none.
+    """
     _no_positional(args, "saga.start")
     _known_fields(kwargs, START_FIELDS, "saga.start")
-    saga_id = kwargs.get("saga_id")
-    if saga_id is None:
-        saga_id = str(uuid.uuid4())
-    elif not valid_saga_id(saga_id):
+    saga_id = start_saga_id(kwargs, message_id)
+    if not valid_saga_id(saga_id):
+        if kwargs.get("saga_id") is None:
+            raise InvalidRequest(
+                "saga_id",
+                "is absent and the message's task id is not a usable saga_id "
+                "(1-255 characters of A-Z a-z 0-9 . _ : -): pass saga_id explicitly",
+            )
         raise InvalidRequest("saga_id", "must be 1-255 characters of A-Z a-z 0-9 . _ : -")
+    assert isinstance(saga_id, str)
     saga_type = kwargs.get("saga_type")
     if not isinstance(saga_type, str) or not saga_type:
         raise InvalidRequest("saga_type", "is required and must be a non-empty string")

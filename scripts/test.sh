@@ -44,16 +44,9 @@ trap 'exit 143' TERM
 # ------------------------------------------------------------ virtualenv ----
 
 phase "virtualenv (.venv)"
-if [[ ! -x .venv/bin/python ]]; then
-    if ! python3 -m venv .venv; then
-        # Debian's system python needs python3-venv for ensurepip.
-        rm -rf .venv
-        log "python3 -m venv failed; installing python3-venv"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
-        python3 -m venv .venv
-    fi
-fi
+# shellcheck source=scripts/venv.sh
+source scripts/venv.sh
+ensure_venv
 if [[ -f pyproject.toml ]]; then
     # -q keeps pip silent unless something goes wrong.
     .venv/bin/pip install -q -e '.[dev]'
@@ -129,6 +122,14 @@ if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2
     phase "installing prometheus (promtool) with apt-get"
     apt_install prometheus prometheus
     command -v promtool >/dev/null 2>&1 || die "promtool still not on PATH"
+    phase_done
+fi
+
+# amtool checks deploy/alertmanager/alertmanager.yml; it comes with Debian's alertmanager.
+if ! command -v amtool >/dev/null 2>&1; then
+    phase "installing prometheus-alertmanager (amtool) with apt-get"
+    apt_install prometheus-alertmanager prometheus-alertmanager
+    command -v amtool >/dev/null 2>&1 || die "amtool still not on PATH"
     phase_done
 fi
 

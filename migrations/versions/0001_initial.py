@@ -1,12 +1,8 @@
 """Checkpoint and audit tables, their indexes, and the append-only triggers.
 
 Running the worker with a least-privilege role (PostgreSQL): the migration job owns the
-tables; the worker role may read and write checkpoints but only INSERT/SELECT audit rows::
-
-    CREATE ROLE saga_app LOGIN PASSWORD '...';
-    GRANT SELECT, INSERT, UPDATE ON saga_checkpoints, saga_settings TO saga_app;
-    GRANT SELECT, INSERT ON saga_audit_logs TO saga_app;
-    GRANT USAGE ON SEQUENCE saga_audit_logs_id_seq TO saga_app;
+tables; `saga-worker db grant ROLE` (saga_worker/store/grants.py) lets a run-time role read
+and write checkpoints but only SELECT/INSERT audit rows.
 
 The triggers below refuse UPDATE, DELETE and TRUNCATE of saga_audit_logs for every role,
 including the owner; only a superuser disabling them can tamper, which the hash chain shows.
@@ -108,7 +104,8 @@ def upgrade() -> None:
         sa.Column("value", sa.Text, nullable=False),
     )
 
-    dialect = op.get_bind().dialect.name
+    # The context's dialect, not get_bind()'s: offline (`db upgrade --sql`) there is no bind.
+    dialect = op.get_context().dialect.name
     if dialect == "postgresql":
         op.execute(
             """

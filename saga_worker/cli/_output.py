@@ -21,17 +21,20 @@ EXIT_OK = 0
 EXIT_PROBLEMS = 1  # verify found problems, a demo saga ended wrong, a message was not sent
 EXIT_USAGE = 2  # bad option, filter or argument (Click's own code for usage errors)
 EXIT_NOT_FOUND = 3  # no saga with that id
-EXIT_REFUSED = 4  # retry/abort does not apply to the saga's state
-EXIT_UNAVAILABLE = 5  # database unreachable or not migrated, configuration error
+EXIT_REFUSED = 4  # retry/abort does not apply to the saga's state; db grant refused
+EXIT_UNAVAILABLE = 5  # database or broker unreachable, database not migrated
+EXIT_CONFIG = 6  # a SAGA_* setting is malformed or names something that does not exist
 EXIT_INTERNAL = 70  # a bug: reported in one line (SAGA_CLI_DEBUG=1 shows the traceback)
 
 #: `--json` of every command that prints: JSON for scripts instead of tables.
 JSON_OPTION = click.option("--json", "json_mode", is_flag=True, help="Print JSON for scripts.")
 
 EXIT_CODES_HELP = (
-    "Exit codes: 0 ok; 1 problems found (verify) or action incomplete; 2 bad usage or "
-    "filter; 3 unknown saga; 4 action refused in the saga's state; 5 database or "
-    "configuration unavailable; 70 internal error."
+    "Exit codes: 0 ok; 1 problems found (verify), action incomplete, or a waited-for saga "
+    "did not complete; 2 bad usage or filter; 3 unknown saga; 4 action refused (the saga's "
+    "state, or db grant to an unknown or owning role); 5 database or broker unreachable, "
+    "or database not migrated; 6 configuration error (fix the SAGA_* variable named); "
+    "70 internal error."
 )
 
 STATE_STYLES = {
@@ -230,9 +233,10 @@ def exit_code_for(exc: BaseException) -> int:
     """The exit code of an exception that reached the top of a command."""
     from sqlalchemy.exc import DBAPIError, OperationalError
 
-    from ..client import DatabaseUnavailable, InvalidFilter, OperationRefused
+    from ..client import BrokerUnavailable, DatabaseUnavailable, InvalidFilter, OperationRefused
     from ..errors import (
         ConfigurationError,
+        GrantRefused,
         InvalidRequest,
         SagaError,
         SagaNotFound,
@@ -243,9 +247,11 @@ def exit_code_for(exc: BaseException) -> int:
         return EXIT_NOT_FOUND
     if isinstance(exc, InvalidFilter | InvalidRequest):
         return EXIT_USAGE
-    if isinstance(exc, OperationRefused):
+    if isinstance(exc, OperationRefused | GrantRefused):
         return EXIT_REFUSED
-    if isinstance(exc, DatabaseUnavailable | ConfigurationError | UnknownSagaType):
+    if isinstance(exc, ConfigurationError):
+        return EXIT_CONFIG
+    if isinstance(exc, DatabaseUnavailable | BrokerUnavailable | UnknownSagaType):
         return EXIT_UNAVAILABLE
     if isinstance(exc, OperationalError | DBAPIError):
         return EXIT_UNAVAILABLE

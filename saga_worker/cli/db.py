@@ -1,8 +1,15 @@
-"""db upgrade: create or migrate the tables."""
+"""db upgrade / current / history / grant: the schema and the run-time role's privileges."""
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
 import click
+
+from ._output import EXIT_PROBLEMS, JSON_OPTION, Output
 
 
 def register(main: click.Group) -> None:
@@ -11,26 +18,203 @@ def register(main: click.Group) -> None:
 
 @click.group()
 def db() -> None:
-    """Database schema commands."""
+    """Database schema commands: upgrade, current, history, grant."""
 
 
-@db.command("upgrade")
-@click.option("--revision", default="head", show_default=True, help="Alembic revision.")
-def db_upgrade(revision: str) -> None:
-    """Create or migrate the tables in SAGA_DATABASE_URL (embedded SQLite when unset)."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import OperationalError
+@contextmanager
+def _database(safe_url: str) -> Iterator[None]:
+    """Driver errors as one line naming the database (password hidden)."""
+    from sqlalchemy.exc import OperationalError, ProgrammingError
 
     from ..client import DatabaseUnavailable
+
+    try:
+        yield
+    except OperationalError as exc:
+        first = (str(exc.orig).strip().splitlines() or ["?"])[0]
+        raise DatabaseUnavailable(f"cannot reach the database at {safe_url}: {first}") from None
+    except ProgrammingError as exc:
+        first = (str(exc.orig).strip().splitlines() or ["?"])[0]
+        raise DatabaseUnavailable(f"the database at {safe_url} refused: {first}") from None
+
+
+def _json_errors(json_mode: bool) -> None:
+    """Errors of this command as JSON too when --json was given (see SagaGroup.invoke)."""
+    click.get_current_context().find_root().meta["saga_json"] = json_mode
+
+
+def _engine() -> tuple[Any, str]:
+    from sqlalchemy.engine import make_url
+
     from ..config import Settings
-    from ..store.migrate import upgrade
     from ..store.repository import create_db_engine
 
     settings = Settings.from_env()
     safe_url = make_url(settings.database_url).render_as_string(hide_password=True)
-    try:
-        upgrade(create_db_engine(settings.database_url, pool=False), revision)
-    except OperationalError as exc:
-        first = (str(exc.orig).strip().splitlines() or ["?"])[0]
-        raise DatabaseUnavailable(f"cannot reach the database at {safe_url}: {first}") from None
-    click.echo(f"database at {safe_url} is at revision {revision}")
+    return create_db_engine(settings.database_url, pool=False), safe_url
+
+
+@db.command("upgrade")
+@click.option("--revision", default="head", show_default=True, help="Alembic revision.")
+@click.option(
+    "--sql",
+    is_flag=True,
+    help="Print the SQL instead of running it (no connection: the URL only picks the dialect).",
+)
+def db_upgrade(revision: str, sql: bool) -> None:
+    """Create or migrate the tables in SAGA_DATABASE_URL (embedded SQLite when unset).
+
+    Run it as the role that owns (or will own) the tables. With --sql, nothing connects:
+    the DDL, the append-only triggers and the version table's update are printed for a DBA
+    to review and run.
+    """
+    from ..config import Settings
+    from ..store.migrate import current_revision, upgrade, upgrade_sql
+
+    if sql:
+        upgrade_sql(Settings.from_env().database_url, sys.stdout, revision)
+        return
+    engine, safe_url = _engine()
+    with _database(safe_url):
+        upgrade(engine, revision)
+        now = current_revision(engine)
+    engine.dispose()
+    click.echo(f"database at {safe_url} is at revision {now or 'none'}")
+
+
+@db.command("current")
+@click.option("--check", is_flag=True, help="Exit 1 unless the database is at the head revision.")
+@JSON_OPTION
+def db_current(check: bool, json_mode: bool) -> None:
+    """Show the revision the database is at (`none` before the first upgrade)."""
+    from ..store.migrate import current_revision, head_revision
+
+    _json_errors(json_mode)
+    engine, safe_url = _engine()
+    with _database(safe_url):
+        current = current_revision(engine)
+    engine.dispose()
+    head = head_revision()
+    if json_mode:
+        Output(True).json({"revision": current, "head": head, "up_to_date": current == head})
+    elif current is None:
+        click.echo("none")
+        click.echo(f"no saga tables yet at {safe_url}: run `saga-worker db upgrade`", err=True)
+    elif current == head:
+        click.echo(f"{current} (head)")
+    else:
+        click.echo(f"{current} (head is {head}: run `saga-worker db upgrade`)")
+    if check and current != head:
+        raise click.exceptions.Exit(EXIT_PROBLEMS)
+
+
+@db.command("history")
+@JSON_OPTION
+def db_history(json_mode: bool) -> None:
+    """List the migrations this version ships, newest first (no database needed)."""
+    from ..store.migrate import history
+
+    _json_errors(json_mode)
+    revisions = history()
+    out = Output(json_mode)
+    if json_mode:
+        out.json([vars(r) for r in revisions])
+        return
+    out.table(
+        ["REVISION", "REVISES", "DESCRIPTION"],
+        [
+            [
+                r.revision + (" (head)" if r.is_head else ""),
+                r.down_revision or "-",
+                r.description,
+            ]
+            for r in revisions
+        ],
+        max_width=80,
+    )
+
+
+@db.command("grant")
+@click.argument("role")
+@click.option(
+    "--table",
+    "tables",
+    multiple=True,
+    metavar="TABLE",
+    help="Also let ROLE SELECT/INSERT/UPDATE/DELETE this existing application table that "
+    "local steps write (repeatable).",
+)
+@click.option(
+    "--examples",
+    is_flag=True,
+    help="Create the example sagas' tables when missing and let ROLE use them.",
+)
+@click.option(
+    "--create",
+    is_flag=True,
+    help="Create ROLE (LOGIN, nothing more) when it does not exist, instead of refusing.",
+)
+@click.option(
+    "--password-env",
+    metavar="VAR",
+    help="Set ROLE's password from environment variable VAR (never on the command line).",
+)
+@JSON_OPTION
+def db_grant(
+    role: str,
+    tables: tuple[str, ...],
+    examples: bool,
+    create: bool,
+    password_env: str | None,
+    json_mode: bool,
+) -> None:
+    """Give an existing PostgreSQL ROLE exactly what workers, beat, console and CLI need.
+
+    SELECT/INSERT/UPDATE on saga_checkpoints; SELECT/INSERT on saga_audit_logs (and USAGE
+    on its id sequence) and saga_settings; SELECT on saga_alembic_version; USAGE on the
+    schema. Nothing else: no UPDATE, DELETE or TRUNCATE of the audit trail, no DDL, so the
+    role cannot disable or drop the append-only triggers. Run it as the tables' owner (the
+    migration's SAGA_DATABASE_URL), after `db upgrade`; running it again is harmless.
+    Refused (exit 4) for an unknown role (unless --create), a superuser, or the owner
+    itself. Exits 1 when the role can still do more through PUBLIC or a role membership
+    (it says what to revoke).
+    """
+    import os
+
+    from ..errors import ConfigurationError
+    from ..store.grants import grant_runtime
+
+    _json_errors(json_mode)
+    password = None
+    if password_env is not None:
+        password = os.environ.get(password_env)
+        if not password:
+            raise ConfigurationError(
+                f"environment variable {password_env} (named by --password-env) is not set or "
+                "empty; set it to the run-time role's password"
+            )
+    engine, safe_url = _engine()
+    extra = tables
+    with _database(safe_url):
+        if examples and engine.dialect.name == "postgresql":
+            from ..examples.backtest import create_tables
+
+            extra = (*extra, *create_tables(engine))
+        report = grant_runtime(
+            engine, role, tuple(dict.fromkeys(extra)), create=create, password=password
+        )
+    engine.dispose()
+    out = Output(json_mode)
+    if json_mode:
+        out.json(report.as_dict())
+    else:
+        out.table(
+            ["TABLE", "PRIVILEGES"],
+            [[t, ", ".join(p)] for t, p in report.tables.items()]
+            + [[f"{report.schema}.{s}", "USAGE (sequence)"] for s in report.sequences],
+            title=f"role {role}{' (created)' if report.created else ''} at {safe_url}",
+        )
+    for line in report.excess:
+        click.echo(f"warning: {role} can still use {line}", err=True)
+    if report.excess:
+        raise click.exceptions.Exit(EXIT_PROBLEMS)

@@ -24,8 +24,11 @@ def register(main: click.Group) -> None:
 
 def _exec_celery(*argv: str) -> None:
     from ..config import Settings
+    from ..registry import check_modules
 
-    Settings.from_env()  # a malformed SAGA_* setting is one line here, not a Celery traceback
+    # A malformed SAGA_* setting or a missing SAGA_IMPORTS module is one line here (exit 6),
+    # not a Celery traceback.
+    check_modules(Settings.from_env().imports)
     command = [sys.executable, "-m", "celery", "-A", "saga_worker.app", *argv]
     sys.stdout.flush()
     sys.stderr.flush()

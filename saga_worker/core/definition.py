@@ -39,6 +39,8 @@ class Remote:
     The task receives kwargs ``context``, ``idempotency_key``, ``saga_id``, ``step_name``
     and ``attempt``, and returns a JSON object. Its result reaches ``saga.advance`` through
     Celery's ``link`` / ``link_error`` callbacks, so the other service needs only Celery.
+    Celery gives that errback only the failed task's id; a service that also installs the
+    standard-library-only ``saga_remote`` helper sends its exception's type and message.
     """
 
     task_name: str

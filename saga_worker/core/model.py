@@ -10,7 +10,7 @@ from typing import Any
 
 
 class SagaState(StrEnum):
-    """Lifecycle state of a saga (DESIGN.md §3)."""
+    """Lifecycle state of a saga (docs/contract.md, States)."""
 
     RUNNING = "RUNNING"
     COMPENSATING = "COMPENSATING"

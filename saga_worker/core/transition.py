@@ -537,3 +537,17 @@ def _resend(
 
 def _join(first: str | None, second: str) -> str:
     return second if not first else f"{first}; {second}"
+
+
+def next_attempt(decision: Decision, failed: StepFailed) -> Attempt | None:
+    """The attempt of the same step and direction that `decision` scheduled after `failed`.
+
+    None when the failure was final for the step (or ignored): the caller reports the failed
+    attempt as failed for good rather than as one that will be retried.
+    """
+    pending = decision.saga.pending
+    if decision.ignored is not None or pending is None:
+        return None
+    if (pending.step_index, pending.direction) != (failed.step_index, failed.direction):
+        return None
+    return pending if pending.number == failed.attempt + 1 else None

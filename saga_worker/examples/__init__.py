@@ -1,4 +1,4 @@
-"""Example sagas; importing this module registers `backtest_workflow` (DESIGN.md §8)."""
+"""Example sagas; importing this module registers `backtest_workflow` (docs/contract.md)."""
 
 from .backtest import backtest_workflow
 

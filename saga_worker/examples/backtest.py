@@ -74,6 +74,16 @@ def _db() -> Engine:
     return _engine[1]
 
 
+def create_tables(engine: Engine) -> tuple[str, ...]:
+    """Create the demo tables when missing; returns their names.
+
+    Workers create them on first use too, but a run-time role without CREATE cannot: run
+    this as the owner (`saga-worker db grant ROLE --examples` does) before such workers start.
+    """
+    metadata.create_all(engine, checkfirst=True)
+    return tuple(metadata.tables)
+
+
 def _inject(call: StepInput) -> None:
     ctx = call.context
     compensating = call.direction.value == "compensate"
@@ -224,7 +234,7 @@ backtest_workflow = register(
     )
 )
 
-try:  # the demo table is created when a worker imports this module (DESIGN.md §8)
+try:  # the demo table is created when a worker imports this module (docs/contract.md)
     _db()
 except Exception as exc:  # a missing database must not break importing the definition
     log.warning("example_backtests not created yet: %s", type(exc).__name__)

@@ -1,4 +1,4 @@
-"""The two tables of DESIGN.md §4 (plus a small key/value table), as SQLAlchemy Core."""
+"""The two tables of docs/contract.md (plus a small key/value table), as SQLAlchemy Core."""
 
 from __future__ import annotations
 

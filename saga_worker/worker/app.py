@@ -8,17 +8,20 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
+from celery.app.defaults import DEFAULTS as CELERY_SETTINGS
 from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init
 
 from .. import metrics, registry
 from ..audit import Redactor, install_log_redaction
 from ..config import Settings
 from ..engine import utcnow
+from ..errors import ConfigurationError
 from ..recovery import sweep
 from .broker import TRANSPORT_PATH
 from .consumer import CONSUMER_PATH
 from .guard import GuardedTask
 from .runtime import RuntimeFactory
+from .shutdown import size_soft_shutdown
 from .tasks import register_core_tasks, register_step_tasks
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,59 @@ def broker_options(settings: Settings) -> dict[str, Any]:
         # re-sends it. With them each publish waits for the broker's ack or raises.
         return {"confirm_publish": True}
     return {}
+
+
+# What the saga engine's guarantees rest on: SAGA_CELERY_CONFIG may not change these.
+PINNED_SETTINGS = (
+    "task_serializer",
+    "result_serializer",
+    "accept_content",
+    "event_serializer",
+    "result_accept_content",
+    "task_acks_late",
+    "task_reject_on_worker_lost",
+    "task_send_sent_event",
+    "task_default_queue",
+    "task_queues",
+    "task_routes",
+    "enable_utc",
+    "timezone",
+)
+
+
+def apply_celery_config(app: Celery, module_name: str) -> None:
+    """Apply the settings of the module SAGA_CELERY_CONFIG names (Sentinel, TLS, transport).
+
+    Its upper-case or lower-case Celery settings override the defaults, except those in
+    PINNED_SETTINGS; its `broker_transport_options` are merged over ours.
+    """
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"SAGA_CELERY_CONFIG={module_name!r} cannot be imported ({exc}); "
+            "name a module on the Python path of every worker, beat and CLI process"
+        ) from None
+    given = {
+        name.lower(): value
+        for name, value in vars(module).items()
+        if not name.startswith("_") and name.lower() in CELERY_SETTINGS
+    }
+    pinned = sorted(name for name in given if name in PINNED_SETTINGS)
+    if pinned:
+        raise ConfigurationError(
+            f"SAGA_CELERY_CONFIG={module_name!r} sets {', '.join(pinned)}, which saga_worker "
+            "fixes (JSON only, late acks, its own queue); remove them from that module "
+            "(use SAGA_QUEUE for the queue name)"
+        )
+    options = given.pop("broker_transport_options", None)
+    if options is not None:
+        if not isinstance(options, dict):
+            raise ConfigurationError(
+                f"SAGA_CELERY_CONFIG={module_name!r}: broker_transport_options must be a dict"
+            )
+        given["broker_transport_options"] = {**app.conf.broker_transport_options, **options}
+    app.conf.update(given)
 
 
 def _redact_logs(settings: Settings) -> None:
@@ -86,9 +142,12 @@ def create_app(settings: Settings | None = None) -> Celery:
         worker_prefetch_multiplier=1,
         # Drops task messages whose headers or body would crash Celery's handler.
         worker_consumer=CONSUMER_PATH,
-        # No task_queues: Celery declares the default queue itself, with the queue type of
-        # task_default_queue_type ("quorum" for a RabbitMQ quorum queue, docs/rabbitmq.md).
+        # Every saga message on the saga's own queue, never Celery's default `celery`: a
+        # worker of another application that consumes `celery` drops unknown task names.
+        # No task_queues: Celery declares the saga queue from task_default_queue, with the
+        # type of task_default_queue_type ("quorum": docs/rabbitmq.md; SAGA_CELERY_CONFIG).
         task_default_queue=settings.queue,
+        task_routes={"saga.*": {"queue": settings.queue}},
         # Task events cost a Redis round trip each in the worker's single-threaded main
         # process (about a third of its CPU per task). Off unless someone watches: Flower
         # turns them on in every worker it sees (its default --enable_events), and
@@ -107,6 +166,8 @@ def create_app(settings: Settings | None = None) -> Celery:
             }
         },
     )
+    if settings.celery_config:
+        apply_celery_config(app, settings.celery_config)
     _redact_logs(settings)
     runtimes = RuntimeFactory(app, settings)
     # Metrics subscribe to engine hooks; Celery signals set up their endpoint (SAGA_METRICS_PORT).
@@ -123,4 +184,6 @@ def create_app(settings: Settings | None = None) -> Celery:
     registry.on_register(lambda definition: register_step_tasks(app, runtimes, definition))
     for module in settings.imports:
         importlib.import_module(module)
+    # After the imports: sized from the sagas they registered (why: worker/shutdown.py).
+    size_soft_shutdown(app, registry.all_definitions(), settings.default_step_timeout_seconds)
     return app

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import binascii
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from queue import Empty
 from typing import Any
 
@@ -53,19 +51,6 @@ class DetachableQoS(kombu_redis.QoS):
     Redis' unacked set (delivered again after the visibility timeout, then skipped as not
     pending) or were lost with Redis (the recovery sweep re-sends them).
     """
-
-    @contextmanager
-    def pipe_or_acquire(self, pipe: Any = None, client: Any = None) -> Iterator[Any]:
-        # kombu wraps the two writes of an append (ZADD + HSET) and of an ack (ZREM + HDEL)
-        # in MULTI/EXEC. Both go out in one pipelined write either way, and the only other
-        # reader, the restore of messages unacked past the visibility timeout (an hour),
-        # never looks at entries this young; without the transaction the worker's main
-        # process packs and parses two commands less per task, twice per task.
-        if pipe is not None:
-            yield pipe
-            return
-        with self.channel.conn_or_acquire(client) as acquired:
-            yield acquired.pipeline(transaction=False)
 
     def _detached(self) -> bool:
         return getattr(self.channel.connection, "client", None) is None

@@ -29,7 +29,6 @@ class CeleryDispatcher:
         self.settings = settings
         self.signing_key = signing_key
         self.redactor = Redactor(settings.redact_keys)
-        self.redis_broker = settings.broker_url.startswith(("redis://", "rediss://"))
         self.amqp_broker = settings.broker_url.startswith(("amqp://", "amqps://", "pyamqp://"))
 
     def _kwargsrepr(self, kwargs: dict[str, Any]) -> str:
@@ -78,6 +77,7 @@ class CeleryDispatcher:
         if isinstance(target, Remote):
             # The remote worker only needs Celery: its result (or its failure) is handed to
             # saga.advance by Celery's link callbacks, which carry the token back untouched.
+            # The errback's queue option is also where saga_remote sends the exception.
             remote_kwargs = {
                 "context": dict(saga.context),
                 "idempotency_key": idempotency_key(saga.saga_id, step.name, command.direction),
@@ -108,9 +108,5 @@ class CeleryDispatcher:
             kwargs=local_kwargs,
             kwargsrepr=self._kwargsrepr(local_kwargs),
             queue=self.settings.queue,
-            # On Redis a direct queue is a list that LPUSH creates; Celery's per-publish
-            # declare only re-checks a binding the worker made when it started consuming.
-            # Other brokers (RabbitMQ) keep it: there an undeclared queue drops messages.
-            declare=[] if self.redis_broker else None,
             **options,
         )

@@ -6,25 +6,33 @@ import logging
 import time
 import traceback
 from collections.abc import Mapping
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, NoReturn
 
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Retry, SoftTimeLimitExceeded
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from .. import registry
+from ..audit import Redactor
 from ..core.definition import SagaDefinition, StepInput, idempotency_key
 from ..core.events import ResultRejected, StepFailed, StepSucceeded
+from ..core.failure import (
+    MAX_ERROR_CHARS,
+    MAX_TRACE_CHARS,
+    named_non_retryable,
+    reported_failure,
+    storable_text,
+)
 from ..core.model import Direction
-from ..errors import InvalidRequest, NonRetryableStepError, SagaError, SagaNotFound
-from ..requests import check_context, parse_abort, parse_start, valid_saga_id
+from ..core.transition import Decision, next_attempt
+from ..errors import InvalidRequest, SagaError, SagaNotFound
+from ..requests import check_context, parse_abort, parse_start, start_saga_id, valid_saga_id
 from ..store.repository import retry_transient
 from ..tokens import token_valid
 from . import snapshot
 from .runtime import RuntimeFactory
 
 log = logging.getLogger(__name__)
-
-MAX_ERROR_CHARS = 4000
 
 # While the database is down, a task whose in-process retries ran out is re-published with
 # backoff rather than dropped: the broker keeps the transition until the database is back.
@@ -42,14 +50,15 @@ DB_OUTAGE_RETRY: dict[str, Any] = {
 
 
 def register_core_tasks(app: Any, runtimes: RuntimeFactory) -> None:
-    """Register the stable task names of DESIGN.md §2 on `app`."""
+    """Register the stable task names of docs/contract.md (Tasks) on `app`."""
 
-    @app.task(name="saga.start", **DB_OUTAGE_RETRY)  # type: ignore[untyped-decorator]
-    def saga_start(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    @app.task(name="saga.start", bind=True, **DB_OUTAGE_RETRY)  # type: ignore[untyped-decorator]
+    def saga_start(task: Any, /, *args: Any, **kwargs: Any) -> dict[str, Any]:
         rt = runtimes.get()
-        raw_id = kwargs.get("saga_id")
+        message_id = task.request.id
+        raw_id = start_saga_id(kwargs, message_id)
         try:
-            request = parse_start(args, kwargs, rt.settings)
+            request = parse_start(args, kwargs, rt.settings, message_id)
             registry.get(request.saga_type)
         except SagaError as exc:
             return _reject_start(rt, raw_id, kwargs, exc)
@@ -145,27 +154,18 @@ def _advance_event(
     result: Any, kwargs: Mapping[str, Any], ref: AttemptRef, success: bool, settings: Any
 ) -> StepSucceeded | StepFailed:
     _, step_index, direction, attempt = ref
-    duration = kwargs.get("duration_ms")
-    duration_ms = float(duration) if isinstance(duration, int | float) and duration >= 0 else None
     if success:
+        duration = kwargs.get("duration_ms")
+        duration_ms = (
+            float(duration) if isinstance(duration, int | float) and duration >= 0 else None
+        )
         output = kwargs.get("output", result)
         problem = _output_problem(output, settings)
         if problem is None:
             return StepSucceeded(step_index, direction, attempt, dict(output or {}), duration_ms)
         return StepFailed(step_index, direction, attempt, "StepOutputError", problem)
-    stack = kwargs.get("stack_trace")
-    return StepFailed(
-        step_index,
-        direction,
-        attempt,
-        error_type=_text(kwargs.get("error_type"), 100) or "RemoteTaskFailed",
-        message=_text(kwargs.get("message"), MAX_ERROR_CHARS)
-        or f"remote task {_text(result, 100)} failed (see its worker's log)",
-        stack_trace=_text(stack, 20_000) if stack is not None else None,
-        retryable=kwargs.get("retryable", True) is not False,
-        timed_out=kwargs.get("timed_out") is True,
-        duration_ms=duration_ms,
-    )
+    # `result` is the failed task's id when Celery itself called the errback.
+    return reported_failure(step_index, direction, attempt, kwargs, task_id=result)
 
 
 def _audit_refusal(rt: Any, task: str, reason: str, ref: AttemptRef) -> None:
@@ -176,14 +176,50 @@ def _audit_refusal(rt: Any, task: str, reason: str, ref: AttemptRef) -> None:
         log.warning("%s refused for unknown saga %s: %s", task, saga_id, reason)
 
 
-def _text(value: Any, limit: int) -> str:
-    if value is None:
-        return ""
-    return (value if isinstance(value, str) else repr(value))[:limit]
-
-
 def _short(exc: BaseException) -> str:
     return _describe(exc)[:300]
+
+
+class StepAttemptFailed(Exception):
+    """A step attempt failed and the engine has already recorded it.
+
+    Raised by a step task only after its transition was committed, so that Celery's task
+    events and Flower show FAILURE (or RETRY, wrapped in celery's Retry) instead of SUCCESS.
+    It is neither a database error (DB_OUTAGE_RETRY's autoretry_for) nor Reject: Celery acks
+    the message (acks_late with task_acks_on_failure_or_timeout, its default) and nothing
+    is re-published; the engine has already sent the next attempt, if any.
+    """
+
+    def __init__(self, error_type: str, message: str) -> None:
+        # Both positional, so the exception pickles across the prefork pool as it is.
+        super().__init__(error_type, message)
+        self.error_type = error_type
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.error_type}: {self.message}"
+
+
+# What a failed attempt shows in Flower and in the worker's one log line about it; the
+# whole message and stack trace are in the audit trail.
+SHOWN_ERROR_CHARS = 500
+
+
+def _report_failed_attempt(
+    event: StepFailed, decision: Decision | None, redactor: Redactor
+) -> NoReturn:
+    """Raise what makes Celery record the failed attempt as RETRY or FAILURE."""
+    # Task events reach Flower unfiltered: mask secrets as the audit trail does, before
+    # cutting (a cut card number would no longer be recognised).
+    shown = (redactor.text(event.message) or "")[:SHOWN_ERROR_CHARS]
+    failure = StepAttemptFailed(event.error_type, shown)
+    following = None if decision is None else next_attempt(decision, event)
+    if following is None:
+        raise failure
+    delay = max(0.0, (following.not_before - datetime.now(UTC)).total_seconds())
+    # Raised, not task.retry(): Task.retry would publish a copy of this message, while the
+    # engine already sent (or holds) the next attempt with its own token and checkpoint.
+    raise Retry(exc=failure, when=round(delay, 3))
 
 
 def register_step_tasks(app: Any, runtimes: RuntimeFactory, definition: SagaDefinition) -> None:
@@ -196,7 +232,14 @@ def register_step_tasks(app: Any, runtimes: RuntimeFactory, definition: SagaDefi
             name = definition.task_name(index, direction)
             if name in app.tasks:
                 continue
-            app.task(name=name, bind=True, **DB_OUTAGE_RETRY)(_step_task(app, runtimes, name))
+            app.task(
+                name=name,
+                bind=True,
+                # An expected error: Celery logs one line with its text, not a traceback
+                # (the audit trail keeps the step's own stack trace).
+                throws=(StepAttemptFailed,),
+                **DB_OUTAGE_RETRY,
+            )(_step_task(app, runtimes, name))
 
 
 def _sent_again(request: Any) -> bool:
@@ -292,10 +335,13 @@ def _step_task(app: Any, runtimes: RuntimeFactory, task_name: str) -> Any:
                 attempt,
                 error_type=type(exc).__name__,
                 message=_describe(exc),
-                stack_trace=traceback.format_exc()[-20000:],
-                retryable=not isinstance(exc, NonRetryableStepError),
+                stack_trace=storable_text(traceback.format_exc(), MAX_TRACE_CHARS, keep_end=True),
+                # saga_worker's NonRetryableStepError, or any class of that name: the
+                # convention remote services follow without importing saga_worker.
+                retryable=not any(named_non_retryable(c.__name__) for c in type(exc).__mro__),
                 duration_ms=elapsed_ms,
             )
+        decision: Decision | None = None
         try:
             decision = rt.engine.handle(saga_id, event, loaded=loaded)
         except (OperationalError, DBAPIError):
@@ -312,6 +358,12 @@ def _step_task(app: Any, runtimes: RuntimeFactory, task_name: str) -> Any:
                 queue=rt.settings.queue,
                 countdown=2,
             )
+        if isinstance(event, StepFailed):
+            # Outside the except block, so the database error (whose text may quote SQL
+            # parameters) is not chained into the traceback that task events carry. Deferred
+            # (no decision): whether another attempt follows is decided by saga.advance.
+            _report_failed_attempt(event, decision, rt.store.redactor)
+        if decision is None:
             return {"ran": True, "outcome": type(event).__name__, "deferred": True}
         return {"ran": True, "outcome": type(event).__name__, "ignored": decision.ignored}
 
@@ -372,7 +424,7 @@ def _describe(exc: BaseException) -> str:
         text = str(exc)
     except Exception:
         text = f"<{type(exc).__name__} whose message cannot be rendered>"
-    return (text or type(exc).__name__)[:MAX_ERROR_CHARS]
+    return storable_text(text or type(exc).__name__, MAX_ERROR_CHARS)
 
 
 def _snapshot_if_valid(context: Any, settings: Any) -> Mapping[str, Any] | None:

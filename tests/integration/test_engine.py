@@ -461,3 +461,117 @@ def test_a_step_message_with_a_task_kwarg_is_refused_like_any_unknown_argument(
     _wait_for_log(stack, "saga.backtest_workflow.create_backtest refused: task: unknown argument")
     ok = stack.start("backtest_workflow", {"strategy_id": 3})
     assert stack.wait(ok).state is SagaState.COMPLETED
+
+
+def _remote_rows(stack: Stack, saga_id: str) -> list[dict[str, Any]]:
+    return [r for r in stack.store.audit_trail(saga_id) if r["step_name"] == "quote"]
+
+
+def test_remote_failure_keeps_its_exception_type_and_message(stack: Stack) -> None:
+    saga_id = stack.start("it_remote", {"qty": 1, "remote_decline": "retryable"})
+    saga = stack.wait(saga_id)
+    assert saga.state.value == "COMPENSATED"
+    rows = _remote_rows(stack, saga_id)
+    assert [r["event_type"] for r in rows] == [
+        "step_start",
+        "step_retry",
+        "step_start",
+        "step_failed",
+    ]
+    for row in (rows[1], rows[3]):
+        assert "ValueError" in row["error_message"], row
+        assert "card declined" in row["error_message"], row
+        assert row["event_data"]["error_type"] == "ValueError"
+        assert "Traceback" in row["error_stack_trace"]  # the remote worker's own
+    assert "card declined" in (saga.error or "")
+    stack.assert_chain_ok(saga_id)
+
+
+def test_remote_failure_marked_non_retryable_fails_without_more_attempts(stack: Stack) -> None:
+    saga_id = stack.start("it_remote", {"qty": 1, "remote_decline": "final"})
+    saga = stack.wait(saga_id)
+    assert saga.state.value == "COMPENSATED"
+    rows = _remote_rows(stack, saga_id)
+    assert [r["event_type"] for r in rows] == ["step_start", "step_failed"]
+    assert rows[1]["event_data"]["retryable"] is False
+    assert rows[1]["event_data"]["error_type"] == "CardReported"
+    assert "reported stolen" in rows[1]["error_message"]
+    assert saga.compensated_steps == ("reserve",)
+
+
+def test_remote_failure_text_with_control_characters_is_stored_bounded(stack: Stack) -> None:
+    saga_id = stack.start("it_remote", {"qty": 1, "remote_decline": "control"})
+    saga = stack.wait(saga_id)
+    assert saga.state.value == "COMPENSATED"
+    rows = _remote_rows(stack, saga_id)
+    assert [r["event_type"] for r in rows][-1] == "step_failed"
+    message = rows[-1]["error_message"]
+    assert "ValueError" in message and "card" in message and "declined" in message
+    assert not any(ord(ch) < 32 and ch not in "\t\n\r" for ch in message), repr(message[:80])
+    # The audit's Redactor applies to remote errors too.
+    assert "hunter2" not in message and "hunter2" not in rows[-1]["error_stack_trace"]
+    assert len(message) <= 4000
+    assert len(rows[-1]["error_stack_trace"]) <= 20_000
+    stack.assert_chain_ok(saga_id)
+
+
+def test_forged_remote_failure_writes_nothing_of_its_own(stack: Stack) -> None:
+    """A failure report with a wrong token: no retry, no failure, none of its text stored."""
+    saga_id = stack.start("it_remote", {"qty": 2})
+    saga = stack.wait(saga_id)
+    before = stack.store.audit_trail(saga_id)
+    task_id = uuid.uuid4().hex
+    stack.producer.send_task(
+        "saga.advance",
+        args=("forged-task",),
+        kwargs={
+            "saga_id": saga_id,
+            "step_index": 1,
+            "direction": "forward",
+            "attempt": 1,
+            "token": "0" * 64,
+            "outcome": "failure",
+            "error_type": "ForgedError",
+            "message": "forged decline\x00",
+            "retryable": False,
+        },
+        queue=stack.queue,
+        task_id=task_id,
+    )
+    deadline = time.monotonic() + 20
+    # Celery logs a task's end after its return, so after anything it wrote.
+    while f"saga.advance[{task_id}] succeeded" not in stack.workers[0].log_tail(400):
+        assert time.monotonic() < deadline, stack.workers[0].log_tail()
+        time.sleep(0.05)
+    after = stack.store.audit_trail(saga_id)
+    assert after[: len(before)] == before
+    assert all(
+        r["event_type"] == "saga_rejected" and r["error_message"] == "invalid token"
+        for r in after[len(before) :]
+    )
+    assert not any("orged" in str(r) for r in after)
+    final = stack.store.load(saga_id)
+    assert final is not None
+    assert (final.state, final.context, final.completed_steps, final.error, final.pending) == (
+        saga.state,
+        saga.context,
+        saga.completed_steps,
+        saga.error,
+        saga.pending,
+    )
+
+
+def test_local_step_error_with_control_characters_is_recorded(stack: Stack) -> None:
+    saga_id = stack.start("it_error_text", {})
+    saga = stack.wait(saga_id, timeout=30)
+    assert saga.state.value == "COMPENSATED"
+    failed = next(r for r in stack.store.audit_trail(saga_id) if r["event_type"] == "step_failed")
+    assert failed["error_message"].startswith("bad\\x00byte\\x1b[2J password=***REDACTED*** zz")
+    # Capped at 4000 characters; the audit's masks, applied when the row is written, are
+    # longer than the 7 characters of the password they replace.
+    assert len(failed["error_message"]) == 4000 + len("***REDACTED***") - len("hunter2")
+    assert "\x00" not in failed["error_stack_trace"]
+    assert "hunter2" not in failed["error_stack_trace"]
+    worker_log = stack.workers[0].log_path.read_text(errors="replace")
+    assert "x00byte" in worker_log and "hunter2" not in worker_log  # the one line about it
+    stack.assert_chain_ok(saga_id)

@@ -317,7 +317,7 @@ class Observed:
         return "\n".join(parts)
 
 
-# What the workload must produce, worked out by hand from DESIGN.md §3-§4 and §8
+# What the workload must produce, worked out by hand from docs/contract.md (states, events)
 # (3 attempts per step and compensation):
 #   3 x complete; 2 x fail_step run_strategy; 1 x flaky save_results (1 failure);
 #   1 x fail_step save_results + fail_compensation create_backtest (ends FAILED);
@@ -661,6 +661,7 @@ def prometheus_config(obs: Observed) -> dict[str, Any]:
     assert {job["job_name"] for job in config["scrape_configs"]} == set(targets)
     config["global"].update(scrape_interval="1s", evaluation_interval="1s")
     config["rule_files"] = [str(DEPLOY / "prometheus" / "alerts.yml")]
+    config.pop("alerting", None)  # no Alertmanager here: the test reads Prometheus' alerts
     for job in config["scrape_configs"]:
         job.pop("dns_sd_configs", None)
         job["static_configs"] = [{"targets": [f"127.0.0.1:{targets[job['job_name']]}"]}]
@@ -747,11 +748,21 @@ def test_prometheus_scrapes_the_worker(observed: Observed, tmp_path: Path) -> No
         )
         for panel_title, expr in dashboard_queries():
             query = expr.replace("$saga_type", ".*").replace("$__rate_interval", "1m")
+            for name, default in dashboard_job_defaults().items():
+                query = query.replace(f"${name}", default)
             result = prom_query(port, query)
             if "histogram_quantile" not in expr:  # NaN once the workload is over
                 assert result, f"{panel_title}: {query} returned nothing"
     finally:
         server.stop()
+
+
+def dashboard_job_defaults() -> dict[str, str]:
+    """The dashboard's job variables and their defaults (deploy/'s scrape job names)."""
+    dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "saga_worker.json").read_text())
+    return {
+        v["name"]: v["query"] for v in dashboard["templating"]["list"] if v["type"] == "textbox"
+    }
 
 
 def dashboard_queries() -> list[tuple[str, str]]:
@@ -784,14 +795,14 @@ def test_flower_shows_steps_by_name(observed: Observed) -> None:
             if ours in str(t.get("kwargs")) and str(t.get("name")).startswith(prefix)
         )
 
-    step_tasks = {
-        (f"{prefix}{step}", "SUCCESS"): n
-        for step, n in {"create_backtest": 8, "run_strategy": 11, "save_results": 8}.items()
-    }
+    # Each attempt as the engine saw it (STEP_ATTEMPTS, COMPENSATION_ATTEMPTS): one that failed
+    # with another attempt to follow is RETRY, one that failed for good FAILURE.
+    shown = {"completed": "SUCCESS", "retried": "RETRY", "failed": "FAILURE"}
+    step_tasks = {(f"{prefix}{s}", shown[status]): n for (s, status), n in STEP_ATTEMPTS.items()}
     step_tasks.update(
         {
-            (f"{prefix}create_backtest.compensate", "SUCCESS"): 6,
-            (f"{prefix}run_strategy.compensate", "SUCCESS"): 1,
+            (f"{prefix}{s}.compensate", shown[status]): n
+            for (s, status), n in COMPENSATION_ATTEMPTS.items()
         }
     )
     wait_for("every step task in Flower", lambda: seen() == Tally(step_tasks), 30, observed.logs)

@@ -1,4 +1,4 @@
-"""Audit rows: the SHA-256 hash chain of DESIGN.md §4, its verification, and redaction."""
+"""Audit rows: the SHA-256 hash chain of docs/audit.md, its verification, and redaction."""
 
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def sample_row(**changes: Any) -> dict[str, Any]:
 
 
 def independent_hash(row: dict[str, Any], timestamp_text: str) -> str:
-    """The hash recomputed from DESIGN.md §4 alone, with no help from saga_worker."""
+    """The hash recomputed from docs/audit.md (Hash definition) alone, without saga_worker."""
     payload = {k: row[k] for k in row if k not in ("id", "hash")}
     payload["timestamp"] = timestamp_text
     text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

@@ -1,5 +1,5 @@
 """deploy/, Dockerfile and docker-compose.yml: valid, consistent with each other, the code and
-the README. No Docker engine is needed: the compose file is checked, not run."""
+docs/. No Docker engine is needed: the compose file is checked, not run."""
 
 from __future__ import annotations
 
@@ -12,13 +12,13 @@ from typing import Any
 import yaml
 
 from saga_worker import metrics
-from tests.requirements import require_binary, unavailable
+from tests.requirements import require_binary
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 PROMETHEUS = DEPLOY / "prometheus"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "saga_worker.json"
-DESIGN = REPO.parent / "shared" / "DESIGN.md"
+CONTRACT = REPO / "docs" / "contract.md"
 
 HISTOGRAMS = {
     "saga_duration_seconds",
@@ -139,7 +139,7 @@ def test_dashboard_queries_name_only_exported_metrics() -> None:
             assert not unknown, f"panel {panel['title']!r} queries {unknown}"
             used |= names
     for variable in board["templating"]["list"]:
-        used |= metric_names_in(variable["definition"]) - {"label_values"}
+        used |= metric_names_in(variable.get("definition", "")) - {"label_values"}
     base = {
         re.sub(r"_(bucket|sum|count)$", "", n) if n.startswith(tuple(HISTOGRAMS)) else n
         for n in used
@@ -171,6 +171,57 @@ def test_dashboard_covers_what_operators_watch() -> None:
     assert len(ids) == len(set(ids))
 
 
+def test_dashboard_datasource_is_a_variable_so_it_imports_anywhere() -> None:
+    board = dashboard()
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    variable_ds = {"type": "prometheus", "uid": "${datasource}"}
+    for panel in board["panels"]:
+        if panel["type"] != "row":
+            assert panel["datasource"] == variable_ds, panel["title"]
+        for target in panel.get("targets", []):
+            assert target["datasource"] == variable_ds, panel["title"]
+    for variable in board["templating"]["list"]:
+        if variable["type"] == "query":
+            assert variable["datasource"] == variable_ds, variable["name"]
+    assert datasource_uids(board) == {"${datasource}"}
+
+
+def datasource_uids(node: Any) -> set[str]:
+    """Every datasource uid anywhere in the dashboard JSON."""
+    found: set[str] = set()
+    if isinstance(node, dict):
+        source = node.get("datasource")
+        if isinstance(source, dict) and "uid" in source:
+            found.add(source["uid"])
+        for value in node.values():
+            found |= datasource_uids(value)
+    elif isinstance(node, list):
+        for value in node:
+            found |= datasource_uids(value)
+    return found
+
+
+def test_dashboard_job_names_are_variables_defaulting_to_prometheus_yml() -> None:
+    board = dashboard()
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    scrape = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    jobs = {job["job_name"] for job in scrape["scrape_configs"]}
+    assert variables["job"]["query"] == "saga_worker" in jobs
+    assert variables["beat_job"]["query"] == "saga_beat" in jobs
+    for panel in board["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            assert 'job="' not in expr, f"{panel['title']!r} hard-codes a job: {expr}"
+            for name in metric_names_in(expr):
+                for matchers in re.findall(rf"\b{name}(\{{[^}}]*\}})?", expr):
+                    assert 'job=~"$job' in matchers or 'job=~"$beat_job"' in matchers, (
+                        panel["title"],
+                        expr,
+                    )
+
+
 def test_alert_rules_name_only_exported_metrics() -> None:
     rules = yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())
     for group in rules["groups"]:
@@ -185,8 +236,8 @@ def test_grafana_provisioning_matches_dashboard() -> None:
     )
     (source,) = datasources["datasources"]
     assert source["type"] == "prometheus" and source["url"] == "http://prometheus:9090"
-    uids = {t["datasource"]["uid"] for p in dashboard()["panels"] for t in p.get("targets", [])}
-    assert uids == {source["uid"]}
+    # The dashboard names no datasource uid: the variable picks the default one (this one).
+    assert source["isDefault"] is True
     providers = yaml.safe_load(
         (DEPLOY / "grafana" / "provisioning" / "dashboards" / "saga_worker.yml").read_text()
     )
@@ -196,21 +247,20 @@ def test_grafana_provisioning_matches_dashboard() -> None:
     assert "./deploy/grafana/provisioning:/etc/grafana/provisioning:ro" in grafana["volumes"]
 
 
-def design_metrics() -> dict[str, tuple[str, ...]]:
-    """`name{labels}` of DESIGN.md §5 (the binding contract)."""
-    if not DESIGN.exists():
-        unavailable(f"{DESIGN} not found (shared/ lies beside the repository)")
-    text = DESIGN.read_text()
-    section = text[text.index("## 5.") : text.index("## 6.")]
+def contract_metrics() -> dict[str, tuple[str, ...]]:
+    """`name{labels}` of the Metrics section of docs/contract.md (the binding contract)."""
+    text = CONTRACT.read_text()
+    start = text.index("\n## Metrics\n")
+    section = text[start : text.index("\n## ", start + 1)]
     return {
         name: tuple(labels.split(","))
         for name, labels in re.findall(r"`(saga_[a-z_]+)\{([a-z_,]+)\}`", section)
     }
 
 
-def test_metrics_match_design_names_and_labels() -> None:
-    design = design_metrics()
-    assert set(design) == metrics.DESIGN_METRICS
+def test_metrics_match_contract_names_and_labels() -> None:
+    contract = contract_metrics()
+    assert set(contract) == metrics.METRIC_NAMES
     m = metrics.SagaMetrics()  # not registered anywhere: registry=None
     served: dict[str, tuple[str, ...]] = {}
     for value in vars(m).values():
@@ -219,8 +269,10 @@ def test_metrics_match_design_names_and_labels() -> None:
         if value._type == "histogram":
             labels = tuple(n for n in labels if n != "le")
         served[name] = labels
-    served["saga_running_current"] = ("saga_type",)  # from the database collector
-    assert served == design
+    # The state gauges come from the database collector, not from SagaMetrics.
+    for gauge in ("saga_running_current", "saga_failed_current", "saga_stalled_current"):
+        served[gauge] = ("saga_type",)
+    assert served == contract
 
 
 # -- docker compose ----------------------------------------------------------------------------
@@ -241,11 +293,20 @@ def published_ports(service: dict[str, Any]) -> set[int]:
 
 
 def readme_ports() -> dict[str, int]:
-    readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("## Observability and deployment") :]
+    """The published ports the operations runbook lists for the compose stack."""
+    runbook = (REPO / "docs" / "operations.md").read_text()
+    section = runbook[runbook.index("## Docker compose") :]
     return {
         service: int(port)
         for service, port in re.findall(r"^\| (\w+) \| (\d+) \|", section, re.MULTILINE)
+    }
+
+
+def deployment_doc_ports() -> dict[str, int]:
+    doc = (REPO / "docs" / "deployment.md").read_text()
+    return {
+        service: int(port)
+        for service, port in re.findall(r"^\| (\w+) \| (\d+) \|", doc, re.MULTILINE)
     }
 
 
@@ -259,17 +320,20 @@ def test_compose_services_ports_and_health_checks() -> None:
         "beat",
         "flower",
         "prometheus",
+        "alertmanager",
         "grafana",
     }
     ports = {name: published_ports(s) for name, s in services.items() if s.get("ports")}
-    assert {name: p for name, (p,) in ((n, tuple(v)) for n, v in ports.items())} == readme_ports()
+    published = {name: p for name, (p,) in ((n, tuple(v)) for n, v in ports.items())}
+    assert published == deployment_doc_ports()
+    # The operations runbook's table may list fewer services, but no port that is not published.
+    assert readme_ports().items() <= published.items()
     for name, service in services.items():
         if name == "migrate":
             assert service["restart"] == "no" and "healthcheck" not in service
             continue
         check = service.get("healthcheck")
         assert check and check["test"][0] in ("CMD", "CMD-SHELL"), f"{name} has no health check"
-    assert services["migrate"]["command"] == ["saga-worker", "db", "upgrade"]
 
 
 def test_compose_start_order() -> None:
@@ -283,7 +347,12 @@ def test_compose_start_order() -> None:
     for name in ("worker", "beat"):
         assert conditions(name) == {"postgres": healthy, "redis": healthy, "migrate": done}
     assert conditions("flower") == {"redis": healthy, "migrate": done}
-    assert conditions("prometheus") == {"worker": started, "beat": started, "flower": started}
+    assert conditions("prometheus") == {
+        "worker": started,
+        "beat": started,
+        "flower": started,
+        "alertmanager": started,
+    }
     assert conditions("grafana") == {"prometheus": healthy}
 
 
@@ -305,18 +374,107 @@ def test_compose_wiring_matches_prometheus_and_flower_auth() -> None:
     assert "./deploy/prometheus:/etc/prometheus:ro" in services["prometheus"]["volumes"]
     for name in ("migrate", "worker", "beat", "flower"):
         env = services[name]["environment"]
-        assert env["SAGA_DATABASE_URL"].startswith("postgresql+psycopg://saga:")
         assert env["SAGA_DATABASE_URL"].endswith("@postgres:5432/saga")
         assert env["SAGA_BROKER_URL"] == "redis://redis:6379/0"
         assert services[name]["image"] == "saga-worker:latest" and services[name]["build"] == "."
+
+
+RUNTIME_ROLE = "saga_app"
+
+
+def test_compose_migrates_as_owner_and_runs_everything_else_as_the_runtime_role() -> None:
+    services = compose()["services"]
+    owner = services["postgres"]["environment"]["POSTGRES_USER"]
+    assert owner != RUNTIME_ROLE
+    migrate = services["migrate"]
+    assert migrate["environment"]["SAGA_DATABASE_URL"].startswith(
+        f"postgresql+psycopg://{owner}:${{POSTGRES_PASSWORD"
+    )
+    script = " ".join(migrate["command"])
+    upgrade = script.index("saga-worker db upgrade")
+    grant = script.index(f"saga-worker db grant {RUNTIME_ROLE} --create")
+    assert upgrade < grant and "&&" in script[upgrade:grant]
+    assert "--password-env SAGA_APP_DB_PASSWORD" in script and "--examples" in script
+    assert migrate["environment"]["SAGA_APP_DB_PASSWORD"].startswith("${SAGA_APP_DB_PASSWORD")
+    long_running = [n for n, s in services.items() if s.get("image") == "saga-worker:latest"]
+    assert set(long_running) == {"migrate", "worker", "beat", "flower"}
+    for name in long_running:
+        if name == "migrate":
+            continue
+        url = services[name]["environment"]["SAGA_DATABASE_URL"]
+        assert url.startswith(f"postgresql+psycopg://{RUNTIME_ROLE}:${{SAGA_APP_DB_PASSWORD"), name
+
+
+def test_compose_worker_grace_period_outlasts_the_longest_step() -> None:
+    from saga_worker.config import Settings
+    from saga_worker.core.definition import DEFAULT_TIMEOUT_SECONDS
+    from saga_worker.worker.dispatch import HARD_LIMIT_MARGIN_SECONDS
+    from saga_worker.worker.shutdown import longest_local_step_seconds
+
+    grace = compose()["services"]["worker"]["stop_grace_period"]
+    match = re.fullmatch(r"(\d+)s", grace)
+    assert match, grace
+    import saga_worker.examples  # noqa: F401  (registers the sagas the compose stack runs)
+    from saga_worker import registry
+
+    default = Settings.from_env({}).default_step_timeout_seconds
+    assert default == DEFAULT_TIMEOUT_SECONDS
+    # A step of any saga the stack may import (SAGA_IMPORTS) may use the default timeout.
+    longest = max(
+        longest_local_step_seconds(registry.all_definitions(), default),
+        default + HARD_LIMIT_MARGIN_SECONDS,
+    )
+    assert int(match.group(1)) >= longest + 15, "leave time for the last checkpoint and acks"
+
+
+def test_prometheus_sends_alerts_to_the_composed_alertmanager() -> None:
+    services = compose()["services"]
+    scrape = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
+    (manager,) = scrape["alerting"]["alertmanagers"]
+    assert manager["static_configs"][0]["targets"] == ["alertmanager:9093"]
+    alertmanager = services["alertmanager"]
+    assert "./deploy/alertmanager:/etc/alertmanager:ro" in alertmanager["volumes"]
+    assert "--config.file=/etc/alertmanager/alertmanager.yml" in alertmanager["command"]
+    config = yaml.safe_load((DEPLOY / "alertmanager" / "alertmanager.yml").read_text())
+    receivers = {r["name"] for r in config["receivers"]}
+    assert config["route"]["receiver"] in receivers
+    assert all(route["receiver"] in receivers for route in config["route"].get("routes", []))
+    rules = yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())
+    severities = {r["labels"]["severity"] for g in rules["groups"] for r in g["rules"]}
+    routed = {m.split("=")[1].strip('"') for r in config["route"]["routes"] for m in r["matchers"]}
+    assert routed <= severities
+    alerts = {r["alert"] for g in rules["groups"] for r in g["rules"]}
+    for inhibit in config.get("inhibit_rules", []):
+        for matcher in inhibit["source_matchers"] + inhibit["target_matchers"]:
+            parsed = re.fullmatch(r'(\w+)=~?"(.*)"', matcher)
+            assert parsed, matcher
+            label, value = parsed.groups()
+            if label == "alertname":
+                assert set(value.split("|")) <= alerts, matcher
+
+
+def test_amtool_check_config() -> None:
+    result = subprocess.run(
+        [
+            require_binary("amtool"),
+            "check-config",
+            str(DEPLOY / "alertmanager" / "alertmanager.yml"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_dockerfile_installs_the_package_with_its_migrations() -> None:
     dockerfile = (REPO / "Dockerfile").read_text()
     for line in (
         "COPY saga_worker ./saga_worker",
+        "COPY saga_remote.py ./",  # pyproject's py-modules
         "COPY migrations ./migrations",
-        "RUN pip install .",
+        "RUN pip install '.[flower]'",  # Flower runs from the same image
     ):
         assert line in dockerfile
     assert "USER saga" in dockerfile

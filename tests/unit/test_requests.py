@@ -1,4 +1,4 @@
-"""Validation of producer messages: saga.start and saga.abort kwargs (DESIGN.md §2)."""
+"""Validation of producer messages: saga.start and saga.abort kwargs (docs/contract.md)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import pytest
 from saga_worker.config import Settings
 from saga_worker.core.events import AbortRequested, StartRequested
 from saga_worker.errors import InvalidRequest, SagaError
-from saga_worker.requests import check_context, parse_abort, parse_start, valid_saga_id
+from saga_worker.requests import check_context, parse_abort, parse_start
 
+MESSAGE_ID = "5b8e3f0e-2f0c-4a57-9d1e-0d8f4b0c1a11"
 SETTINGS = dataclasses.replace(Settings.from_env({}), max_context_bytes=200, max_context_depth=4)
 _DROP = object()  # marks a kwarg to leave out
 
@@ -31,7 +32,7 @@ def start_kwargs(**changes: Any) -> dict[str, Any]:
 
 def rejected_start(field: str, **changes: Any) -> InvalidRequest:
     with pytest.raises(InvalidRequest) as info:
-        parse_start((), start_kwargs(**changes), SETTINGS)
+        parse_start((), start_kwargs(**changes), SETTINGS, MESSAGE_ID)
     assert info.value.field == field, info.value
     assert str(info.value).startswith(f"{field}: ")
     assert info.value.code == "invalid_request"
@@ -43,7 +44,7 @@ def rejected_start(field: str, **changes: Any) -> InvalidRequest:
 
 
 def test_parse_start_accepts_the_documented_example() -> None:
-    event = parse_start((), start_kwargs(), SETTINGS)
+    event = parse_start((), start_kwargs(), SETTINGS, MESSAGE_ID)
     assert event == StartRequested(
         saga_id="bt-2026-11-27-0001",
         saga_type="backtest_workflow",
@@ -53,26 +54,43 @@ def test_parse_start_accepts_the_documented_example() -> None:
     )
 
 
-def test_parse_start_minimal_generates_a_uuid_saga_id() -> None:
+def test_parse_start_without_saga_id_takes_the_message_task_id_every_time() -> None:
     kwargs = {"saga_type": "backtest_workflow", "context": {}}
-    first = parse_start((), kwargs, SETTINGS)
-    second = parse_start((), kwargs, SETTINGS)
-    assert str(uuid.UUID(first.saga_id)) == first.saga_id
-    assert valid_saga_id(first.saga_id)
-    assert first.saga_id != second.saga_id
+    first = parse_start((), kwargs, SETTINGS, MESSAGE_ID)
+    # A redelivery or retry of the same message carries the same task id: the same saga.
+    second = parse_start((), kwargs, SETTINGS, MESSAGE_ID)
+    assert first.saga_id == second.saga_id == MESSAGE_ID
     assert (first.user_id, first.ip_address, first.context) == (None, None, {})
+    other = str(uuid.uuid4())
+    assert parse_start((), kwargs, SETTINGS, other).saga_id == other
 
 
-def test_parse_start_explicit_none_saga_id_also_generates_one() -> None:
-    event = parse_start((), start_kwargs(saga_id=None), SETTINGS)
-    uuid.UUID(event.saga_id)
+def test_parse_start_explicit_none_saga_id_also_takes_the_task_id() -> None:
+    event = parse_start((), start_kwargs(saga_id=None), SETTINGS, MESSAGE_ID)
+    assert event.saga_id == MESSAGE_ID
+
+
+def test_parse_start_explicit_saga_id_wins_over_the_task_id() -> None:
+    event = parse_start((), start_kwargs(saga_id="order-1"), SETTINGS, MESSAGE_ID)
+    assert event.saga_id == "order-1"
+
+
+@pytest.mark.parametrize("message_id", [None, "", "has space", "x" * 256, 42, "nul\x00"])
+def test_parse_start_refuses_an_unusable_task_id_when_no_saga_id_is_given(
+    message_id: Any,
+) -> None:
+    kwargs = {"saga_type": "backtest_workflow", "context": {}}
+    with pytest.raises(InvalidRequest) as info:
+        parse_start((), kwargs, SETTINGS, message_id)
+    assert info.value.field == "saga_id"
+    assert "pass saga_id explicitly" in str(info.value)
 
 
 @pytest.mark.parametrize(
     "saga_id", ["a", "A-z_0.9:x", "x" * 255, "bt-2026-11-27-0001", "urn:saga:1"]
 )
 def test_parse_start_accepts_valid_saga_ids(saga_id: str) -> None:
-    assert parse_start((), start_kwargs(saga_id=saga_id), SETTINGS).saga_id == saga_id
+    assert parse_start((), start_kwargs(saga_id=saga_id), SETTINGS, MESSAGE_ID).saga_id == saga_id
 
 
 @pytest.mark.parametrize(
@@ -91,7 +109,7 @@ def test_parse_start_rejects_saga_id_with_trailing_newline(saga_id: str) -> None
 
 def test_parse_start_rejects_positional_args() -> None:
     with pytest.raises(InvalidRequest) as info:
-        parse_start(("backtest_workflow",), start_kwargs(), SETTINGS)
+        parse_start(("backtest_workflow",), start_kwargs(), SETTINGS, MESSAGE_ID)
     assert info.value.field == "args"
     assert "keyword arguments only" in str(info.value)
 
@@ -126,7 +144,7 @@ def test_parse_start_rejects_context_that_is_not_an_object(context: Any) -> None
 
 def test_parse_start_rejects_context_over_the_size_limit() -> None:
     ok = {"blob": "x" * 180}  # {"blob": "xxx..."} is 192 bytes
-    parse_start((), start_kwargs(context=ok), SETTINGS)
+    parse_start((), start_kwargs(context=ok), SETTINGS, MESSAGE_ID)
     err = rejected_start("context", context={"blob": "x" * 200})
     assert "over the limit of 200" in str(err)
     assert "SAGA_MAX_CONTEXT_BYTES" in str(err)
@@ -141,7 +159,7 @@ def test_context_size_counts_utf8_bytes_not_characters() -> None:
 
 def test_parse_start_depth_limit() -> None:
     at_limit: dict[str, Any] = {"a": {"b": {"c": {}}}}  # 4 nested objects
-    parse_start((), start_kwargs(context=at_limit), SETTINGS)
+    parse_start((), start_kwargs(context=at_limit), SETTINGS, MESSAGE_ID)
     err = rejected_start("context", context={"a": {"b": {"c": {"d": {}}}}})
     assert "SAGA_MAX_CONTEXT_DEPTH" in str(err)
     rejected_start("context", context={"a": [[[[]]]]})
@@ -175,12 +193,12 @@ def test_parse_start_rejects_non_json_values(context: Any) -> None:
 
 def test_parse_start_accepts_all_json_types() -> None:
     context = {"s": "é", "i": -1, "f": 1.5, "b": False, "n": None, "l": [1, "x"], "o": {}}
-    assert parse_start((), start_kwargs(context=context), SETTINGS).context == context
+    assert parse_start((), start_kwargs(context=context), SETTINGS, MESSAGE_ID).context == context
 
 
 @pytest.mark.parametrize("given", ["10.0.0.1", "::1", "2001:DB8::0001", "::ffff:10.0.0.1"])
 def test_parse_start_accepts_ip_addresses_and_keeps_them_as_sent(given: str) -> None:
-    assert parse_start((), start_kwargs(ip_address=given), SETTINGS).ip_address == given
+    assert parse_start((), start_kwargs(ip_address=given), SETTINGS, MESSAGE_ID).ip_address == given
 
 
 @pytest.mark.parametrize(
@@ -198,7 +216,7 @@ def test_parse_start_rejects_bad_user_ids(user_id: Any) -> None:
 
 def test_parse_start_checks_positional_args_before_anything_else() -> None:
     with pytest.raises(InvalidRequest) as info:
-        parse_start((1,), {"bogus": 1}, SETTINGS)
+        parse_start((1,), {"bogus": 1}, SETTINGS, MESSAGE_ID)
     assert info.value.field == "args"
 
 
@@ -265,7 +283,8 @@ def test_settings_defaults_match_design() -> None:
     defaults = Settings.from_env({})
     assert defaults.max_context_bytes == 262_144
     assert defaults.max_context_depth == 32
-    assert defaults.queue == "celery"
+    assert defaults.queue == "saga"
+    assert defaults.celery_config is None
 
 
 def test_settings_hand_the_default_step_timeout_to_the_state_machine() -> None:

@@ -22,7 +22,14 @@ from saga_worker.core.events import (
 )
 from saga_worker.core.model import Direction, Saga, SagaState
 from saga_worker.core.retry import RetryPolicy
-from saga_worker.core.transition import AuditEvent, Decision, Limits, start, transition
+from saga_worker.core.transition import (
+    AuditEvent,
+    Decision,
+    Limits,
+    next_attempt,
+    start,
+    transition,
+)
 
 NOW = datetime(2026, 1, 15, 12, 0, 0, tzinfo=UTC)
 FWD = Direction.FORWARD
@@ -162,7 +169,7 @@ def test_start_creates_running_saga_and_sends_first_attempt() -> None:
     assert saga.pending is not None
     assert saga.pending.key() == (0, FWD, 1)
     assert saga.pending.not_before == NOW
-    # deadline = dispatch time + step timeout + stall grace (DESIGN.md §3)
+    # deadline = dispatch time + step timeout + stall grace (docs/recovery.md)
     assert saga.pending.deadline == NOW + timedelta(seconds=10 + 30)
     assert d.commands == (RunAttempt("saga-1", 0, FWD, 1, NOW),)
     assert types(d.audit) == ["saga_start", "step_start"]
@@ -840,3 +847,31 @@ def test_engine_default_timeout_applies_when_step_and_saga_set_none() -> None:
     assert start(own, StartRequested("s-own", "own", {}), NOW, limits).saga.pending.deadline == (  # type: ignore[union-attr]
         NOW + timedelta(seconds=4)
     )
+
+
+def test_next_attempt_tells_a_retried_attempt_from_a_final_failure() -> None:
+    """What a step task reports to Celery: RETRY only while the same step gets another try."""
+    run = Run()
+    run.ok()
+    p = run.saga.pending
+    assert p is not None
+    first = StepFailed(p.step_index, p.direction, p.number, "RuntimeError", "boom")
+    retried = run.apply(first)
+    following = next_attempt(retried, first)
+    assert following is not None and (following.step_index, following.number) == (1, 2)
+    assert following.not_before == run.now + timedelta(seconds=5)
+    # The same result again is ignored by the engine: nothing follows from it.
+    assert next_attempt(run.apply(first), first) is None
+    run.fail()
+    p = run.saga.pending
+    assert p is not None and p.number == 3
+    last = StepFailed(p.step_index, p.direction, p.number, "RuntimeError", "boom")
+    given_up = run.apply(last)
+    # The compensation of step 0 is pending now, which is not another attempt of step 1.
+    assert given_up.saga.pending is not None and given_up.saga.pending.direction is COMP
+    assert next_attempt(given_up, last) is None
+    fatal = Run()
+    p = fatal.saga.pending
+    assert p is not None
+    event = StepFailed(p.step_index, p.direction, p.number, "Bad", "no", retryable=False)
+    assert next_attempt(fatal.apply(event), event) is None

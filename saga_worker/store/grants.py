@@ -1,0 +1,265 @@
+"""Privileges of the run-time role on PostgreSQL (`saga-worker db grant ROLE`).
+
+Migrations run as the owner of the tables. Workers, beat, console and CLI connect as a
+separate role that holds only what they use, so that, connected as that role, nothing can
+rewrite history: no UPDATE, DELETE or TRUNCATE on the audit table (the triggers refuse them
+even for the owner), and no DDL. Only an owner can `ALTER TABLE ... DISABLE TRIGGER` or
+`DROP TRIGGER`, which is why the run-time role must never own the tables nor be a member of
+their owner's role.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sqlalchemy import Connection, Engine, text
+
+from ..errors import ConfigurationError, GrantRefused
+from .migrate import VERSION_TABLE
+
+#: Per table, exactly what the run-time processes do with it. A new table in a migration
+#: needs its line here (tests/unit/test_grants.py fails until it has one).
+RUNTIME_GRANTS: dict[str, tuple[str, ...]] = {
+    "saga_checkpoints": ("SELECT", "INSERT", "UPDATE"),
+    "saga_audit_logs": ("SELECT", "INSERT"),
+    # The shared signing key (or its fingerprint): read, and created once by the first process.
+    "saga_settings": ("SELECT", "INSERT"),
+    # Read only, so that `saga-worker db current` works as the run-time role.
+    VERSION_TABLE: ("SELECT",),
+}
+
+#: Application tables that steps write (`--table`, `--examples`): what a step's effect and
+#: its compensation need.
+APP_TABLE_GRANTS = ("SELECT", "INSERT", "UPDATE", "DELETE")
+
+TABLE_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER")
+
+
+@dataclass(frozen=True)
+class GrantReport:
+    """What `grant_runtime` left the role with."""
+
+    role: str
+    schema: str
+    tables: dict[str, tuple[str, ...]]
+    sequences: tuple[str, ...]
+    #: Privileges the role still has beyond `tables` through PUBLIC or another role it is a
+    #: member of, each with the statement that removes it. Empty when the grant is exact.
+    excess: list[str] = field(default_factory=list)
+    created: bool = False
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "role": self.role,
+            "schema": self.schema,
+            "tables": {t: list(p) for t, p in self.tables.items()},
+            "sequences": list(self.sequences),
+            "excess": list(self.excess),
+            "created": self.created,
+        }
+
+
+@dataclass(frozen=True)
+class _Table:
+    name: str  # as asked for: `table` or `schema.table`
+    schema: str
+    relname: str
+    owner: str
+    qualified: str  # quoted schema.relname
+
+
+def grant_runtime(
+    engine: Engine,
+    role: str,
+    app_tables: tuple[str, ...] = (),
+    *,
+    create: bool = False,
+    password: str | None = None,
+) -> GrantReport:
+    """Give `role` exactly the run-time privileges, in one transaction; run it as the owner.
+
+    Idempotent: everything the role held on these tables and their sequences is revoked first,
+    then granted again, so running it twice (or after a new migration) converges. With
+    `create`, a missing role is created (LOGIN, no other attribute; needs CREATEROLE); with
+    `password`, its password is set, after the checks, so a refused role is left untouched.
+    `app_tables` (`table` or `schema.table`) get APP_TABLE_GRANTS.
+    """
+    if engine.dialect.name != "postgresql":
+        raise ConfigurationError(
+            "db grant needs PostgreSQL: SAGA_DATABASE_URL points at "
+            f"{engine.dialect.name}, which has no roles"
+        )
+    reserved = sorted(set(app_tables) & set(RUNTIME_GRANTS))
+    if reserved:
+        raise GrantRefused(
+            f"{', '.join(reserved)}: a saga table's run-time privileges are fixed; --table is "
+            "for your application's tables"
+        )
+    with engine.begin() as conn:
+        superuser = conn.execute(
+            text("SELECT rolsuper FROM pg_roles WHERE rolname = :role"), {"role": role}
+        ).scalar()
+        created = superuser is None and create
+        if created:
+            _login_role(conn, "CREATE", role, password)
+            superuser = False
+        if superuser is None:
+            raise GrantRefused(
+                f"no PostgreSQL role {role!r}: create it first (CREATE ROLE {_quote(conn, role)} "
+                "LOGIN PASSWORD '...'), then run `saga-worker db grant` again"
+            )
+        if superuser:
+            raise GrantRefused(
+                f"role {role!r} is a superuser, which bypasses every privilege and trigger: "
+                "give the processes a role without SUPERUSER"
+            )
+        wanted = dict(RUNTIME_GRANTS)
+        wanted.update({table: APP_TABLE_GRANTS for table in app_tables})
+        found = _tables(conn, wanted)
+        for table in found.values():
+            _check_roles(conn, role, table)
+        if password is not None and not created:
+            _login_role(conn, "ALTER", role, password)
+        me = _quote(conn, role)
+        schemas = sorted({t.schema for t in found.values()})
+        for schema in schemas:
+            conn.execute(text(f"GRANT USAGE ON SCHEMA {_quote(conn, schema)} TO {me}"))
+        sequences: list[str] = []
+        granted: dict[str, tuple[str, ...]] = {}
+        for name, table in found.items():
+            privileges = wanted[name]
+            conn.execute(text(f"REVOKE ALL ON TABLE {table.qualified} FROM {me}"))
+            conn.execute(text(f"GRANT {', '.join(privileges)} ON TABLE {table.qualified} TO {me}"))
+            granted[f"{table.schema}.{table.relname}"] = privileges
+            for seq_schema, sequence in _owned_sequences(conn, table.qualified):
+                seq = _qualified(conn, seq_schema, sequence)
+                conn.execute(text(f"REVOKE ALL ON SEQUENCE {seq} FROM {me}"))
+                if "INSERT" in privileges:
+                    conn.execute(text(f"GRANT USAGE ON SEQUENCE {seq} TO {me}"))
+                    sequences.append(sequence)
+        excess = _verify(conn, role, schemas, found, wanted)
+    main_schema = found["saga_checkpoints"].schema
+    return GrantReport(role, main_schema, granted, tuple(sequences), excess, created)
+
+
+def _login_role(conn: Connection, verb: str, role: str, password: str | None) -> None:
+    # The server quotes name and password (format %I / %L), so any password is safe.
+    template = f"{verb} ROLE %I WITH LOGIN" + (" PASSWORD %L" if password is not None else "")
+    statement = conn.execute(
+        text(
+            "SELECT format(CAST(:template AS text), CAST(:role AS text), "
+            "CAST(:password AS text))"
+        ),
+        {"template": template, "role": role, "password": password},
+    ).scalar_one()
+    # Not text(): a password may hold ':name', which text() would take for a parameter.
+    conn.exec_driver_sql(str(statement))
+
+
+def _tables(conn: Connection, wanted: dict[str, tuple[str, ...]]) -> dict[str, _Table]:
+    """Each wanted table that exists (unqualified names as the search path resolves them)."""
+    found: dict[str, _Table] = {}
+    for name in wanted:
+        parts = name.split(".", 1) if name not in RUNTIME_GRANTS else [name]
+        row = conn.execute(
+            text(
+                "SELECT n.nspname, c.relname, pg_get_userbyid(c.relowner) FROM pg_class c "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE c.oid = to_regclass(:t) AND c.relkind IN ('r', 'p')"
+            ),
+            {"t": ".".join(_quote(conn, part) for part in parts)},
+        ).first()
+        if row is not None:
+            schema, relname, owner = (str(v) for v in row)
+            found[name] = _Table(name, schema, relname, owner, _qualified(conn, schema, relname))
+        elif name in RUNTIME_GRANTS and name != VERSION_TABLE:
+            raise GrantRefused(
+                f"the database has no table {name}: run `saga-worker db upgrade` first"
+            )
+        elif name not in RUNTIME_GRANTS:
+            raise GrantRefused(
+                f"the database has no table {name!r}: create it first (as its owner), then "
+                "grant (`--examples` creates the example tables)"
+            )
+    return found
+
+
+def _check_roles(conn: Connection, role: str, table: _Table) -> None:
+    where = f"{table.schema}.{table.relname}"
+    if conn.execute(
+        text("SELECT pg_has_role(:role, :owner, 'MEMBER')"), {"role": role, "owner": table.owner}
+    ).scalar():
+        raise GrantRefused(
+            f"role {role!r} owns {where} (or is a member of its owner {table.owner!r}), so it "
+            "could disable the audit table's triggers: run the processes as a separate role "
+            "that owns nothing"
+        )
+    if not conn.execute(
+        text("SELECT pg_has_role(current_user, :owner, 'USAGE')"), {"owner": table.owner}
+    ).scalar():
+        me = conn.execute(text("SELECT current_user")).scalar()
+        raise GrantRefused(
+            f"connected as {me!r}, which cannot grant on {where} (owned by {table.owner!r}): "
+            "run `saga-worker db grant` with the owner's SAGA_DATABASE_URL (the one migrations use)"
+        )
+
+
+def _owned_sequences(conn: Connection, qualified: str) -> list[tuple[str, str]]:
+    """(schema, name) of the sequences behind serial or identity columns of the table."""
+    rows = conn.execute(
+        text(
+            "SELECT n.nspname, s.relname FROM pg_class s "
+            "JOIN pg_namespace n ON n.oid = s.relnamespace "
+            "JOIN pg_depend d ON d.objid = s.oid "
+            "WHERE s.relkind = 'S' AND d.deptype IN ('a', 'i') "
+            "AND d.refobjid = to_regclass(:t) ORDER BY s.relname"
+        ),
+        {"t": qualified},
+    )
+    return [(str(r[0]), str(r[1])) for r in rows]
+
+
+def _verify(
+    conn: Connection,
+    role: str,
+    schemas: list[str],
+    found: dict[str, _Table],
+    wanted: dict[str, tuple[str, ...]],
+) -> list[str]:
+    """Check what the role can do now: a missing grant is an error (the GRANT warned and did
+    nothing), an extra privilege from PUBLIC or a membership is reported with its fix."""
+    excess: list[str] = []
+    for name, table in found.items():
+        for privilege in TABLE_PRIVILEGES:
+            has = conn.execute(
+                text("SELECT has_table_privilege(:role, to_regclass(:t), :p)"),
+                {"role": role, "t": table.qualified, "p": privilege},
+            ).scalar()
+            if privilege in wanted[name] and not has:
+                raise GrantRefused(
+                    f"granting {privilege} on {table.qualified} to {role!r} had no effect: run "
+                    "`saga-worker db grant` as the owner of the tables"
+                )
+            if privilege not in wanted[name] and has:
+                excess.append(
+                    f"{privilege} on {table.qualified} (from PUBLIC or a role {role!r} is a "
+                    f"member of: REVOKE {privilege} ON {table.qualified} FROM PUBLIC, or from "
+                    "that role)"
+                )
+    for schema in schemas:
+        if conn.execute(
+            text("SELECT has_schema_privilege(:role, :s, 'CREATE')"), {"role": role, "s": schema}
+        ).scalar():
+            excess.append(
+                f"CREATE on schema {schema} (REVOKE CREATE ON SCHEMA {_quote(conn, schema)} "
+                "FROM PUBLIC; PostgreSQL 15 and later do this by default for schema public)"
+            )
+    return excess
+
+
+def _quote(conn: Connection, name: str) -> str:
+    return str(conn.dialect.identifier_preparer.quote(name))
+
+
+def _qualified(conn: Connection, schema: str, name: str) -> str:
+    return f"{_quote(conn, schema)}.{_quote(conn, name)}"

@@ -1,0 +1,85 @@
+"""A configuration problem exits with the configuration code (6) and one line naming the
+SAGA_* variable to fix, through the real `saga-worker` console script."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from saga_worker.cli._output import EXIT_CONFIG, EXIT_INTERNAL, exit_code_for
+from saga_worker.errors import ConfigurationError
+
+SAGA_WORKER = str(Path(sys.executable).with_name("saga-worker"))
+
+
+def run(args: list[str], env: dict[str, str], home: Path) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SAGA_")}
+    return subprocess.run(
+        [SAGA_WORKER, *args],
+        env={**clean, "SAGA_HOME": str(home), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "names"),
+    [
+        (["list"], {"SAGA_RECOVERY_INTERVAL_SECONDS": "abc"}, "SAGA_RECOVERY_INTERVAL_SECONDS"),
+        (["list"], {"SAGA_MAX_RECOVERIES": "-1"}, "SAGA_MAX_RECOVERIES"),
+        (["list"], {"SAGA_DATABASE_URL": "mysql://u:pw-x1@db/sagas"}, "SAGA_DATABASE_URL"),
+        (["list", "--json"], {"SAGA_DATABASE_URL": "no url at all"}, "SAGA_DATABASE_URL"),
+        (["status", "s1"], {"SAGA_DATABASE_URL": "postgresql+nodriver://u:pw-x1@h/d"}, "driver"),
+        (["db", "upgrade", "--sql"], {"SAGA_DATABASE_URL": "oracle://u:pw-x1@h/d"}, "oracle"),
+        (["worker"], {"SAGA_IMPORTS": "no_such_module_x"}, "SAGA_IMPORTS"),
+        (
+            ["start", "backtest_workflow", "--context", "{}"],
+            {"SAGA_IMPORTS": "no_such_module_x"},
+            "no_such_module_x",
+        ),
+        (
+            ["start", "backtest_workflow"],
+            {"SAGA_BROKER_URL": "nosuchtransport://u:pw-x1@h/0"},
+            "SAGA_BROKER_URL",
+        ),
+        (["worker"], {"SAGA_IMPORTS": "saga_worker.no_such_sub"}, "SAGA_IMPORTS"),
+    ],
+)
+def test_configuration_errors_exit_6_with_one_line(
+    tmp_path: Path, args: list[str], env: dict[str, str], names: str
+) -> None:
+    result = run(args, env, tmp_path)
+    assert result.returncode == EXIT_CONFIG == 6, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert names in lines[0]
+    assert "Traceback" not in result.stderr and "pw-x1" not in result.stderr
+    if "--json" in args:
+        assert '"exit_code": 6' in result.stdout and '"configuration_error"' in result.stdout
+
+
+def test_unreachable_broker_is_unavailable_not_internal(tmp_path: Path) -> None:
+    # Port 1 on loopback: nothing listens there.
+    env = {"SAGA_BROKER_URL": "redis://:pw-x1@127.0.0.1:1/0"}
+    result = run(["start", "backtest_workflow", "--json"], env, tmp_path)
+    assert result.returncode == 5, result.stdout + result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: cannot reach the broker at redis://:**@127.0.0.1:1/0")
+    assert "pw-x1" not in result.stdout + result.stderr
+    assert '"broker_unavailable"' in result.stdout
+
+
+def test_configuration_error_maps_to_its_own_code() -> None:
+    assert exit_code_for(ConfigurationError("x")) == EXIT_CONFIG
+    assert exit_code_for(ModuleNotFoundError("x")) == EXIT_INTERNAL
+
+
+def test_help_lists_the_configuration_exit_code(tmp_path: Path) -> None:
+    result = run(["--help"], {}, tmp_path)
+    assert result.returncode == 0
+    assert "6 configuration error" in " ".join(result.stdout.split())
