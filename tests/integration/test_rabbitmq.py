@@ -28,7 +28,7 @@ from saga_worker.worker.app import create_app
 
 from . import test_chaos as chaos
 from . import test_engine as engine
-from .conftest import Stack, fresh_postgres_database, start_worker
+from .conftest import Stack, fresh_postgres_database
 from .processes import Rig
 
 pytestmark = pytest.mark.integration
@@ -273,16 +273,19 @@ def test_no_saga_is_lost_or_applied_twice_when_workers_are_killed(
 
 
 def test_sagas_run_on_a_quorum_queue(pg_admin_url: str, amqp_url: str, tmp_path: Path) -> None:
-    rig = Rig.create(fresh_postgres_database(pg_admin_url), amqp_url, tmp_path)
+    rig = Rig.create(
+        fresh_postgres_database(pg_admin_url),
+        amqp_url,
+        tmp_path,
+        SAGA_CELERY_CONFIG="tests.fixtures.quorum_settings",
+    )
     # A producer declares the queue it sends to: with the worker's arguments, or RabbitMQ
     # refuses the declare (inequivalent x-queue-type) and the send fails.
     rig.producer.conf.update(
         task_create_missing_queue_type="quorum", task_create_missing_queue_exchange_type="topic"
     )
     try:
-        rig.workers.append(
-            start_worker("tests.fixtures.quorum_app", rig.env, rig.queue, tmp_path / "worker.log")
-        )
+        rig.start_worker()
         with Connection(amqp_url) as conn:
             # Succeeds only on a queue that is already a quorum queue: RabbitMQ refuses a
             # declare whose x-queue-type differs from the existing queue's.
