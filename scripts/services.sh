@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Throwaway PostgreSQL and Redis servers on free loopback ports, for scripts/test.sh and
+# Throwaway PostgreSQL, Redis and RabbitMQ servers on free loopback ports, for scripts/test.sh and
 # bench/run.sh. Source it; the caller defines log() and die() and calls services_stop from
 # its EXIT trap. Sets PG_BIN PG_OS_USER PG_BASE PG_DATA PG_PORT,
 # REDIS_BIN REDIS_DIR REDIS_PID REDIS_PORT and (start_rabbitmq) RABBIT_DIR RABBIT_PID
@@ -218,16 +218,19 @@ services_stop() {
     if [[ -n "$RABBIT_PID" ]] && kill -0 "$RABBIT_PID" 2>/dev/null; then
         log "stopping rabbitmq (pid $RABBIT_PID)"
         kill "$RABBIT_PID" 2>/dev/null
-        wait "$RABBIT_PID" 2>/dev/null
+        # A graceful stop takes a second or two; past 30 s the node is killed below.
+        local tries=150
+        while kill -0 "$RABBIT_PID" 2>/dev/null && (( tries-- > 0 )); do sleep 0.2; done
     fi
     if [[ -f "${RABBIT_DIR:-/nonexistent}/node.pid" ]]; then
-        # The Erlang VM, should the script around it have died first.
+        # The Erlang VM, should it outlive the script around it or not stop in time.
         local node_pid
         node_pid=$(head -n 1 "$RABBIT_DIR/node.pid" 2>/dev/null)
         # Only if that PID is still an Erlang VM: the file may outlive a clean stop.
         [[ "$node_pid" =~ ^[0-9]+$ && "$(cat "/proc/$node_pid/comm" 2>/dev/null)" == beam* ]] \
             && kill -KILL "$node_pid" 2>/dev/null
     fi
+    [[ -n "$RABBIT_PID" ]] && wait "$RABBIT_PID" 2>/dev/null
     if [[ -n "$RABBIT_EPMD_PID" ]] && kill -0 "$RABBIT_EPMD_PID" 2>/dev/null; then
         kill "$RABBIT_EPMD_PID" 2>/dev/null
         wait "$RABBIT_EPMD_PID" 2>/dev/null

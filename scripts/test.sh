@@ -5,8 +5,9 @@
 #
 # Sets up .venv, starts a throwaway PostgreSQL, Redis and RabbitMQ on free
 # loopback ports (unless SAGA_TEST_DATABASE_URL / SAGA_TEST_BROKER_URL /
-# SAGA_TEST_AMQP_URL are already set), then runs ruff, mypy and pytest. Everything it starts is stopped and
-# removed on exit, and the exit code of the failing step is preserved.
+# SAGA_TEST_AMQP_URL are already set), then runs ruff, mypy and pytest.
+# Everything it starts is stopped and removed on exit, and the exit code of
+# the failing step is preserved.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
