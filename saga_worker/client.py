@@ -39,7 +39,7 @@ from .audit import (
     manifest_path,
     open_export,
 )
-from .config import Settings
+from .config import Settings, check_broker_url
 from .core.definition import SagaDefinition
 from .core.events import Event, RetryRequested
 from .core.model import Attempt, Saga, SagaState
@@ -47,7 +47,6 @@ from .core.transition import Decision, transition
 from .engine import Dispatcher, SagaEngine, utcnow
 from .errors import (
     ConcurrencyConflict,
-    ConfigurationError,
     SagaError,
     SagaNotFound,
     UnknownSagaType,
@@ -60,6 +59,7 @@ from .store.repository import (
     create_db_engine,
     retry_transient,
 )
+from .worker.dispatch import shown_kwargs
 
 MAX_PAGE_SIZE = 500
 MAX_CONFLICT_RETRIES = 50
@@ -328,7 +328,7 @@ class SagaClient:
             # First, so that a missing module or an unknown broker transport is a
             # configuration error, not a traceback.
             registry.import_modules(self.settings.imports)
-            _check_broker_url(self.settings.broker_url)
+            check_broker_url(self.settings.broker_url)
             self._app = create_app(self.settings)
         return self._app
 
@@ -366,9 +366,11 @@ class SagaClient:
         fields = {k: v for k, v in fields.items() if v is not None}
         fields.setdefault("saga_id", task_id)  # == result.id
         with self._broker():
+            kwargs = {"saga_type": saga_type, "context": context, **fields}
             result = self.app.send_task(
                 "saga.start",
-                kwargs={"saga_type": saga_type, "context": context, **fields},
+                kwargs=kwargs,
+                kwargsrepr=shown_kwargs(self.redactor, kwargs),
                 queue=self.settings.queue,
                 task_id=task_id,
             )
@@ -406,9 +408,11 @@ class SagaClient:
     def send_abort(self, saga_id: str, reason: str, user_id: str | None = None) -> None:
         """Send saga.abort through the broker, exactly as a producer would."""
         with self._broker():
+            kwargs = {"saga_id": saga_id, "reason": reason, "user_id": user_id}
             self.app.send_task(
                 "saga.abort",
-                kwargs={"saga_id": saga_id, "reason": reason, "user_id": user_id},
+                kwargs=kwargs,
+                kwargsrepr=shown_kwargs(self.redactor, kwargs),
                 queue=self.settings.queue,
             )
 
@@ -899,21 +903,6 @@ class SagaClient:
             raise DatabaseUnavailable(
                 f"cannot reach the database at {self.safe_url}: {text}"
             ) from None
-
-
-def _check_broker_url(url: str) -> None:
-    """SAGA_BROKER_URL names a transport kombu knows (redis, rediss, amqp, sentinel, ...)."""
-    from kombu.transport import resolve_transport
-
-    scheme = url.split("://", 1)[0] if "://" in url else url
-    try:
-        resolve_transport(scheme)
-    except (KeyError, ImportError) as exc:
-        raise ConfigurationError(
-            f"SAGA_BROKER_URL uses transport {scheme!r}, which cannot be loaded ({exc}); use "
-            "redis://host:6379/0, rediss://..., amqp://user:password@host:5672// or leave it "
-            "unset for the embedded broker"
-        ) from None
 
 
 def verify_export_file(

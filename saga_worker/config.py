@@ -109,6 +109,11 @@ def _database_url(raw: str | None) -> str | None:
         raise ConfigurationError(
             f"SAGA_DATABASE_URL is not a database URL; use {_DATABASE_EXAMPLES}"
         ) from None
+    except ValueError:
+        # make_url's int() of the port; its message would not name the variable.
+        raise ConfigurationError(
+            f"SAGA_DATABASE_URL has a port that is not a number; use {_DATABASE_EXAMPLES}"
+        ) from None
     if url.get_backend_name() not in SUPPORTED_DATABASES:
         raise ConfigurationError(
             f"SAGA_DATABASE_URL names database {url.drivername!r}, which saga_worker does not "
@@ -122,6 +127,23 @@ def _database_url(raw: str | None) -> str | None:
             f"({exc}); use {_DATABASE_EXAMPLES}"
         ) from None
     return raw
+
+
+def check_broker_url(url: str) -> None:
+    """SAGA_BROKER_URL names a transport kombu knows (redis, rediss, amqp, sentinel, ...)."""
+    from kombu.transport import resolve_transport
+
+    scheme = url.split("://", 1)[0] if "://" in url else url
+    try:
+        resolve_transport(scheme)
+    except (KeyError, ImportError) as exc:
+        # str(KeyError) is the repr of its message: show the message itself.
+        reason = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        raise ConfigurationError(
+            f"SAGA_BROKER_URL uses transport {scheme!r}, which cannot be loaded ({reason}); use "
+            "redis://host:6379/0, rediss://..., amqp://user:password@host:5672// or leave it "
+            "unset for the embedded broker"
+        ) from None
 
 
 def _signing_key(env: Mapping[str, str]) -> str | None:

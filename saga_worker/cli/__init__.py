@@ -9,13 +9,15 @@ processes.py (worker, beat, demo).
 from __future__ import annotations
 
 import os
+import sys
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
 from ._output import (
+    EXIT_BROKEN_PIPE,
     EXIT_CODES_HELP,
     EXIT_INTERNAL,
     emit_error,
@@ -27,14 +29,40 @@ from ._output import (
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
+def exit_on_broken_pipe() -> NoReturn:
+    """stdout's reader went away (`saga-worker db upgrade --sql | head`): end quietly, as
+    https://docs.python.org/3/library/signal.html#note-on-sigpipe does it. stdout is pointed
+    at /dev/null so that the flush at exit does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    sys.exit(EXIT_BROKEN_PIPE)
+
+
 class SagaGroup(click.Group):
     """A group that turns any error of a command into one line and a meaningful exit code."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: click.Context | None = None,
+        **extra: Any,
+    ) -> click.Context:
+        try:  # --help and --version print while the arguments are parsed
+            return super().make_context(info_name, args, parent, **extra)
+        except BrokenPipeError:
+            exit_on_broken_pipe()
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
+        except BrokenPipeError:
+            exit_on_broken_pipe()
         except KeyboardInterrupt:
             click.echo("interrupted", err=True)
             ctx.exit(130)
@@ -101,4 +129,11 @@ _register()
 
 def run() -> None:
     """Console entry point (`saga-worker`)."""
-    main(prog_name="saga-worker")
+    try:
+        main(prog_name="saga-worker")
+    finally:
+        # What is still buffered goes out now, where a closed pipe can be told apart.
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            exit_on_broken_pipe()

@@ -25,6 +25,7 @@ EXIT_REFUSED = 4  # retry/abort does not apply to the saga's state; db grant ref
 EXIT_UNAVAILABLE = 5  # database or broker unreachable, database not migrated
 EXIT_CONFIG = 6  # a SAGA_* setting is malformed or names something that does not exist
 EXIT_INTERNAL = 70  # a bug: reported in one line (SAGA_CLI_DEBUG=1 shows the traceback)
+EXIT_BROKEN_PIPE = 141  # stdout's reader went away (`| head`): 128 + SIGPIPE, nothing printed
 
 #: `--json` of every command that prints: JSON for scripts instead of tables.
 JSON_OPTION = click.option("--json", "json_mode", is_flag=True, help="Print JSON for scripts.")
@@ -34,7 +35,7 @@ EXIT_CODES_HELP = (
     "did not complete; 2 bad usage or filter; 3 unknown saga; 4 action refused (the saga's "
     "state, or db grant to an unknown or owning role); 5 database or broker unreachable, "
     "or database not migrated; 6 configuration error (fix the SAGA_* variable named); "
-    "70 internal error."
+    "70 internal error; 141 the reader of the output went away (`| head`)."
 )
 
 STATE_STYLES = {

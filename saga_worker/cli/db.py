@@ -59,14 +59,19 @@ def _engine() -> tuple[Any, str]:
 @click.option(
     "--sql",
     is_flag=True,
-    help="Print the SQL instead of running it (no connection: the URL only picks the dialect).",
+    help="Print the SQL of a fresh install instead of running it (no connection: the URL only "
+    "picks the dialect). Not for a database that already has saga tables; one of saga_worker "
+    "0.1 needs `db upgrade` run online once.",
 )
 def db_upgrade(revision: str, sql: bool) -> None:
     """Create or migrate the tables in SAGA_DATABASE_URL (embedded SQLite when unset).
 
     Run it as the role that owns (or will own) the tables. With --sql, nothing connects:
     the DDL, the append-only triggers and the version table's update are printed for a DBA
-    to review and run.
+    to review and run. That SQL is a fresh database's (from no revision to --revision): it
+    does not know what the database already has. A database of saga_worker 0.1 (revision
+    still in alembic_version) needs `saga-worker db upgrade` run online once, which moves
+    the revision to saga_alembic_version.
     """
     from ..config import Settings
     from ..store.migrate import current_revision, upgrade, upgrade_sql
@@ -87,16 +92,34 @@ def db_upgrade(revision: str, sql: bool) -> None:
 @JSON_OPTION
 def db_current(check: bool, json_mode: bool) -> None:
     """Show the revision the database is at (`none` before the first upgrade)."""
-    from ..store.migrate import current_revision, head_revision
+    from ..store.migrate import (
+        LEGACY_VERSION_TABLE,
+        VERSION_TABLE,
+        current_revision,
+        head_revision,
+        legacy_revision,
+    )
 
     _json_errors(json_mode)
     engine, safe_url = _engine()
     with _database(safe_url):
         current = current_revision(engine)
+        legacy = legacy_revision(engine) if current is None else None
     engine.dispose()
     head = head_revision()
     if json_mode:
-        Output(True).json({"revision": current, "head": head, "up_to_date": current == head})
+        data: dict[str, object] = {"revision": current, "head": head, "up_to_date": current == head}
+        if legacy is not None:
+            data["legacy_revision"] = legacy
+        Output(True).json(data)
+    elif legacy is not None:
+        click.echo("none")
+        click.echo(
+            f"the saga tables at {safe_url} are at revision {legacy}, still recorded in "
+            f"{LEGACY_VERSION_TABLE} (saga_worker 0.1): run `saga-worker db upgrade`, which "
+            f"moves it to {VERSION_TABLE}",
+            err=True,
+        )
     elif current is None:
         click.echo("none")
         click.echo(f"no saga tables yet at {safe_url}: run `saga-worker db upgrade`", err=True)
@@ -142,7 +165,7 @@ def db_history(json_mode: bool) -> None:
     multiple=True,
     metavar="TABLE",
     help="Also let ROLE SELECT/INSERT/UPDATE/DELETE this existing application table that "
-    "local steps write (repeatable).",
+    "local steps write (repeatable; `table`, `schema.table` or quoted SQL names).",
 )
 @click.option(
     "--examples",
@@ -175,9 +198,10 @@ def db_grant(
     schema. Nothing else: no UPDATE, DELETE or TRUNCATE of the audit trail, no DDL, so the
     role cannot disable or drop the append-only triggers. Run it as the tables' owner (the
     migration's SAGA_DATABASE_URL), after `db upgrade`; running it again is harmless.
-    Refused (exit 4) for an unknown role (unless --create), a superuser, or the owner
-    itself. Exits 1 when the role can still do more through PUBLIC or a role membership
-    (it says what to revoke).
+    Refused (exit 4), before any GRANT, for an unknown role (unless --create), a superuser,
+    the owner, a role with (or a member of one with) CREATEROLE, REPLICATION or BYPASSRLS,
+    and a --table that is missing or is a saga table. Exits 1 when the role can still do
+    more through PUBLIC or a role membership (it says what to revoke).
     """
     import os
 

@@ -23,12 +23,19 @@ def register(main: click.Group) -> None:
 
 
 def _exec_celery(*argv: str) -> None:
-    from ..config import Settings
+    from ..config import Settings, check_broker_url
     from ..registry import check_modules
 
-    # A malformed SAGA_* setting or a missing SAGA_IMPORTS module is one line here (exit 6),
-    # not a Celery traceback.
-    check_modules(Settings.from_env().imports)
+    # A malformed SAGA_* setting, a missing SAGA_IMPORTS module, an unknown broker transport
+    # or a SAGA_CELERY_CONFIG module that cannot be imported or sets a pinned setting is one
+    # line here (exit 6), not a traceback of Celery's after the exec.
+    settings = Settings.from_env()
+    check_modules(settings.imports)
+    check_broker_url(settings.broker_url)
+    if settings.celery_config:
+        from ..worker.app import celery_config_settings
+
+        celery_config_settings(settings.celery_config)
     command = [sys.executable, "-m", "celery", "-A", "saga_worker.app", *argv]
     sys.stdout.flush()
     sys.stderr.flush()

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sqlalchemy import Connection, Engine, text
+from sqlalchemy.exc import DBAPIError
 
 from ..errors import ConfigurationError, GrantRefused
 from .migrate import VERSION_TABLE
@@ -66,6 +67,7 @@ class _Table:
     relname: str
     owner: str
     qualified: str  # quoted schema.relname
+    oid: int
 
 
 def grant_runtime(
@@ -89,13 +91,10 @@ def grant_runtime(
             "db grant needs PostgreSQL: SAGA_DATABASE_URL points at "
             f"{engine.dialect.name}, which has no roles"
         )
-    reserved = sorted(set(app_tables) & set(RUNTIME_GRANTS))
-    if reserved:
-        raise GrantRefused(
-            f"{', '.join(reserved)}: a saga table's run-time privileges are fixed; --table is "
-            "for your application's tables"
-        )
     with engine.begin() as conn:
+        # Every table resolved (and a saga table refused) before any role is touched.
+        found = _tables(conn, RUNTIME_GRANTS)
+        found.update(_app_tables(conn, app_tables, found))
         superuser = conn.execute(
             text("SELECT rolsuper FROM pg_roles WHERE rolname = :role"), {"role": role}
         ).scalar()
@@ -113,9 +112,9 @@ def grant_runtime(
                 f"role {role!r} is a superuser, which bypasses every privilege and trigger: "
                 "give the processes a role without SUPERUSER"
             )
+        _check_attributes(conn, role)
         wanted = dict(RUNTIME_GRANTS)
-        wanted.update({table: APP_TABLE_GRANTS for table in app_tables})
-        found = _tables(conn, wanted)
+        wanted.update({table: APP_TABLE_GRANTS for table in found if table not in RUNTIME_GRANTS})
         for table in found.values():
             _check_roles(conn, role, table)
         if password is not None and not created:
@@ -157,31 +156,112 @@ def _login_role(conn: Connection, verb: str, role: str, password: str | None) ->
 
 
 def _tables(conn: Connection, wanted: dict[str, tuple[str, ...]]) -> dict[str, _Table]:
-    """Each wanted table that exists (unqualified names as the search path resolves them)."""
+    """The saga tables (as the search path resolves them); the version table may be missing."""
     found: dict[str, _Table] = {}
     for name in wanted:
-        parts = name.split(".", 1) if name not in RUNTIME_GRANTS else [name]
-        row = conn.execute(
-            text(
-                "SELECT n.nspname, c.relname, pg_get_userbyid(c.relowner) FROM pg_class c "
-                "JOIN pg_namespace n ON n.oid = c.relnamespace "
-                "WHERE c.oid = to_regclass(:t) AND c.relkind IN ('r', 'p')"
-            ),
-            {"t": ".".join(_quote(conn, part) for part in parts)},
-        ).first()
-        if row is not None:
-            schema, relname, owner = (str(v) for v in row)
-            found[name] = _Table(name, schema, relname, owner, _qualified(conn, schema, relname))
-        elif name in RUNTIME_GRANTS and name != VERSION_TABLE:
+        table = _resolve(conn, name, _quote(conn, name))
+        if table is not None:
+            found[name] = table
+        elif name != VERSION_TABLE:
             raise GrantRefused(
                 f"the database has no table {name}: run `saga-worker db upgrade` first"
             )
-        elif name not in RUNTIME_GRANTS:
+    return found
+
+
+def _app_tables(
+    conn: Connection, names: tuple[str, ...], saga: dict[str, _Table]
+) -> dict[str, _Table]:
+    """Each --table resolved to the table it names, refused when it is missing or is a saga
+    table in any spelling (`"public"."saga_checkpoints"`) or schema: its privileges are fixed,
+    and DELETE there would let the run-time role erase checkpoints or the audit trail."""
+    saga_oids = {table.oid for table in saga.values()}
+    found: dict[str, _Table] = {}
+    for name in names:
+        # The exact name (`MyTable`, `shop.orders`, as before), else SQL syntax (quotes, case).
+        parts = name.split(".", 1)
+        table = _resolve(conn, name, ".".join(_quote(conn, part) for part in parts))
+        if table is None:
+            table = _resolve(conn, name, name)
+        if table is None:
             raise GrantRefused(
                 f"the database has no table {name!r}: create it first (as its owner), then "
                 "grant (`--examples` creates the example tables)"
             )
+        if table.oid in saga_oids or table.relname in RUNTIME_GRANTS:
+            raise GrantRefused(
+                f"--table {name}: {table.schema}.{table.relname} is a saga table, whose run-time "
+                "privileges are fixed; --table is for your application's tables only"
+            )
+        found[name] = table
     return found
+
+
+def _resolve(conn: Connection, name: str, regclass: str) -> _Table | None:
+    """The table (or partitioned table) `regclass` names, None when there is none or the
+    text is not a valid name (in a savepoint: a syntax error must not end the transaction)."""
+    try:
+        with conn.begin_nested():
+            row = conn.execute(
+                text(
+                    "SELECT c.oid, n.nspname, c.relname, pg_get_userbyid(c.relowner) "
+                    "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                    "WHERE c.oid = to_regclass(:t) AND c.relkind IN ('r', 'p')"
+                ),
+                {"t": regclass},
+            ).first()
+    except DBAPIError:
+        return None
+    if row is None:
+        return None
+    oid, schema, relname, owner = int(row[0]), str(row[1]), str(row[2]), str(row[3])
+    return _Table(name, schema, relname, owner, _qualified(conn, schema, relname), oid)
+
+
+#: Role attributes that let a role climb above the run-time privileges: CREATEROLE can grant
+#: itself the owner's role (PostgreSQL 15 and earlier, owner not a superuser); REPLICATION
+#: reads every table through the replication protocol; BYPASSRLS ignores row security.
+CLIMBING_ATTRIBUTES = {
+    "rolsuper": "SUPERUSER",
+    "rolcreaterole": "CREATEROLE",
+    "rolreplication": "REPLICATION",
+    "rolbypassrls": "BYPASSRLS",
+}
+
+
+def _check_attributes(conn: Connection, role: str) -> None:
+    """Refuse a role that has, or is a member of a role that has, a CLIMBING_ATTRIBUTES one
+    (a member can SET ROLE to it)."""
+    columns = ", ".join(CLIMBING_ATTRIBUTES)
+    rows = conn.execute(
+        text(
+            f"SELECT rolname, {columns} FROM pg_roles "
+            "WHERE pg_has_role(:role, oid, 'MEMBER') ORDER BY rolname <> :role, rolname"
+        ),
+        {"role": role},
+    ).all()
+    for row in rows:
+        holder = str(row[0])
+        granted = [
+            attribute
+            for attribute, flag in zip(CLIMBING_ATTRIBUTES.values(), row[1:], strict=True)
+            if flag
+        ]
+        if not granted:
+            continue
+        names = ", ".join(granted)
+        if holder == role:
+            removes = " ".join(f"NO{attribute}" for attribute in granted)
+            raise GrantRefused(
+                f"role {role!r} has {names}, with which it could gain more than the run-time "
+                f"privileges: ALTER ROLE {_quote(conn, role)} {removes}, or give the "
+                "processes another role"
+            )
+        raise GrantRefused(
+            f"role {role!r} is a member of {holder!r}, which has {names}, so it could SET ROLE "
+            f"to it: REVOKE {_quote(conn, holder)} FROM {_quote(conn, role)}, or give the "
+            "processes another role"
+        )
 
 
 def _check_roles(conn: Connection, role: str, table: _Table) -> None:

@@ -61,7 +61,8 @@ def upgrade_sql(database_url: str, output: TextIO, revision: str = "head") -> No
 
 def current_revision(engine: Engine) -> str | None:
     """The revision the database is at, or None before the first `upgrade` (a 0.1 database
-    whose revision is still in `alembic_version` shows None until `upgrade` moves it)."""
+    whose revision is still in `alembic_version` shows None until `upgrade` moves it: see
+    `legacy_revision`)."""
     with engine.connect() as conn:
         context = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
         heads = context.get_current_heads()
@@ -99,18 +100,8 @@ def adopt_legacy_version_table(conn: Connection, cfg: Config) -> None:
     one of our revisions and our tables exist: a revision id alone (such as "0001") could be
     another application's.
     """
-    tables = set(inspect(conn).get_table_names())
-    if VERSION_TABLE in tables or LEGACY_VERSION_TABLE not in tables:
-        return
-    if "saga_checkpoints" not in tables or "saga_audit_logs" not in tables:
-        return
-    ours = {rev.revision for rev in ScriptDirectory.from_config(cfg).walk_revisions()}
-    held = [
-        row[0]
-        for row in conn.execute(text(f"SELECT version_num FROM {LEGACY_VERSION_TABLE}"))
-        if row[0] in ours
-    ]
-    if len(held) != 1:
+    held = _legacy_revision(conn, cfg)
+    if held is None:
         return
     conn.execute(
         text(
@@ -118,13 +109,43 @@ def adopt_legacy_version_table(conn: Connection, cfg: Config) -> None:
             f"CONSTRAINT {VERSION_TABLE}_pkc PRIMARY KEY (version_num))"
         )
     )
-    conn.execute(text(f"INSERT INTO {VERSION_TABLE} (version_num) VALUES (:v)"), {"v": held[0]})
-    conn.execute(text(f"DELETE FROM {LEGACY_VERSION_TABLE} WHERE version_num = :v"), {"v": held[0]})
+    conn.execute(text(f"INSERT INTO {VERSION_TABLE} (version_num) VALUES (:v)"), {"v": held})
+    conn.execute(text(f"DELETE FROM {LEGACY_VERSION_TABLE} WHERE version_num = :v"), {"v": held})
     if conn.execute(text(f"SELECT count(*) FROM {LEGACY_VERSION_TABLE}")).scalar_one() == 0:
         conn.execute(text(f"DROP TABLE {LEGACY_VERSION_TABLE}"))
     log.warning(
         "moved saga_worker's schema revision %s from %s to %s",
-        held[0],
+        held,
         LEGACY_VERSION_TABLE,
         VERSION_TABLE,
     )
+
+
+def _legacy_revision(conn: Connection, cfg: Config) -> str | None:
+    """saga_worker 0.1's revision in `alembic_version`, when our tables exist and that table
+    holds exactly one of our revisions (and VERSION_TABLE does not exist yet)."""
+    tables = set(inspect(conn).get_table_names())
+    if VERSION_TABLE in tables or LEGACY_VERSION_TABLE not in tables:
+        return None
+    if "saga_checkpoints" not in tables or "saga_audit_logs" not in tables:
+        return None
+    ours = {rev.revision for rev in ScriptDirectory.from_config(cfg).walk_revisions()}
+    held = [
+        str(row[0])
+        for row in conn.execute(text(f"SELECT version_num FROM {LEGACY_VERSION_TABLE}"))
+        if row[0] in ours
+    ]
+    return held[0] if len(held) == 1 else None
+
+
+def legacy_revision(engine: Engine) -> str | None:
+    """The revision a saga_worker 0.1 database still keeps in `alembic_version` (which
+    `upgrade` moves to VERSION_TABLE), or None. None too when that table cannot be read (a
+    run-time role without SELECT on another application's `alembic_version`)."""
+    from sqlalchemy.exc import DBAPIError
+
+    try:
+        with engine.connect() as conn:
+            return _legacy_revision(conn, alembic_config())
+    except DBAPIError:
+        return None

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import importlib
 import logging
+import ssl
 from pathlib import Path
 from typing import Any
 
 from celery import Celery
+from celery.app.defaults import _TO_NEW_KEY as OLD_SETTING_NAMES
 from celery.app.defaults import DEFAULTS as CELERY_SETTINGS
 from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init
 
@@ -17,7 +19,7 @@ from ..config import Settings
 from ..engine import utcnow
 from ..errors import ConfigurationError
 from ..recovery import sweep
-from .broker import TRANSPORT_PATH
+from .broker import guarded_transport
 from .consumer import CONSUMER_PATH
 from .guard import GuardedTask
 from .runtime import RuntimeFactory
@@ -42,7 +44,7 @@ def broker_options(settings: Settings) -> dict[str, Any]:
         for folder in folders.values():
             folder.mkdir(parents=True, exist_ok=True)
         return {**{k: str(v) for k, v in folders.items()}, "polling_interval": 0.05}
-    if settings.broker_url.startswith(("redis://", "rediss://")):
+    if guarded_transport(settings.broker_url) is not None:
         return {"visibility_timeout": 3600}
     if settings.broker_url.startswith(("amqp://", "amqps://", "pyamqp://")):
         # Publisher confirms: without them py-amqp's basic_publish returns before RabbitMQ
@@ -61,49 +63,72 @@ PINNED_SETTINGS = (
     "event_serializer",
     "result_accept_content",
     "task_acks_late",
+    "task_acks_on_failure_or_timeout",
     "task_reject_on_worker_lost",
     "task_send_sent_event",
+    "task_annotations",  # would set acks_late and the like per task
     "task_default_queue",
     "task_queues",
     "task_routes",
+    "task_ignore_result",
+    "result_backend",  # step outputs would be stored outside the audited database
+    "broker_url",  # SAGA_BROKER_URL
+    "broker_transport",  # the guarded Redis transport
     "enable_utc",
     "timezone",
 )
+RECOVERY_ENTRY = "saga-recover"
 
 
 def apply_celery_config(app: Celery, module_name: str) -> None:
     """Apply the settings of the module SAGA_CELERY_CONFIG names (Sentinel, TLS, transport).
 
-    Its upper-case or lower-case Celery settings override the defaults, except those in
-    PINNED_SETTINGS; its `broker_transport_options` are merged over ours.
+    Its Celery settings (lower-case names) override the defaults, except PINNED_SETTINGS;
+    its `broker_transport_options` are merged over ours and its `beat_schedule` added to the
+    recovery sweep's.
     """
+    given = celery_config_settings(module_name)
+    for name in ("broker_transport_options", "beat_schedule"):
+        if name in given:
+            given[name] = {**app.conf[name], **given[name]}
+    app.conf.update(given)
+
+
+def celery_config_settings(module_name: str) -> dict[str, Any]:
+    """The Celery settings of the module SAGA_CELERY_CONFIG names, checked: ConfigurationError
+    when it cannot be imported or sets anything saga_worker cannot honour. `saga-worker
+    worker/beat` call it before handing over to Celery, so these are one line and exit 6,
+    not a traceback of Celery's."""
+    where = f"SAGA_CELERY_CONFIG={module_name!r}"
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigurationError(
-            f"SAGA_CELERY_CONFIG={module_name!r} cannot be imported ({exc}); "
+            f"{where} cannot be imported ({exc}); "
             "name a module on the Python path of every worker, beat and CLI process"
         ) from None
-    given = {
-        name.lower(): value
-        for name, value in vars(module).items()
-        if not name.startswith("_") and name.lower() in CELERY_SETTINGS
-    }
+    names = [name for name in vars(module) if not name.startswith("_")]
+    old_style = sorted(name for name in names if name in OLD_SETTING_NAMES)
+    if old_style:
+        renamed = ", ".join(f"{name} -> {OLD_SETTING_NAMES[name]}" for name in old_style)
+        raise ConfigurationError(f"{where} uses old setting names; rename them: {renamed}")
+    given = {name: getattr(module, name) for name in names if name in CELERY_SETTINGS}
     pinned = sorted(name for name in given if name in PINNED_SETTINGS)
     if pinned:
         raise ConfigurationError(
-            f"SAGA_CELERY_CONFIG={module_name!r} sets {', '.join(pinned)}, which saga_worker "
-            "fixes (JSON only, late acks, its own queue); remove them from that module "
-            "(use SAGA_QUEUE for the queue name)"
+            f"{where} sets {', '.join(pinned)}, which saga_worker fixes (JSON only, late "
+            "acks, its own queue, broker and transport); remove them from that module "
+            "(SAGA_QUEUE and SAGA_BROKER_URL name the queue and the broker)"
         )
-    options = given.pop("broker_transport_options", None)
-    if options is not None:
-        if not isinstance(options, dict):
-            raise ConfigurationError(
-                f"SAGA_CELERY_CONFIG={module_name!r}: broker_transport_options must be a dict"
-            )
-        given["broker_transport_options"] = {**app.conf.broker_transport_options, **options}
-    app.conf.update(given)
+    for name in ("broker_transport_options", "beat_schedule"):
+        if name in given and not isinstance(given[name], dict):
+            raise ConfigurationError(f"{where}: {name} must be a dict")
+    if RECOVERY_ENTRY in given.get("beat_schedule", {}):
+        raise ConfigurationError(
+            f"{where}: beat_schedule may not replace {RECOVERY_ENTRY!r}, the recovery "
+            "sweep (SAGA_RECOVERY_INTERVAL_SECONDS sets its period)"
+        )
+    return given
 
 
 def _redact_logs(settings: Settings) -> None:
@@ -124,9 +149,15 @@ def create_app(settings: Settings | None = None) -> Celery:
     settings = settings or Settings.from_env()
     broker_url = "filesystem://" if settings.is_embedded_broker else settings.broker_url
     app = Celery("saga_worker", broker=broker_url, set_as_current=False, task_cls=GuardedTask)
-    if settings.broker_url.startswith("redis://"):
+    transport = guarded_transport(settings.broker_url)
+    if transport is not None:
         # Same Redis transport, hardened against queue items that are not kombu messages.
-        app.conf.broker_transport = TRANSPORT_PATH
+        app.conf.broker_transport = transport
+        if settings.broker_url.lower().startswith("rediss://"):
+            # kombu turns TLS on for the `rediss` scheme, which a transport path hides; here
+            # it verifies the server against the system CAs. broker_use_ssl in
+            # SAGA_CELERY_CONFIG replaces this (CA file, client certificate).
+            app.conf.broker_use_ssl = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
     app.conf.update(
         broker_transport_options=broker_options(settings),
         broker_connection_retry_on_startup=True,
@@ -159,7 +190,7 @@ def create_app(settings: Settings | None = None) -> Celery:
         enable_utc=True,
         timezone="UTC",
         beat_schedule={
-            "saga-recover": {
+            RECOVERY_ENTRY: {
                 "task": "saga.recover",
                 "schedule": settings.recovery_interval_seconds,
                 "options": {"expires": settings.recovery_interval_seconds * 2},

@@ -82,7 +82,9 @@ class DetachableQoS(kombu_redis.QoS):
 
 
 class GuardedChannel(kombu_redis.Channel):
-    """Survives queue items that are not JSON at all, and a connection lost under it.
+    """kombu's Redis channel (redis://, rediss://), guarded.
+
+    It survives queue items that are not JSON at all, and a connection lost under it.
 
     It also reuses one synchronous redis-py client per connection pool. kombu builds a new
     `redis.Redis` for every publish, ack and event; with redis-py 8 each construction copies
@@ -107,16 +109,22 @@ class GuardedChannel(kombu_redis.Channel):
     def _brpop_read(self, **options: Any) -> Any:
         try:
             return super()._brpop_read(**options)
-        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError: the item is gone
+        # JSONDecodeError, UnicodeDecodeError, or nesting too deep to decode: the item is gone.
+        except (ValueError, RecursionError) as exc:
             log.error("dropped a queue item that is not a kombu message: %s", exc)
             return True
 
     def _get(self, queue: Any, timeout: Any = None) -> Any:
         try:
             return super()._get(queue)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             log.error("dropped a queue item of %s that is not a kombu message: %s", queue, exc)
             raise Empty() from None
+
+
+# Python's method order puts GuardedChannel's overrides before SentinelChannel's pool logic.
+class GuardedSentinelChannel(GuardedChannel, kombu_redis.SentinelChannel):
+    """kombu's Redis Sentinel channel (sentinel://), guarded."""
 
 
 class GuardedRedisTransport(kombu_redis.Transport):
@@ -132,4 +140,25 @@ class GuardedRedisTransport(kombu_redis.Transport):
         super()._deliver(message, queue)
 
 
+class GuardedSentinelTransport(GuardedRedisTransport, kombu_redis.SentinelTransport):
+    """kombu's Redis Sentinel transport with envelope checks."""
+
+    Channel = GuardedSentinelChannel
+
+
 TRANSPORT_PATH = f"{__name__}:GuardedRedisTransport"
+SENTINEL_TRANSPORT_PATH = f"{__name__}:GuardedSentinelTransport"
+
+
+def guarded_transport(broker_url: str) -> str | None:
+    """The guarded transport for a Redis broker URL (plain, TLS or Sentinel), else None.
+
+    Selecting a transport class by path hides the URL's scheme from kombu, which reads
+    `rediss` as "TLS on": the app then turns TLS on itself (worker/app.py).
+    """
+    scheme = broker_url.partition("://")[0].lower()
+    if scheme in ("redis", "rediss"):
+        return TRANSPORT_PATH
+    if scheme == "sentinel":
+        return SENTINEL_TRANSPORT_PATH
+    return None

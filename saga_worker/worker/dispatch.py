@@ -21,6 +21,22 @@ ADVANCE_TASK = "saga.advance"
 HARD_LIMIT_MARGIN_SECONDS = 10.0
 
 
+def shown_kwargs(redactor: Redactor, kwargs: dict[str, Any]) -> str:
+    """What task events, Flower and worker logs show instead of a message's kwargs (its
+    `kwargsrepr`): the context and free text redacted, tokens and checkpoints hidden."""
+    shown: dict[str, Any] = {
+        key: redactor.text(value) if isinstance(value, str) else value
+        for key, value in kwargs.items()
+    }
+    if "context" in shown:
+        shown["context"] = redactor.value(kwargs["context"])
+    if "token" in shown:
+        shown["token"] = REDACTED
+    if isinstance(shown.get("checkpoint"), dict):
+        shown["checkpoint"] = f"<version {shown['checkpoint'].get('version')}>"
+    return repr(shown)[:2000]
+
+
 class CeleryDispatcher:
     """Sends attempts with `send_task`, so remote task names need not be importable."""
 
@@ -32,14 +48,7 @@ class CeleryDispatcher:
         self.amqp_broker = settings.broker_url.startswith(("amqp://", "amqps://", "pyamqp://"))
 
     def _kwargsrepr(self, kwargs: dict[str, Any]) -> str:
-        # What task events, Flower and worker logs show instead of the real kwargs:
-        # the context redacted, the token hidden.
-        shown = {**kwargs, "context": self.redactor.value(kwargs.get("context", {}))}
-        if "token" in shown:
-            shown["token"] = REDACTED
-        if "checkpoint" in shown:
-            shown["checkpoint"] = f"<version {shown['checkpoint'].get('version')}>"
-        return repr(shown)[:2000]
+        return shown_kwargs(self.redactor, kwargs)
 
     def token(self, saga_id: str, step_index: int, direction: Direction, attempt: int) -> str:
         return attempt_token(self.signing_key, saga_id, step_index, direction.value, attempt)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import sys
 import uuid
 from collections.abc import Iterator
@@ -89,3 +90,73 @@ def test_the_signing_key_can_come_from_a_file(tmp_path: Path) -> None:
     key_file.write_text("\n")
     with pytest.raises(ConfigurationError, match="is empty"):
         Settings.from_env({"SAGA_SIGNING_KEY_FILE": str(key_file)})
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "task_annotations = {'*': {'acks_late': False}}",
+        "broker_transport = 'redis'",
+        "broker_url = 'redis://elsewhere/0'",
+        "result_backend = 'redis://elsewhere/1'",
+        "task_ignore_result = False",
+        "task_acks_on_failure_or_timeout = False",
+    ],
+)
+def test_it_may_not_bypass_the_pins_another_way(
+    config_module: tuple[Path, str], tmp_path: Path, line: str
+) -> None:
+    path, name = config_module
+    path.write_text(line + "\n")
+    with pytest.raises(ConfigurationError, match=line.split(" ")[0]):
+        create_app(_settings(tmp_path, name))
+
+
+def test_old_style_setting_names_are_refused_with_the_new_name(
+    config_module: tuple[Path, str], tmp_path: Path
+) -> None:
+    path, name = config_module
+    path.write_text("CELERY_ACKS_LATE = False\nCA_FILE = '/etc/ssl/ca.pem'\n")
+    with pytest.raises(ConfigurationError, match=r"CELERY_ACKS_LATE -> task_acks_late"):
+        create_app(_settings(tmp_path, name))
+
+
+def test_its_beat_schedule_is_added_to_the_recovery_sweep(
+    config_module: tuple[Path, str], tmp_path: Path
+) -> None:
+    path, name = config_module
+    path.write_text("beat_schedule = {'report': {'task': 'x.report', 'schedule': 60}}\n")
+    app = create_app(_settings(tmp_path, name))
+    assert set(app.conf.beat_schedule) == {"saga-recover", "report"}
+    path.write_text("beat_schedule = {'saga-recover': {'task': 'x', 'schedule': 60}}\n")
+    sys.modules.pop(name, None)
+    with pytest.raises(ConfigurationError, match="saga-recover"):
+        create_app(_settings(tmp_path, name))
+
+
+@pytest.mark.parametrize(
+    ("url", "transport"),
+    [
+        ("redis://h:6379/0", "GuardedRedisTransport"),
+        ("rediss://h:6380/0", "GuardedRedisTransport"),
+        ("sentinel://h:26379", "GuardedSentinelTransport"),
+    ],
+)
+def test_every_redis_flavour_gets_the_guarded_transport(
+    tmp_path: Path, url: str, transport: str
+) -> None:
+    app = create_app(Settings.from_env({"SAGA_HOME": str(tmp_path), "SAGA_BROKER_URL": url}))
+    assert app.conf.broker_transport == f"saga_worker.worker.broker:{transport}"
+    tls = app.conf.broker_use_ssl
+    # TLS for rediss:// verifies the server unless SAGA_CELERY_CONFIG says how.
+    assert (tls == {"ssl_cert_reqs": ssl.CERT_REQUIRED}) is url.startswith("rediss")
+
+
+def test_broker_use_ssl_of_the_config_module_wins_for_rediss(
+    config_module: tuple[Path, str], tmp_path: Path
+) -> None:
+    path, name = config_module
+    path.write_text("broker_use_ssl = {'ssl_cert_reqs': 2, 'ssl_ca_certs': '/ca.pem'}\n")
+    env = {"SAGA_HOME": str(tmp_path), "SAGA_BROKER_URL": "rediss://h:6380/0"}
+    app = create_app(Settings.from_env({**env, "SAGA_CELERY_CONFIG": name}))
+    assert app.conf.broker_use_ssl == {"ssl_cert_reqs": 2, "ssl_ca_certs": "/ca.pem"}

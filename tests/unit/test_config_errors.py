@@ -48,6 +48,20 @@ def run(args: list[str], env: dict[str, str], home: Path) -> subprocess.Complete
             "SAGA_BROKER_URL",
         ),
         (["worker"], {"SAGA_IMPORTS": "saga_worker.no_such_sub"}, "SAGA_IMPORTS"),
+        (["worker"], {"SAGA_CELERY_CONFIG": "nonexistent_mod_x"}, "SAGA_CELERY_CONFIG"),
+        (["beat"], {"SAGA_CELERY_CONFIG": "nonexistent_mod_x"}, "SAGA_CELERY_CONFIG"),
+        (["worker"], {"SAGA_BROKER_URL": "redsi://u:pw-x1@x/0"}, "SAGA_BROKER_URL"),
+        (["beat"], {"SAGA_BROKER_URL": "redsi://x"}, "SAGA_BROKER_URL"),
+        (
+            ["status", "x"],
+            {"SAGA_DATABASE_URL": "postgresql+psycopg://u:pw-x1@h:abc/db"},
+            "SAGA_DATABASE_URL",
+        ),
+        (
+            ["db", "current"],
+            {"SAGA_DATABASE_URL": "postgresql+psycopg://u:pw-x1@h:abc/db"},
+            "port",
+        ),
     ],
 )
 def test_configuration_errors_exit_6_with_one_line(
@@ -61,6 +75,20 @@ def test_configuration_errors_exit_6_with_one_line(
     assert "Traceback" not in result.stderr and "pw-x1" not in result.stderr
     if "--json" in args:
         assert '"exit_code": 6' in result.stdout and '"configuration_error"' in result.stdout
+
+
+@pytest.mark.parametrize("command", ["worker", "beat"])
+def test_celery_config_setting_a_pinned_setting_is_refused_before_celery_starts(
+    tmp_path: Path, command: str
+) -> None:
+    (tmp_path / "pinned_celery_cfg_x.py").write_text(
+        "task_serializer = 'pickle'\nbroker_pool_limit = 3\n"
+    )
+    env = {"SAGA_CELERY_CONFIG": "pinned_celery_cfg_x", "PYTHONPATH": str(tmp_path)}
+    result = run([command], env, tmp_path)
+    assert result.returncode == EXIT_CONFIG, result.stdout + result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: SAGA_CELERY_CONFIG='pinned_celery_cfg_x' sets task_serializer")
 
 
 def test_unreachable_broker_is_unavailable_not_internal(tmp_path: Path) -> None:

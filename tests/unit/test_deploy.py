@@ -480,3 +480,32 @@ def test_dockerfile_installs_the_package_with_its_migrations() -> None:
     assert "USER saga" in dockerfile
     ignored = (REPO / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".git" in ignored
+
+
+SIGNING_SECRET = "saga_signing_key"
+
+
+def test_compose_gives_every_saga_process_the_signing_key_from_a_file_secret() -> None:
+    """Without SAGA_SIGNING_KEY(_FILE) the first process generates the key and stores it in
+    saga_settings, where the run-time role can read it: compose mounts it as a secret."""
+    loaded = compose()
+    services = loaded["services"]
+    secret = loaded["secrets"][SIGNING_SECRET]
+    assert secret == {"file": f"./secrets/{SIGNING_SECRET}"}
+    saga_services = [n for n, s in services.items() if s.get("image") == "saga-worker:latest"]
+    assert set(saga_services) == {"migrate", "worker", "beat", "flower"}
+    for name in saga_services:
+        env = services[name]["environment"]
+        assert env["SAGA_SIGNING_KEY_FILE"] == f"/run/secrets/{SIGNING_SECRET}", name
+        assert "SAGA_SIGNING_KEY" not in env, name  # the key itself never in the environment
+        assert SIGNING_SECRET in services[name]["secrets"], name
+    for name, service in services.items():
+        if name not in saga_services:
+            assert SIGNING_SECRET not in service.get("secrets", []), name
+    # The secret file stays out of git and out of the image's build context.
+    assert "secrets/" in (REPO / ".gitignore").read_text().split()
+    assert "secrets" in (REPO / ".dockerignore").read_text().split()
+    # docs/deployment.md says how to create it.
+    deployment = (REPO / "docs" / "deployment.md").read_text()
+    assert "python3 -c 'import secrets;print(secrets.token_hex(32))'" in deployment
+    assert f"secrets/{SIGNING_SECRET}" in deployment

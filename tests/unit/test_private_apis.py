@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from celery import Celery, Task
+from celery.app.defaults import _TO_NEW_KEY as OLD_SETTING_NAMES
 from celery.app.defaults import DEFAULTS
 from celery.worker.consumer import Consumer
 from kombu.transport import redis as kombu_redis
@@ -20,7 +21,13 @@ from kombu.transport import virtual
 from prometheus_client import mmap_dict, multiprocess, values
 
 from saga_worker.worker.app import PINNED_SETTINGS
-from saga_worker.worker.broker import DetachableQoS, GuardedChannel, GuardedRedisTransport
+from saga_worker.worker.broker import (
+    DetachableQoS,
+    GuardedChannel,
+    GuardedRedisTransport,
+    GuardedSentinelChannel,
+    GuardedSentinelTransport,
+)
 
 
 def _params(function: Any) -> list[str]:
@@ -114,3 +121,17 @@ def test_prometheus_value_class_takes_a_process_identifier(
     samples = [s for metric in merged for s in metric.samples]
     assert [s.value for s in samples] == [2.0]
     values.close_all_multiprocess_files()
+
+
+def test_celery_old_setting_names_table_maps_old_to_new() -> None:
+    # SAGA_CELERY_CONFIG refuses old-style names by this table, naming the new one.
+    assert OLD_SETTING_NAMES["CELERY_ACKS_LATE"] == "task_acks_late"
+    assert OLD_SETTING_NAMES["BROKER_URL"] == "broker_url"
+
+
+def test_kombu_sentinel_channel_and_transport_still_extend_the_redis_ones() -> None:
+    # GuardedSentinelChannel/Transport put the guarded Redis classes first in the MRO.
+    assert issubclass(kombu_redis.SentinelChannel, kombu_redis.Channel)
+    assert issubclass(kombu_redis.SentinelTransport, kombu_redis.Transport)
+    assert GuardedSentinelTransport.default_port == kombu_redis.SentinelTransport.default_port
+    assert GuardedSentinelChannel.__mro__[1:3] == (GuardedChannel, kombu_redis.SentinelChannel)

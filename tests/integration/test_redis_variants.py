@@ -1,0 +1,247 @@
+"""Redis over TLS (rediss://) and through Sentinel (sentinel://): the same guarded transport.
+
+Real servers: a TLS-only redis-server with a CA made here, and a redis-server in Sentinel
+mode watching the test Redis; real worker processes configured through SAGA_CELERY_CONFIG.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis
+from celery import Celery
+
+from saga_worker.audit import Redactor
+from saga_worker.store.repository import SagaStore, create_db_engine
+from tests.requirements import unavailable
+
+from .conftest import fresh_postgres_database, start_worker
+
+
+@dataclass
+class Variant:
+    broker_url: str  # what the saga worker and the producer use
+    raw: redis.Redis  # a direct client of the Redis server holding the queues
+    config_module: str
+    env: dict[str, str]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _redis_server() -> str:
+    path = os.environ.get("SAGA_TEST_REDIS_SERVER")
+    if not path:
+        unavailable("SAGA_TEST_REDIS_SERVER is not set: run the suite with scripts/test.sh")
+    return path
+
+
+def _wait_ready(client: redis.Redis, process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        assert process.poll() is None, log.read_text()
+        try:
+            if client.ping():
+                return
+        except redis.RedisError:
+            time.sleep(0.1)
+    raise AssertionError(f"server not ready:\n{log.read_text()}")
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture()
+def tls_redis(tmp_path: Path) -> Iterator[Variant]:
+    server = _redis_server()
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=saga-test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        cwd=tmp_path,
+    )
+    _openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-addext",
+        "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        cwd=tmp_path,
+    )
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-copy_extensions",
+        "copy",
+        "-out",
+        "server.pem",
+        cwd=tmp_path,
+    )
+    port = _free_port()
+    log = tmp_path / "redis-tls.log"
+    process = subprocess.Popen(
+        [
+            server,
+            "--port",
+            "0",
+            "--tls-port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--tls-cert-file",
+            "server.pem",
+            "--tls-key-file",
+            "server.key",
+            "--tls-ca-cert-file",
+            "ca.pem",
+            "--tls-auth-clients",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        cwd=tmp_path,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"rediss://127.0.0.1:{port}/0"
+    raw = redis.Redis(host="127.0.0.1", port=port, ssl=True, ssl_ca_certs=str(tmp_path / "ca.pem"))
+    try:
+        _wait_ready(raw, process, log)
+        yield Variant(
+            url, raw, "tests.fixtures.celery_tls", {"IT_REDIS_CA": str(tmp_path / "ca.pem")}
+        )
+    finally:
+        raw.close()
+        process.terminate()
+        process.wait(10)
+
+
+@pytest.fixture()
+def sentinel_redis(tmp_path: Path, broker_url: str) -> Iterator[Variant]:
+    server = _redis_server()
+    master = redis.Redis.from_url(broker_url)
+    port = _free_port()
+    master_port = master.connection_pool.connection_kwargs["port"]
+    conf = tmp_path / "sentinel.conf"  # Sentinel rewrites its config file: it must be its own
+    conf.write_text(
+        f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+        f"sentinel monitor saga-test-master 127.0.0.1 {master_port} 1\n"
+    )
+    log = tmp_path / "sentinel.log"
+    process = subprocess.Popen(
+        [server, str(conf), "--sentinel"], stdout=log.open("wb"), stderr=subprocess.STDOUT
+    )
+    probe = redis.Redis(host="127.0.0.1", port=port)
+    try:
+        _wait_ready(probe, process, log)
+        yield Variant(f"sentinel://127.0.0.1:{port}", master, "tests.fixtures.celery_sentinel", {})
+    finally:
+        probe.close()
+        master.close()
+        process.terminate()
+        process.wait(10)
+
+
+@pytest.mark.parametrize("flavour", ["tls_redis", "sentinel_redis"])
+def test_the_worker_drops_queue_items_that_are_not_messages_and_keeps_serving(
+    flavour: str, request: pytest.FixtureRequest, pg_admin_url: str, tmp_path: Path
+) -> None:
+    variant: Variant = request.getfixturevalue(flavour)
+    database_url = fresh_postgres_database(pg_admin_url)
+    queue = f"rv-{uuid.uuid4().hex[:8]}"
+    env = {
+        "SAGA_DATABASE_URL": database_url,
+        "SAGA_BROKER_URL": variant.broker_url,
+        "SAGA_QUEUE": queue,
+        "SAGA_IMPORTS": "saga_worker.examples",
+        "SAGA_HOME": str(tmp_path),
+        "SAGA_SIGNING_KEY": "k" * 40,
+        "SAGA_CELERY_CONFIG": variant.config_module,
+        **variant.env,
+    }
+    worker = start_worker("saga_worker.app", env, queue, tmp_path / "worker.log")
+    os.environ.update(variant.env)  # the producer reads the same config module
+    producer = Celery("producer", broker=variant.broker_url, set_as_current=False)
+    producer.config_from_object(variant.config_module)
+    producer.conf.update(task_serializer="json", accept_content=["json"])
+    store = SagaStore(create_db_engine(database_url), Redactor([]))
+    try:
+
+        def start(n: int) -> str:
+            saga_id = f"rv-{n}-{uuid.uuid4().hex[:6]}"
+            producer.send_task(
+                "saga.start",
+                kwargs={
+                    "saga_type": "backtest_workflow",
+                    "context": {"strategy_id": n},
+                    "saga_id": saga_id,
+                },
+                queue=queue,
+            )
+            return saga_id
+
+        first = start(1)
+        _wait_completed(store, first)
+        # Anyone who can write to the broker: garbage on the saga queue's list.
+        variant.raw.lpush(queue, b"\x00\xffgarbage", b"{}", b"[" * 200_000)
+        second = start(2)
+        _wait_completed(store, second)
+        assert worker.process.poll() is None, worker.log_tail()
+        log = worker.log_path.read_text(errors="replace")
+        assert "dropped a queue item" in log, worker.log_tail()
+        assert "Unrecoverable error" not in log
+    finally:
+        worker.stop()
+        producer.close()
+        store.engine.dispose()
+
+
+def _wait_completed(store: SagaStore, saga_id: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        saga = store.load(saga_id)
+        if saga is not None and saga.state.is_terminal:
+            assert saga.state.value == "COMPLETED", saga
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{saga_id} not terminal after {timeout}s: {store.load(saga_id)}")
