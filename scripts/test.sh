@@ -3,10 +3,11 @@
 #
 #   bash scripts/test.sh [extra pytest args]
 #
-# Sets up .venv, starts a throwaway PostgreSQL and Redis on free loopback
-# ports (unless SAGA_TEST_DATABASE_URL / SAGA_TEST_BROKER_URL are already
-# set), then runs ruff, mypy and pytest. Everything it starts is stopped and
-# removed on exit, and the exit code of the failing step is preserved.
+# Sets up .venv, starts a throwaway PostgreSQL, Redis and RabbitMQ on free
+# loopback ports (unless SAGA_TEST_DATABASE_URL / SAGA_TEST_BROKER_URL /
+# SAGA_TEST_AMQP_URL are already set), then runs ruff, mypy and pytest.
+# Everything it starts is stopped and removed on exit, and the exit code of
+# the failing step is preserved.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -92,6 +93,24 @@ if [[ -n "${SAGA_TEST_BROKER_URL:-}" ]]; then
 else
     phase "starting Redis"
     start_test_redis
+    phase_done
+fi
+
+# -------------------------------------------------------------- RabbitMQ ----
+
+start_test_rabbitmq() {
+    start_rabbitmq saga-test
+    # guest/guest on the default vhost: RabbitMQ lets guest in from loopback only, and the
+    # node listens on 127.0.0.1 alone.
+    export SAGA_TEST_AMQP_URL="amqp://guest:guest@127.0.0.1:$RABBIT_PORT//"
+    log "  RabbitMQ node $RABBIT_NODE on 127.0.0.1:$RABBIT_PORT (pid $RABBIT_PID, dir $RABBIT_DIR)"
+}
+
+if [[ -n "${SAGA_TEST_AMQP_URL:-}" ]]; then
+    log "SAGA_TEST_AMQP_URL is set: using the existing RabbitMQ"
+else
+    phase "starting RabbitMQ"
+    start_test_rabbitmq
     phase_done
 fi
 

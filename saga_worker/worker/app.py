@@ -12,7 +12,6 @@ from celery import Celery
 from celery.app.defaults import _TO_NEW_KEY as OLD_SETTING_NAMES
 from celery.app.defaults import DEFAULTS as CELERY_SETTINGS
 from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init
-from kombu.entity import Queue
 
 from .. import metrics, registry
 from ..audit import Redactor, install_log_redaction
@@ -21,6 +20,7 @@ from ..engine import utcnow
 from ..errors import ConfigurationError
 from ..recovery import sweep
 from .broker import guarded_transport
+from .consumer import CONSUMER_PATH
 from .guard import GuardedTask
 from .runtime import RuntimeFactory
 from .shutdown import size_soft_shutdown
@@ -46,6 +46,12 @@ def broker_options(settings: Settings) -> dict[str, Any]:
         return {**{k: str(v) for k, v in folders.items()}, "polling_interval": 0.05}
     if guarded_transport(settings.broker_url) is not None:
         return {"visibility_timeout": 3600}
+    if settings.broker_url.startswith(("amqp://", "amqps://", "pyamqp://")):
+        # Publisher confirms: without them py-amqp's basic_publish returns before RabbitMQ
+        # has the message, and one the broker drops (a full disk, a missing queue, a lost
+        # connection) is lost after its transition was committed, until the recovery sweep
+        # re-sends it. With them each publish waits for the broker's ack or raises.
+        return {"confirm_publish": True}
     return {}
 
 
@@ -165,10 +171,13 @@ def create_app(settings: Settings | None = None) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
+        # Drops task messages whose headers or body would crash Celery's handler.
+        worker_consumer=CONSUMER_PATH,
         # Every saga message on the saga's own queue, never Celery's default `celery`: a
         # worker of another application that consumes `celery` drops unknown task names.
+        # No task_queues: Celery declares the saga queue from task_default_queue, with the
+        # type of task_default_queue_type ("quorum": docs/rabbitmq.md; SAGA_CELERY_CONFIG).
         task_default_queue=settings.queue,
-        task_queues=[Queue(settings.queue)],  # type: ignore[no-untyped-call]
         task_routes={"saga.*": {"queue": settings.queue}},
         # Task events cost a Redis round trip each in the worker's single-threaded main
         # process (about a third of its CPU per task). Off unless someone watches: Flower

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -44,6 +45,7 @@ class CeleryDispatcher:
         self.settings = settings
         self.signing_key = signing_key
         self.redactor = Redactor(settings.redact_keys)
+        self.amqp_broker = settings.broker_url.startswith(("amqp://", "amqps://", "pyamqp://"))
 
     def _kwargsrepr(self, kwargs: dict[str, Any]) -> str:
         return shown_kwargs(self.redactor, kwargs)
@@ -70,7 +72,10 @@ class CeleryDispatcher:
         }
         delay = (command.not_before - datetime.now(UTC)).total_seconds()
         if delay > 0.001:
-            options["countdown"] = delay
+            # On RabbitMQ with quorum queues Celery delays messages in the broker in whole
+            # seconds (int(countdown)) and refuses a countdown that truncates to 0: round up,
+            # so that an attempt is never sent before its not_before nor fails to send.
+            options["countdown"] = math.ceil(delay) if self.amqp_broker else delay
         reply = {
             "saga_id": saga.saga_id,
             "step_index": command.step_index,

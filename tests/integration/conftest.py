@@ -1,7 +1,8 @@
-"""Real services for integration tests: PostgreSQL, Redis and Celery worker processes.
+"""Real services for integration tests: PostgreSQL, Redis, RabbitMQ and Celery workers.
 
-The services come from SAGA_TEST_DATABASE_URL / SAGA_TEST_BROKER_URL (scripts/test.sh starts
-them). When they are missing the tests fail in CI and skip elsewhere, with the reason.
+The services come from SAGA_TEST_DATABASE_URL / SAGA_TEST_BROKER_URL / SAGA_TEST_AMQP_URL
+(scripts/test.sh starts them). When they are missing the tests fail in CI and skip elsewhere,
+with the reason.
 """
 
 from __future__ import annotations
@@ -42,6 +43,12 @@ def _require(name: str) -> str:
 @pytest.fixture(scope="session")
 def broker_url() -> str:
     return _require("SAGA_TEST_BROKER_URL")
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> str:
+    """The RabbitMQ broker (amqp://): the Redis-only tests never ask for it."""
+    return _require("SAGA_TEST_AMQP_URL")
 
 
 @pytest.fixture(scope="session")
@@ -241,12 +248,17 @@ class Stack:
 
 @pytest.fixture(scope="session", params=["postgres", "sqlite"])
 def stack(
-    request: pytest.FixtureRequest, broker_url: str, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
-    """A running saga worker (prefork, 2 processes) plus a remote-service worker."""
+    """A running saga worker (prefork, 2 processes) plus a remote-service worker.
+
+    "postgres" and "sqlite" run on Redis; "rabbitmq" is PostgreSQL on RabbitMQ (select it with
+    `pytest.mark.parametrize("stack", ["rabbitmq"], indirect=True)`).
+    """
     backend = request.param
+    broker_url: str = request.getfixturevalue("amqp_url" if backend == "rabbitmq" else "broker_url")
     folder = tmp_path_factory.mktemp(f"stack-{backend}")
-    if backend == "postgres":
+    if backend in ("postgres", "rabbitmq"):
         database_url = fresh_postgres_database(request.getfixturevalue("pg_admin_url"))
     else:
         database_url = fresh_sqlite_database(folder)

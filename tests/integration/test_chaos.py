@@ -168,61 +168,65 @@ def rig(pg_admin_url: str, broker_url: str, tmp_path: Path, servers: Servers) ->
         rig.close()
 
 
-def test_no_saga_is_lost_or_applied_twice_under_chaos(rig: Rig, servers: Servers) -> None:
+def kill_child(rig: Rig, chaos: Chaos, rng: random.Random) -> None:
+    """SIGKILL one pool child of the current worker (a task dies mid-run)."""
+    main = rig.worker.process.pid
+    pool = children(main)
+    if not pool:  # e.g. the pool is replacing a child: look again shortly
+        time.sleep(1)
+        pool = children(main)
+    if not pool:
+        group = subprocess.run(
+            ["ps", "-o", "pid,ppid,stat,args", "-g", str(main)], capture_output=True, text=True
+        ).stdout
+        chaos.note(f"no pool child of worker {main} to kill:\n{group}", "missed kills")
+        return
+    victim = rng.choice(pool)
+    os.kill(victim, signal.SIGKILL)
+    chaos.note(f"SIGKILL pool child {victim} of {pool}", "pool child kills")
+
+
+def kill_worker(rig: Rig, chaos: Chaos) -> None:
+    """SIGKILL the whole worker (main process and pool, a crashed host), then restart it."""
+    kill_group(rig.worker.process)
+    chaos.note(f"SIGKILL worker {rig.worker.process.pid} and its pool", "worker kills")
+    rig.start_worker(concurrency=3)
+    chaos.note("worker restarted", "worker restarts")
+
+
+@dataclass
+class Outcome:
+    """What a chaos run did, for the caller's own checks on top of run_chaos's."""
+
+    chaos: Chaos
+    recoveries: int  # saga_recovered audit rows: stalled attempts the sweep re-sent
+    skipped: int  # redelivered step messages skipped as no longer pending
+
+
+def run_chaos(
+    rig: Rig,
+    sagas: int,
+    submit_seconds: float,
+    plan: Callable[[random.Random], list[tuple[float, Callable[[Chaos], None]]]],
+    name: str = "chaos",
+) -> Outcome:
+    """Submit `sagas` example sagas over `submit_seconds` while `plan` disrupts the system,
+    then check that every saga settled in its dictated state, with its effects exactly once
+    and an audit trail without gaps. `plan` gets the run's random generator and returns
+    (seconds from the start, action) pairs."""
     seed = int(os.environ.get("CHAOS_SEED") or random.randrange(1 << 30))
     rng = random.Random(seed)
-    contexts = {f"chaos-{i:03d}-{uuid.uuid4().hex[:6]}": make_context(rng, i) for i in range(SAGAS)}
+    contexts = {
+        f"{name}-{i:03d}-{uuid.uuid4().hex[:6]}": make_context(rng, i) for i in range(sagas)
+    }
     saga_ids = list(contexts)
     rig.start_worker(concurrency=3)
     rig.start_beat()
     chaos = Chaos()
 
-    def kill_child() -> None:
-        main = rig.worker.process.pid
-        pool = children(main)
-        if not pool:  # e.g. the pool is replacing a child: look again shortly
-            time.sleep(1)
-            pool = children(main)
-        if not pool:
-            group = subprocess.run(
-                ["ps", "-o", "pid,ppid,stat,args", "-g", str(main)], capture_output=True, text=True
-            ).stdout
-            chaos.note(f"no pool child of worker {main} to kill:\n{group}", "missed kills")
-            return
-        victim = rng.choice(pool)
-        os.kill(victim, signal.SIGKILL)
-        chaos.note(f"SIGKILL pool child {victim} of {pool}", "pool child kills")
-
-    def kill_worker() -> None:
-        kill_group(rig.worker.process)
-        chaos.note(f"SIGKILL worker {rig.worker.process.pid} and its pool", "worker kills")
-        rig.start_worker(concurrency=3)
-        chaos.note("worker restarted", "worker restarts")
-
-    def restart_redis() -> None:
-        took = servers.restart_redis()
-        chaos.note(f"Redis restarted empty in {took:.1f}s", "Redis restarts")
-
-    def restart_postgres() -> None:
-        took = servers.restart_postgres()
-        chaos.note(f"PostgreSQL restarted in {took:.1f}s", "PostgreSQL restarts")
-
-    # Random moments inside fixed windows (seconds from the start), so the disruptions never
-    # overlap yet land at different points of the work each run.
-    plan: list[tuple[float, Callable[[], None]]] = [
-        (rng.uniform(2, 6), kill_child),
-        (rng.uniform(8, 12), kill_worker),
-        (rng.uniform(14, 18), restart_redis),
-        (rng.uniform(20, 23), kill_child),
-        (rng.uniform(24, 28), restart_postgres),
-        (rng.uniform(29, 32), kill_child),
-        (rng.uniform(33, 36), kill_worker),
-        (rng.uniform(37, 40), kill_child),
-    ]
-
     def submit() -> None:
         for n, (saga_id, context) in enumerate(contexts.items()):
-            time.sleep(max(0.0, chaos.began + n * SUBMIT_SECONDS / SAGAS - time.monotonic()))
+            time.sleep(max(0.0, chaos.began + n * submit_seconds / sagas - time.monotonic()))
             publish(rig, saga_id, context)
 
     def supervise() -> None:
@@ -234,11 +238,11 @@ def test_no_saga_is_lost_or_applied_twice_under_chaos(rig: Rig, servers: Servers
 
     producer = threading.Thread(target=submit, name="chaos-producer")
     producer.start()
-    for at, action in plan:
+    for at, action in plan(rng):
         while time.monotonic() < chaos.began + at:
             supervise()
             time.sleep(0.2)
-        action()
+        action(chaos)
     while producer.is_alive() and time.monotonic() < chaos.began + 120:
         supervise()
         producer.join(0.2)
@@ -266,18 +270,18 @@ def test_no_saga_is_lost_or_applied_twice_under_chaos(rig: Rig, servers: Servers
     drained = time.monotonic()
     assert not waiting, f"{len(waiting)} sagas not terminal {DRAIN_TIMEOUT}s after the chaos"
 
-    sagas = {s.saga_id: s for s in rig.load_many(saga_ids)}
+    sagas_by_id = {s.saga_id: s for s in rig.load_many(saga_ids)}
     trails = rig.audit_rows(saga_ids)
     with rig.store.engine.connect() as conn:
         rows = {r["saga_id"]: dict(r) for r in conn.execute(select(example_backtests)).mappings()}
-    outcome = Counter(s.state.value for s in sagas.values())
+    outcome = Counter(s.state.value for s in sagas_by_id.values())
     recoveries = sum(r["event_type"] == "saga_recovered" for t in trails.values() for r in t)
     recovered_sagas = sum(
         any(r["event_type"] == "saga_recovered" for r in t) for t in trails.values()
     )
     skipped = count_lines(rig.worker_logs(), "is not pending")
     print(
-        f"\n[chaos] seed {seed}: {SAGAS} sagas {dict(outcome)}\n"
+        f"\n[{name}] seed {seed}: {sagas} sagas {dict(outcome)}\n"
         + "\n".join(f"  {e}" for e in chaos.events)
         + f"\n  disruptions: {dict(chaos.counts)}"
         + f"\n  recoveries: {recoveries} saga_recovered rows in {recovered_sagas} sagas; "
@@ -287,13 +291,13 @@ def test_no_saga_is_lost_or_applied_twice_under_chaos(rig: Rig, servers: Servers
         f"whole run {drained - chaos.began:.1f}s"
     )
 
-    # Since the Redis transport survives a restart, no worker may die on its own.
+    # Since the broker transports survive a restart, no worker may die on its own.
     assert chaos.counts.get("unplanned worker exits", 0) == 0, chaos.events
 
     wrong_state = {
-        s: (sagas[s].state.value, expected(c).state)
+        s: (sagas_by_id[s].state.value, expected(c).state)
         for s, c in contexts.items()
-        if sagas[s].state.value != expected(c).state
+        if sagas_by_id[s].state.value != expected(c).state
     }
     assert not wrong_state, f"seed {seed}: sagas not in their dictated state: {wrong_state}"
     wrong_rows = {}
@@ -309,11 +313,44 @@ def test_no_saga_is_lost_or_applied_twice_under_chaos(rig: Rig, servers: Servers
     assert not wrong_rows, f"seed {seed}: example_backtests does not match: {wrong_rows}"
     assert not rows, f"rows of unknown sagas: {sorted(rows)}"
     bad_trails = {
-        s: problems for s in saga_ids if (problems := trail_problems(sagas[s], trails[s]))
+        s: problems for s in saga_ids if (problems := trail_problems(sagas_by_id[s], trails[s]))
     }
     assert not bad_trails, f"seed {seed}: audit trails with gaps: {bad_trails}"
+    return Outcome(chaos, recoveries, skipped)
+
+
+def test_no_saga_is_lost_or_applied_twice_under_chaos(rig: Rig, servers: Servers) -> None:
+    def restart_redis(chaos: Chaos) -> None:
+        took = servers.restart_redis()
+        chaos.note(f"Redis restarted empty in {took:.1f}s", "Redis restarts")
+
+    def restart_postgres(chaos: Chaos) -> None:
+        took = servers.restart_postgres()
+        chaos.note(f"PostgreSQL restarted in {took:.1f}s", "PostgreSQL restarts")
+
+    def plan(rng: random.Random) -> list[tuple[float, Callable[[Chaos], None]]]:
+        # Random moments inside fixed windows (seconds from the start), so the disruptions
+        # never overlap yet land at different points of the work each run.
+        def child(chaos: Chaos) -> None:
+            kill_child(rig, chaos, rng)
+
+        def worker(chaos: Chaos) -> None:
+            kill_worker(rig, chaos)
+
+        return [
+            (rng.uniform(2, 6), child),
+            (rng.uniform(8, 12), worker),
+            (rng.uniform(14, 18), restart_redis),
+            (rng.uniform(20, 23), child),
+            (rng.uniform(24, 28), restart_postgres),
+            (rng.uniform(29, 32), child),
+            (rng.uniform(33, 36), worker),
+            (rng.uniform(37, 40), child),
+        ]
+
+    outcome = run_chaos(rig, SAGAS, SUBMIT_SECONDS, plan)
     # The chaos did strand work: stalled attempts were recovered by the sweep.
-    assert recoveries > 0
+    assert outcome.recoveries > 0
 
 
 def publish(rig: Rig, saga_id: str, context: dict[str, Any]) -> None:

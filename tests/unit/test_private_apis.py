@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from celery import Task
+from celery import Celery, Task
 from celery.app.defaults import _TO_NEW_KEY as OLD_SETTING_NAMES
 from celery.app.defaults import DEFAULTS
+from celery.worker.consumer import Consumer
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from prometheus_client import mmap_dict, multiprocess, values
@@ -72,6 +73,17 @@ def test_kombu_transport_delivers_through_deliver() -> None:
 
 def test_celery_task_strategy_hook_keeps_its_signature() -> None:
     assert _params(Task.start_strategy) == ["self", "app", "consumer", "kwargs"]
+
+
+def test_celery_consumer_task_handler_hook_keeps_its_shape() -> None:
+    # saga_worker/worker/consumer.py wraps the handler it returns and lets the connection and
+    # channel errors it keeps in these attributes through. Behaviour: test_rabbitmq.py.
+    assert _params(Consumer.create_task_handler) == ["self", "promise"]
+    source = inspect.getsource(Consumer.__init__)
+    assert "self.connection_errors =" in source and "self.channel_errors =" in source
+    assert DEFAULTS["worker_consumer"] == "celery.worker.consumer:Consumer"
+    # Native delayed delivery counts whole seconds (dispatch.py rounds countdowns up).
+    assert "int(countdown)" in inspect.getsource(Celery.send_task)
 
 
 def test_celery_settings_table_knows_every_setting_we_pin() -> None:

@@ -1,0 +1,91 @@
+"""A Celery consumer that drops task messages Celery's own handler would crash on.
+
+Celery's task handler runs in the worker's main process and trusts the message's headers:
+a `task` header that is a list raises TypeError (unhashable) out of the strategy lookup, a
+missing `id` header a KeyError, a body that is a JSON number a TypeError. Any of those
+escapes into the consumer's event loop, and the worker stops ("Unrecoverable error") or, on
+RabbitMQ, restarts its connection and gets the same message redelivered. Anyone who can
+publish to the saga queue could stop every worker that way. This consumer logs such a
+message once and rejects it without requeue (a dead-letter exchange, when configured, keeps
+it); everything else takes Celery's path unchanged.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from celery.worker.consumer import Consumer
+
+log = logging.getLogger(__name__)
+
+CONSUMER_PATH = f"{__name__}:GuardedConsumer"
+
+
+def header_problem(headers: Any, content_encoding: Any = None) -> str | None:
+    """Why a message's headers cannot be those of a task message, or None.
+
+    A message without a `task` header is left to Celery (protocol 1 carries the task name in
+    its body, and Celery refuses a body without one).
+    """
+    if content_encoding not in (None, "", "binary", "ascii-8bit"):
+        # kombu's JSON decoder ignores a charset it does not know and reads the bytes as
+        # UTF-8 anyway: a guess about what the sender meant, not its message.
+        try:
+            codecs.lookup(str(content_encoding))
+        except LookupError:
+            return f"unknown content encoding {content_encoding!r}"[:200]
+    if not isinstance(headers, dict):
+        return f"headers are a {type(headers).__name__}, not a table"
+    if "task" not in headers:
+        return None
+    if not isinstance(headers["task"], str):
+        return f"the task header is a {type(headers['task']).__name__}, not a string"
+    task_id = headers.get("id")
+    if not isinstance(task_id, str) or not task_id:
+        return "no id header (a task message must carry its task id)"
+    return None
+
+
+def _describe(message: Any) -> str:
+    headers = message.headers
+    shown = (
+        {k: headers[k] for k in ("task", "id") if k in headers}
+        if isinstance(headers, dict)
+        else headers
+    )
+    return f"content type {message.content_type!r}, headers {shown!r}"[:500]
+
+
+class GuardedConsumer(Consumer):  # type: ignore[misc]
+    """Celery's consumer with the checks above (select it with `worker_consumer`)."""
+
+    def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Any], Any]:
+        handle: Callable[[Any], Any] = super().create_task_handler(*args, **kwargs)
+        # A lost connection must still reach the consumer: Celery reconnects on these.
+        passthrough = (*self.connection_errors, *self.channel_errors)
+
+        def on_task_received(message: Any) -> Any:
+            problem = header_problem(message.headers, message.content_encoding)
+            if problem is None:
+                try:
+                    return handle(message)
+                except passthrough:
+                    raise
+                except Exception as exc:
+                    problem = f"{type(exc).__name__}: {exc}"[:300]
+            if message.acknowledged:
+                # Celery had settled it before it failed: nothing left to drop.
+                log.error(
+                    "task message failed after it was settled (%s): %s", problem, _describe(message)
+                )
+                return None
+            log.error(
+                "dropped a message that is not a valid task (%s): %s", problem, _describe(message)
+            )
+            message.reject_log_error(log, self.connection_errors, requeue=False)
+            return None
+
+        return on_task_received
