@@ -44,9 +44,10 @@ def broker_options(settings: Settings) -> dict[str, Any]:
         for folder in folders.values():
             folder.mkdir(parents=True, exist_ok=True)
         return {**{k: str(v) for k, v in folders.items()}, "polling_interval": 0.05}
-    if guarded_transport(settings.broker_url) is not None:
+    scheme = settings.broker_url.partition("://")[0].lower()
+    if scheme in ("redis", "rediss", "sentinel"):
         return {"visibility_timeout": 3600}
-    if settings.broker_url.startswith(("amqp://", "amqps://", "pyamqp://")):
+    if scheme in ("amqp", "amqps", "pyamqp"):
         # Publisher confirms: without them py-amqp's basic_publish returns before RabbitMQ
         # has the message, and one the broker drops (a full disk, a missing queue, a lost
         # connection) is lost after its transition was committed, until the recovery sweep
@@ -73,7 +74,11 @@ PINNED_SETTINGS = (
     "task_ignore_result",
     "result_backend",  # step outputs would be stored outside the audited database
     "broker_url",  # SAGA_BROKER_URL
-    "broker_transport",  # the guarded Redis transport
+    "broker_transport",  # the guarded Redis and AMQP transports
+    "worker_consumer",  # the guarded consumer
+    "task_protocol",  # the workers accept protocol 2 only
+    "task_default_delivery_mode",  # transient messages die with a broker restart
+    "task_always_eager",  # would run steps in the sender, outside any worker
     "enable_utc",
     "timezone",
 )
@@ -123,6 +128,11 @@ def celery_config_settings(module_name: str) -> dict[str, Any]:
     for name in ("broker_transport_options", "beat_schedule"):
         if name in given and not isinstance(given[name], dict):
             raise ConfigurationError(f"{where}: {name} must be a dict")
+    if given.get("broker_transport_options", {}).get("confirm_publish", True) is not True:
+        raise ConfigurationError(
+            f"{where}: broker_transport_options may not turn confirm_publish off: without "
+            "publisher confirms RabbitMQ can drop a message after its transition committed"
+        )
     if RECOVERY_ENTRY in given.get("beat_schedule", {}):
         raise ConfigurationError(
             f"{where}: beat_schedule may not replace {RECOVERY_ENTRY!r}, the recovery "
@@ -151,7 +161,8 @@ def create_app(settings: Settings | None = None) -> Celery:
     app = Celery("saga_worker", broker=broker_url, set_as_current=False, task_cls=GuardedTask)
     transport = guarded_transport(settings.broker_url)
     if transport is not None:
-        # Same Redis transport, hardened against queue items that are not kombu messages.
+        # kombu's own Redis or AMQP transport, hardened against queue items that are not
+        # kombu messages and against compressed ones.
         app.conf.broker_transport = transport
         if settings.broker_url.lower().startswith("rediss://"):
             # kombu turns TLS on for the `rediss` scheme, which a transport path hides; here

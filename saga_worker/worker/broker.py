@@ -29,9 +29,13 @@ def envelope_problem(message: Any) -> str | None:
         return "envelope has no properties.delivery_tag"
     if not isinstance(message.get("body", ""), str):
         return "envelope body is not a string"
-    for key in ("headers",):
-        if message.get(key) is not None and not isinstance(message[key], dict):
-            return f"envelope {key} is not an object"
+    headers = message.get("headers")
+    if headers is not None and not isinstance(headers, dict):
+        return "envelope headers is not an object"
+    if headers and headers.get("compression"):
+        # kombu would decompress it in the worker's main process (a 1 MB gzip body can hold
+        # 1 GB); saga_worker never compresses its messages.
+        return "compressed message refused: saga_worker sends none"
     if not isinstance(properties.get("delivery_info", {}), dict):
         return "envelope delivery_info is not an object"
     if properties.get("body_encoding") == "base64":
@@ -151,14 +155,19 @@ SENTINEL_TRANSPORT_PATH = f"{__name__}:GuardedSentinelTransport"
 
 
 def guarded_transport(broker_url: str) -> str | None:
-    """The guarded transport for a Redis broker URL (plain, TLS or Sentinel), else None.
+    """The guarded transport for a Redis (plain, TLS, Sentinel) or AMQP URL, else None.
 
     Selecting a transport class by path hides the URL's scheme from kombu, which reads
     `rediss` as "TLS on": the app then turns TLS on itself (worker/app.py).
     """
+    from .amqp_broker import AMQP_TRANSPORT_PATH, AMQPS_TRANSPORT_PATH
+
     scheme = broker_url.partition("://")[0].lower()
-    if scheme in ("redis", "rediss"):
-        return TRANSPORT_PATH
-    if scheme == "sentinel":
-        return SENTINEL_TRANSPORT_PATH
-    return None
+    return {
+        "redis": TRANSPORT_PATH,
+        "rediss": TRANSPORT_PATH,
+        "sentinel": SENTINEL_TRANSPORT_PATH,
+        "amqp": AMQP_TRANSPORT_PATH,
+        "pyamqp": AMQP_TRANSPORT_PATH,
+        "amqps": AMQPS_TRANSPORT_PATH,
+    }.get(scheme)

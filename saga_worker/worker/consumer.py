@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import codecs
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -46,7 +47,46 @@ def header_problem(headers: Any, content_encoding: Any = None) -> str | None:
     task_id = headers.get("id")
     if not isinstance(task_id, str) or not task_id:
         return "no id header (a task message must carry its task id)"
+    for name, check in LATER_HEADERS.items():
+        value = headers.get(name)
+        if value is not None and not check(value):
+            return f"the {name} header {value!r} is not of its type"[:200]
     return None
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value >= 0
+
+
+def _short_text(value: Any) -> bool:
+    return isinstance(value, str) and len(value) <= 10_000
+
+
+# Headers Celery reads after the task handler returned: in the pool's timer (timelimit), in
+# the request (stamps, retries) or in events. A value of the wrong type there raises outside
+# anything that could drop the message, stopping the worker or leaking a pool slot. None is
+# Celery's "absent" for each.
+LATER_HEADERS: dict[str, Callable[[Any], bool]] = {
+    "timelimit": lambda v: isinstance(v, list | tuple)
+    and len(v) == 2
+    and all(x is None or (_number(x) and math.isfinite(x)) for x in v),
+    "stamped_headers": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    "stamps": lambda v: isinstance(v, dict),
+    "retries": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+    "shadow": _short_text,
+    "argsrepr": _short_text,
+    "kwargsrepr": _short_text,
+    "origin": _short_text,
+    "root_id": _short_text,
+    "parent_id": _short_text,
+    "group": _short_text,
+    "group_index": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "eta": _short_text,
+    "expires": lambda v: _short_text(v) or _number(v),
+    "ignore_result": lambda v: isinstance(v, bool),
+    "replaced_task_nesting": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "lang": _short_text,
+}
 
 
 def _describe(message: Any) -> str:

@@ -7,6 +7,7 @@ import pickle
 import string
 import time
 import uuid
+import zlib
 from typing import Any
 
 import pytest
@@ -281,3 +282,44 @@ def test_forged_advance_changes_nothing_and_is_audited(stack: Stack) -> None:
         "save_results",
     ]
     stack.assert_chain_ok(victim)
+
+
+def test_headers_celery_reads_later_and_compression_bombs_are_refused(stack: Stack) -> None:
+    """Headers Celery trusts after the task handler returned: a `timelimit` of strings
+    stopped the worker, a number or a numeric `stamped_headers` wedged a pool slot; a
+    gzip body expanded a thousandfold in the worker's main process."""
+    worker = stack.workers[0]
+    pid = worker.process.pid
+    markers = []
+    cases: list[tuple[dict[str, Any], bytes]] = [
+        ({"timelimit": ["x", "y"]}, b""),
+        ({"timelimit": 5}, b""),
+        ({"stamped_headers": 5, "stamps": "x"}, b""),
+        ({"retries": "many"}, b""),
+        ({"compression": "application/x-gzip"}, zlib.compress(b"\0" * 100_000_000, 9)),
+    ]
+    # More hostile messages than the worker has pool slots: a leaked slot shows.
+    with Connection(stack.broker_url) as conn:
+        producer = conn.Producer()
+        for extra, body in cases * 2:
+            marker = _valid_id("hdr")
+            markers.append(marker)
+            kwargs = {"saga_type": SAGA_TYPE, "context": {"strategy_id": 1}, "saga_id": marker}
+            producer.publish(
+                body or json.dumps([[], kwargs, {}]).encode(),
+                routing_key=stack.queue,
+                exchange="",
+                content_type="application/json",
+                content_encoding="utf-8",
+                headers={"task": "saga.start", "id": str(uuid.uuid4()), "lang": "py", **extra},
+                declare=[Queue(stack.queue)],
+            )
+    good = [stack.start(SAGA_TYPE, {"strategy_id": i}) for i in range(4)]
+    final = stack.wait_all(good, timeout=90)
+    assert {s.state.value for s in final.values()} == {"COMPLETED"}
+    assert worker.process.poll() is None and worker.process.pid == pid, worker.log_tail()
+    for marker in markers:
+        assert stack.store.load(marker) is None
+        assert stack.store.audit_trail(marker) == []
+    log = worker.log_path.read_text(errors="replace")
+    assert "Unrecoverable error" not in log

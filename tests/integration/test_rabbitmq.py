@@ -12,6 +12,7 @@ import pickle
 import random
 import re
 import uuid
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,6 +137,7 @@ def _start_body(saga_id: str) -> bytes:
 def _hostile(marker: str) -> dict[str, Raw]:
     """Each case breaks one thing; those with a valid body would start saga `marker`."""
     good = _start_body(marker)
+    start = {"task": "saga.start", "id": marker, "lang": "py"}
     return {
         "body_of_the_wrong_shape": Raw(json.dumps({"not": "a list"}).encode()),
         "body_a_json_string": Raw(b'"saga.start"'),
@@ -155,6 +157,15 @@ def _hostile(marker: str) -> dict[str, Raw]:
             content_encoding="binary",
         ),
         "non_utf8_bytes": Raw(b"\xff\xfe\x00[[], {\xc3\x28}]"),
+        # Headers Celery reads after the handler: each used to stop or wedge the worker.
+        "timelimit_of_strings": Raw(good, headers={**start, "timelimit": ["x", "y"]}),
+        "timelimit_a_number": Raw(good, headers={**start, "timelimit": 5}),
+        "stamped_headers_a_number": Raw(good, headers={**start, "stamped_headers": 5}),
+        # 100 MB of zeros in 100 KB: refused before anything decompresses it.
+        "gzip_bomb": Raw(
+            zlib.compress(b"\0" * 100_000_000, 9),
+            headers={**start, "compression": "application/x-gzip"},
+        ),
     }
 
 

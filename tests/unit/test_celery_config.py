@@ -101,6 +101,11 @@ def test_the_signing_key_can_come_from_a_file(tmp_path: Path) -> None:
         "result_backend = 'redis://elsewhere/1'",
         "task_ignore_result = False",
         "task_acks_on_failure_or_timeout = False",
+        "task_protocol = 1",
+        "worker_consumer = 'celery.worker.consumer:Consumer'",
+        "task_default_delivery_mode = 'transient'",
+        "task_always_eager = True",
+        "broker_transport_options = {'confirm_publish': False}",
     ],
 )
 def test_it_may_not_bypass_the_pins_another_way(

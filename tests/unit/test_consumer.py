@@ -34,3 +34,45 @@ def test_header_problem(headers: Any, encoding: str | None, problem: str | None)
         assert found is None
     else:
         assert found is not None and found.startswith(problem), found
+
+
+@pytest.mark.parametrize(
+    ("extra", "ok"),
+    [
+        ({"timelimit": [None, None]}, True),
+        ({"timelimit": [30, 40.5]}, True),
+        ({"timelimit": ["x", "y"]}, False),
+        ({"timelimit": 5}, False),
+        ({"timelimit": [1, 2, 3]}, False),
+        ({"timelimit": [float("inf"), None]}, False),
+        ({"timelimit": [True, None]}, False),
+        ({"stamped_headers": ["a"], "stamps": {"a": "b"}}, True),
+        ({"stamped_headers": 5}, False),
+        ({"stamps": "x"}, False),
+        ({"retries": 0}, True),
+        ({"retries": "many"}, False),
+        ({"retries": -1}, False),
+        ({"kwargsrepr": "x" * 20_000}, False),
+        ({"ignore_result": "yes"}, False),
+        ({"expires": 10.5}, True),
+        ({"expires": ["x"]}, False),
+    ],
+)
+def test_headers_read_after_the_handler_must_have_their_type(
+    extra: dict[str, Any], ok: bool
+) -> None:
+    found = header_problem({**GOOD, **extra}, "utf-8")
+    assert (found is None) is ok, found
+
+
+def test_redis_envelopes_with_a_compression_header_are_refused_before_decoding() -> None:
+    from saga_worker.worker.broker import envelope_problem
+
+    envelope = {
+        "body": "eJw=",
+        "headers": {**GOOD, "compression": "application/x-gzip"},
+        "properties": {"delivery_tag": "t", "body_encoding": "base64"},
+    }
+    assert envelope_problem(envelope) == "compressed message refused: saga_worker sends none"
+    del envelope["headers"]["compression"]
+    assert envelope_problem(envelope) is None

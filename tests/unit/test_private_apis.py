@@ -135,3 +135,21 @@ def test_kombu_sentinel_channel_and_transport_still_extend_the_redis_ones() -> N
     assert issubclass(kombu_redis.SentinelTransport, kombu_redis.Transport)
     assert GuardedSentinelTransport.default_port == kombu_redis.SentinelTransport.default_port
     assert GuardedSentinelChannel.__mro__[1:3] == (GuardedChannel, kombu_redis.SentinelChannel)
+
+
+# -- kombu's py-amqp transport (saga_worker/worker/amqp_broker.py) ----------------------------
+# Behaviour: tests/integration/test_rabbitmq.py (the gzip bomb case).
+
+
+def test_kombu_pyamqp_builds_messages_through_the_channel_message_class() -> None:
+    from kombu.transport import pyamqp
+
+    assert _params(pyamqp.Message.__init__)[:3] == ["self", "msg", "channel"]
+    assert "self.Message(" in inspect.getsource(pyamqp.Channel.message_to_python)
+    assert pyamqp.Transport.Connection is pyamqp.Connection
+    assert pyamqp.Connection.Channel is pyamqp.Channel
+    assert issubclass(pyamqp.SSLTransport, pyamqp.Transport)
+    # kombu decompresses in Message.__init__: the reason the guard sits there.
+    from kombu.message import Message
+
+    assert "decompress(" in inspect.getsource(Message.__init__)
