@@ -20,6 +20,7 @@ from ..core.failure import (
     MAX_ERROR_CHARS,
     MAX_TRACE_CHARS,
     named_non_retryable,
+    reported_duration,
     reported_failure,
     storable_text,
 )
@@ -155,10 +156,7 @@ def _advance_event(
 ) -> StepSucceeded | StepFailed:
     _, step_index, direction, attempt = ref
     if success:
-        duration = kwargs.get("duration_ms")
-        duration_ms = (
-            float(duration) if isinstance(duration, int | float) and duration >= 0 else None
-        )
+        duration_ms = reported_duration(kwargs.get("duration_ms"))
         output = kwargs.get("output", result)
         problem = _output_problem(output, settings)
         if problem is None:

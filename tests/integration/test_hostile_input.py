@@ -366,3 +366,20 @@ def test_remote_output_with_a_lone_surrogate_is_a_failed_attempt(stack: Stack) -
         assert "step output" in retried[0]["error_message"]
         assert "UTF-8" in retried[0]["error_message"]
         stack.assert_chain_ok(saga_id)
+
+
+@pytest.mark.parametrize(
+    "duration",
+    [10**400, float("inf"), float("nan"), -1, True],
+    ids=["10**400", "inf", "nan", "-1", "True"],
+)
+def test_unusable_durations_are_ignored_and_the_result_applies(stack: Stack, duration: Any) -> None:
+    (saga_id,) = _parked_remote_sagas(stack, 1)
+    _advance(stack, saga_id, output={"price": 7, "quoted_by": "advance"}, duration_ms=duration)
+    saga = stack.wait(saga_id, timeout=60)
+    assert saga.state.value == "COMPLETED", saga.error
+    assert saga.context["quoted_by"] == "advance"  # the sent result, not the remote's later one
+    rows = stack.store.audit_trail(saga_id)
+    done = [r for r in rows if r["event_type"] == "step_complete" and r["step_name"] == "quote"]
+    assert len(done) == 1
+    assert done[0]["duration_ms"] is None
