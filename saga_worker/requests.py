@@ -17,10 +17,22 @@ SAGA_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,255}")
 START_FIELDS = frozenset({"saga_type", "context", "saga_id", "user_id", "ip_address"})
 ABORT_FIELDS = frozenset({"saga_id", "reason", "user_id", "ip_address"})
 MAX_TEXT = 255
+# JSON can escape a lone UTF-16 surrogate ("\ud800"), which Python decodes into a str that
+# neither UTF-8 nor the database can hold: refused where it arrives, naming the field.
+NOT_UTF8 = "is not valid Unicode text: it cannot be encoded as UTF-8 (a lone surrogate?)"
 
 
 def valid_saga_id(value: object) -> bool:
     return isinstance(value, str) and SAGA_ID_RE.fullmatch(value) is not None
+
+
+def encodable(text: str) -> bool:
+    """Whether `text` can be encoded as UTF-8 (no lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def start_saga_id(kwargs: Mapping[str, Any], message_id: object) -> object:
@@ -56,6 +68,8 @@ def parse_start(
     saga_type = kwargs.get("saga_type")
     if not isinstance(saga_type, str) or not saga_type:
         raise InvalidRequest("saga_type", "is required and must be a non-empty string")
+    if not encodable(saga_type):
+        raise InvalidRequest("saga_type", NOT_UTF8)
     if "context" not in kwargs:
         raise InvalidRequest("context", "is required (a JSON object, {} for none)")
     context = kwargs["context"]
@@ -79,6 +93,8 @@ def parse_abort(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[str, 
     reason = kwargs.get("reason", "")
     if not isinstance(reason, str) or len(reason) > 2000:
         raise InvalidRequest("reason", "must be a string of at most 2000 characters")
+    if not encodable(reason):
+        raise InvalidRequest("reason", NOT_UTF8)
     assert isinstance(saga_id, str)
     return saga_id, AbortRequested(
         reason=reason or "abort requested",
@@ -110,10 +126,15 @@ def _check_json(value: object, field: str, depth: int, max_depth: int) -> None:
         for key, item in value.items():
             if not isinstance(key, str):
                 raise InvalidRequest(field, "object keys must be strings")
+            if not encodable(key):
+                raise InvalidRequest(field, f"has an object key that {NOT_UTF8}")
             _check_json(item, field, depth + 1, max_depth)
     elif isinstance(value, list):
         for item in value:
             _check_json(item, field, depth + 1, max_depth)
+    elif isinstance(value, str):
+        if not encodable(value):
+            raise InvalidRequest(field, f"has a string that {NOT_UTF8}")
     elif isinstance(value, float):
         if not math.isfinite(value):
             raise InvalidRequest(field, "numbers must be finite (no NaN or Infinity)")
@@ -142,6 +163,8 @@ def _optional_text(kwargs: Mapping[str, Any], field: str) -> str | None:
         raise InvalidRequest(field, f"must be a string of 1-{MAX_TEXT} characters")
     if any(ord(ch) < 32 for ch in value):
         raise InvalidRequest(field, "must not contain control characters")
+    if not encodable(value):
+        raise InvalidRequest(field, NOT_UTF8)
     return value
 
 

@@ -94,7 +94,11 @@ def start(
         out.line(started)
     saga, rejection = client.wait_started(started, wait_seconds, rejected_before)
     state = saga.state.value if saga is not None else None
-    result.update(state=state, error=rejection or (saga.error if saga else None))
+    # Shown as `status` shows it: secrets in the error text (a step's exception message,
+    # say) masked, in the human and the JSON output alike.
+    error = client.redactor.text(saga.error) if saga is not None else None
+    rejection = client.redactor.text(rejection)
+    result.update(state=state, error=rejection or error)
     result["rejected"] = rejection is not None
     if json_mode:
         out.json(result)
@@ -107,7 +111,7 @@ def start(
             err=True,
         )
     elif state != "COMPLETED":
-        click.echo(f"error: saga {started} ended {state}: {saga.error or '-'}", err=True)
+        click.echo(f"error: saga {started} ended {state}: {error or '-'}", err=True)
     else:
         if not json_mode:
             click.echo(f"saga {started} COMPLETED", err=True)

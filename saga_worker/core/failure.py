@@ -7,6 +7,7 @@ a local result deferred while the database was down).
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -53,6 +54,21 @@ def named_non_retryable(error_type: str) -> bool:
     return error_type.rsplit(".", 1)[-1] == NON_RETRYABLE_NAME
 
 
+def reported_duration(value: Any) -> float | None:
+    """A reported duration_ms when it is a finite number >= 0 (not a bool), else None.
+
+    It comes from a message: an integer too large for a float (10**400), Infinity, NaN or a
+    negative number is ignored, never an error, so the result it comes with still applies.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) and number >= 0 else None
+
+
 def reported_failure(
     step_index: int,
     direction: Direction,
@@ -68,12 +84,7 @@ def reported_failure(
     attempt is then unknown, and the step's policy decides. A report from saga_remote's
     errback (or a deferred local result) carries type, message, trace and retryable.
     """
-    duration = report.get("duration_ms")
-    duration_ms = (
-        float(duration)
-        if isinstance(duration, int | float) and not isinstance(duration, bool) and duration >= 0
-        else None
-    )
+    duration_ms = reported_duration(report.get("duration_ms"))
     stack = report.get("stack_trace")
     stack_trace = (
         storable_text(stack, MAX_TRACE_CHARS, keep_end=True)

@@ -20,6 +20,7 @@ from ..core.failure import (
     MAX_ERROR_CHARS,
     MAX_TRACE_CHARS,
     named_non_retryable,
+    reported_duration,
     reported_failure,
     storable_text,
 )
@@ -155,10 +156,7 @@ def _advance_event(
 ) -> StepSucceeded | StepFailed:
     _, step_index, direction, attempt = ref
     if success:
-        duration = kwargs.get("duration_ms")
-        duration_ms = (
-            float(duration) if isinstance(duration, int | float) and duration >= 0 else None
-        )
+        duration_ms = reported_duration(kwargs.get("duration_ms"))
         output = kwargs.get("output", result)
         problem = _output_problem(output, settings)
         if problem is None:
@@ -439,24 +437,31 @@ def _snapshot_if_valid(context: Any, settings: Any) -> Mapping[str, Any] | None:
 def _reject_start(
     rt: Any, raw_id: Any, kwargs: Mapping[str, Any], exc: SagaError
 ) -> dict[str, Any]:
-    reason = str(exc)
+    # The reason may quote what was sent (an unknown argument's name, say).
+    reason = storable_text(str(exc), MAX_ERROR_CHARS)
     if not valid_saga_id(raw_id):
         log.warning("saga.start refused (saga_id not usable, nothing recorded): %s", reason)
         return {"accepted": False, "error": reason}
     if rt.store.exists(raw_id):
         log.info("saga.start for existing %s is a duplicate; ignored", raw_id)
         return {"accepted": False, "duplicate": True}
-    data: dict[str, Any] = {"field": getattr(exc, "field", None), "code": exc.code}
+    field = getattr(exc, "field", None)
+    data: dict[str, Any] = {
+        "field": storable_text(field, 100) if isinstance(field, str) else None,
+        "code": exc.code,
+    }
+    # What the producer sent, recorded even when it is why the start was refused: as text
+    # any database stores (controls and lone surrogates escaped).
     saga_type = kwargs.get("saga_type")
     if isinstance(saga_type, str):
-        data["saga_type"] = saga_type[:100]
+        data["saga_type"] = storable_text(saga_type, 100)
     user_id = kwargs.get("user_id") if isinstance(kwargs.get("user_id"), str) else None
     ip = kwargs.get("ip_address") if isinstance(kwargs.get("ip_address"), str) else None
     rt.engine.reject(
         raw_id,
         reason,
-        user_id=(user_id or None) and user_id[:255],
-        ip_address=(ip or None) and ip[:45],
+        user_id=(user_id or None) and storable_text(user_id, 255),
+        ip_address=(ip or None) and storable_text(ip, 45),
         data=data,
         context=_snapshot_if_valid(kwargs.get("context"), rt.settings),
     )

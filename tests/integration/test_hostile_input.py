@@ -323,3 +323,105 @@ def test_headers_celery_reads_later_and_compression_bombs_are_refused(stack: Sta
         assert stack.store.audit_trail(marker) == []
     log = worker.log_path.read_text(errors="replace")
     assert "Unrecoverable error" not in log
+
+
+def _publish_start(stack: Stack, kwargs: dict[str, Any]) -> None:
+    # json.dumps escapes a lone surrogate as \ud800, which is valid JSON (not valid UTF-8)
+    _publish_raw(stack, json.dumps([[], kwargs, {}]), "application/json", "saga.start")
+
+
+def test_lone_surrogates_in_a_start_are_rejected_and_recorded(stack: Stack) -> None:
+    ids = []
+    for field, context in [
+        ("context", {"strategy_id": 1, "note": "\ud800"}),
+        ("context", {"strategy_id": 1, "k\udfff": 1}),
+        ("context", {"strategy_id": 1, "deep": [{"x": ["ok", "\udc80"]}]}),
+        ("user_id", None),
+        ("saga_type", None),
+        ("k\\ud800", None),  # an unknown argument, named (escaped) in the reason
+    ]:
+        saga_id = _valid_id("surr")
+        kwargs: dict[str, Any] = {"saga_type": SAGA_TYPE, "context": context, "saga_id": saga_id}
+        if field == "user_id":
+            kwargs.update(context={"strategy_id": 1}, user_id="bob\ud800")
+        if field == "saga_type":
+            kwargs.update(context={"strategy_id": 1}, saga_type="x\ud800")
+        if field.startswith("k"):
+            kwargs.update(context={"strategy_id": 1}, **{"k\ud800": 1})
+        _publish_start(stack, kwargs)
+        ids.append((saga_id, field))
+    good = stack.start(SAGA_TYPE, {"strategy_id": 2})
+    assert stack.wait(good).state.value == "COMPLETED"
+    deadline = time.monotonic() + 30
+    for saga_id, field in ids:
+        while not (rows := stack.store.audit_trail(saga_id)):
+            assert time.monotonic() < deadline, (saga_id, stack.workers[0].log_tail(200))
+            time.sleep(0.1)
+        assert [r["event_type"] for r in rows] == ["saga_rejected"], rows
+        message = rows[0]["error_message"]
+        assert message.startswith(field), message
+        assert "UTF-8" in message or "unknown argument" in message, message
+        # the refused context is not kept; a usable one is, whatever else was refused
+        assert (rows[0]["context_snapshot"] in (None, {})) == (field == "context"), rows[0]
+        assert stack.store.load(saga_id) is None
+    assert "UnicodeEncodeError" not in stack.workers[0].log_path.read_text(errors="replace")
+
+
+def _parked_remote_sagas(stack: Stack, count: int) -> list[str]:
+    """Sagas whose remote quote (step 1) attempt 1 stays pending for a few seconds."""
+    ids = [stack.start("it_remote", {"qty": 5, "remote_sleep": 4}) for _ in range(count)]
+    deadline = time.monotonic() + 20
+    for saga_id in ids:
+        while (s := stack.store.load(saga_id)) is None or s.current_step_index < 1:
+            assert time.monotonic() < deadline, stack.workers[0].log_tail()
+            time.sleep(0.05)
+    return ids
+
+
+def _advance(stack: Stack, saga_id: str, **fields: Any) -> None:
+    key = stack.store.signing_key()
+    body = {
+        "saga_id": saga_id,
+        "step_index": 1,
+        "direction": "forward",
+        "attempt": 1,
+        "token": attempt_token(key, saga_id, 1, "forward", 1),
+        "outcome": "success",
+        **fields,
+    }
+    # raw, so that 10**400, Infinity and NaN reach the worker exactly as JSON can carry them
+    _publish_raw(stack, json.dumps([[], body, {}]), "application/json", "saga.advance")
+
+
+def test_remote_output_with_a_lone_surrogate_is_a_failed_attempt(stack: Stack) -> None:
+    value, key = _parked_remote_sagas(stack, 2)
+    _advance(stack, value, output={"price": 1, "quoted_by": "\ud800"})
+    _advance(stack, key, output={"price": 1, "q\udfff": [1]})
+    for saga_id in (value, key):
+        saga = stack.wait(saga_id, timeout=60)
+        assert saga.state.value == "COMPLETED", saga.error
+        assert saga.context["quoted_by"] == "it_pricing"  # attempt 2, from the remote service
+        rows = stack.store.audit_trail(saga_id)
+        retried = [r for r in rows if r["event_type"] == "step_retry"]
+        assert len(retried) == 1, [(r["event_type"], r["error_message"]) for r in rows]
+        assert retried[0]["step_name"] == "quote"
+        assert "step output" in retried[0]["error_message"]
+        assert "UTF-8" in retried[0]["error_message"]
+        stack.assert_chain_ok(saga_id)
+
+
+@pytest.mark.parametrize(
+    "duration",
+    [10**400, float("inf"), float("nan"), -1, True],
+    ids=["10**400", "inf", "nan", "-1", "True"],
+)
+def test_unusable_durations_are_ignored_and_the_result_applies(stack: Stack, duration: Any) -> None:
+    (saga_id,) = _parked_remote_sagas(stack, 1)
+    _advance(stack, saga_id, output={"price": 7, "quoted_by": "advance"}, duration_ms=duration)
+    saga = stack.wait(saga_id, timeout=60)
+    assert saga.state.value == "COMPLETED", saga.error
+    assert saga.context["quoted_by"] == "advance"  # the sent result, not the remote's later one
+    rows = stack.store.audit_trail(saga_id)
+    done = [r for r in rows if r["event_type"] == "step_complete" and r["step_name"] == "quote"]
+    assert len(done) == 1
+    assert done[0]["duration_ms"] is None

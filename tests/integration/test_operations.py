@@ -24,7 +24,7 @@ from saga_worker.audit import Redactor
 from saga_worker.store.migrate import head_revision
 from saga_worker.store.repository import SagaStore, create_db_engine
 
-from .conftest import REPO, WorkerProcess, fresh_postgres_database, start_worker
+from .conftest import REPO, Stack, WorkerProcess, fresh_postgres_database, start_worker
 
 pytestmark = pytest.mark.integration
 
@@ -492,3 +492,30 @@ def test_grant_app_tables_and_report_privileges_left_through_public(pg_admin_url
     assert leaky.returncode == 1, leaky.stderr
     assert "UPDATE on public.saga_audit_logs" in leaky.stderr
     assert "REVOKE UPDATE ON public.saga_audit_logs FROM PUBLIC" in leaky.stderr
+
+
+@pytest.mark.parametrize("stack", ["postgres"], indirect=True)
+def test_start_wait_shows_the_saga_error_redacted(stack: Stack, tmp_path: Path) -> None:
+    env = {
+        "SAGA_DATABASE_URL": stack.database_url,
+        "SAGA_BROKER_URL": stack.broker_url,
+        "SAGA_QUEUE": stack.queue,
+        "SAGA_HOME": str(tmp_path),
+    }
+    secrets = ("4111111111111111", "hunter2", "sk-live-abc123")
+    human = cli(["start", "it_secret_error", "--wait", "60"], env)
+    assert human.returncode == 1, human.stderr + stack.workers[0].log_tail()
+    # one step, nothing to compensate: the saga ends COMPENSATED with the step's error
+    assert "ended COMPENSATED" in human.stderr, human.stderr
+    assert "***REDACTED***" in human.stderr, human.stderr
+    as_json = cli(["start", "it_secret_error", "--wait", "60", "--json"], env)
+    assert as_json.returncode == 1, as_json.stderr
+    data = json.loads(as_json.stdout)
+    assert data["state"] == "COMPENSATED" and "***REDACTED***" in data["error"], data
+    for secret in secrets:
+        assert secret not in human.stdout + human.stderr
+        assert secret not in as_json.stdout + as_json.stderr
+    # `status` shows the same masked text
+    status = cli(["status", data["saga_id"], "--json"], env)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["error"] == data["error"]

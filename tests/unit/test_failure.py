@@ -15,6 +15,7 @@ from saga_worker.core.failure import (
     MAX_ERROR_CHARS,
     MAX_TRACE_CHARS,
     REMOTE_FAILED,
+    reported_duration,
     reported_failure,
     storable_text,
 )
@@ -124,3 +125,19 @@ def test_saga_remote_needs_only_the_standard_library() -> None:
         "('saga_worker', 'celery', 'kombu', 'sqlalchemy')], sorted(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
+
+
+@pytest.mark.parametrize(
+    "value",
+    [10**400, float("inf"), float("-inf"), float("nan"), -1, -0.5, True, False, "12", None],
+    ids=lambda v: "10**400" if v == 10**400 else repr(v),
+)
+def test_unusable_reported_durations_are_ignored_never_raised(value: Any) -> None:
+    assert reported_duration(value) is None
+    event = reported_failure(0, FWD, 1, {"error_type": "ValueError", "duration_ms": value})
+    assert event.duration_ms is None
+
+
+@pytest.mark.parametrize("value, expected", [(0, 0.0), (12, 12.0), (3.5, 3.5), (10**20, 1e20)])
+def test_finite_non_negative_durations_are_kept(value: Any, expected: float) -> None:
+    assert reported_duration(value) == expected

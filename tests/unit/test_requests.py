@@ -290,3 +290,34 @@ def test_settings_defaults_match_design() -> None:
 def test_settings_hand_the_default_step_timeout_to_the_state_machine() -> None:
     limits = Settings.from_env({"SAGA_DEFAULT_STEP_TIMEOUT_SECONDS": "12"}).limits()
     assert limits.default_step_timeout_seconds == 12.0
+
+
+# A lone surrogate is valid JSON ("\ud800") but not UTF-8: refused, never UnicodeEncodeError.
+@pytest.mark.parametrize(
+    "context",
+    [
+        {"a": "\ud800"},
+        {"k\udfff": 1},
+        {"a": [1, {"b": "\udc80"}]},
+        {"n": {"\ud800x": None}},
+    ],
+    ids=["value", "key", "nested-value", "nested-key"],
+)
+def test_lone_surrogates_anywhere_in_a_context_are_refused(context: dict[str, Any]) -> None:
+    error = rejected_start("context", context=context)
+    assert "UTF-8" in str(error)
+    str(error).encode("utf-8")  # the reason itself quotes nothing unencodable
+    with pytest.raises(InvalidRequest, match="UTF-8") as info:
+        check_context(context, SETTINGS, "step output")
+    assert info.value.field == "step output"
+
+
+@pytest.mark.parametrize("field", ["user_id", "saga_type"])
+def test_lone_surrogates_in_start_text_fields_are_refused(field: str) -> None:
+    assert "UTF-8" in str(rejected_start(field, **{field: "bob\ud800"}))
+
+
+def test_lone_surrogate_in_an_abort_reason_is_refused() -> None:
+    with pytest.raises(InvalidRequest, match="UTF-8") as info:
+        parse_abort((), {"saga_id": "s-1", "reason": "stop\ud800"})
+    assert info.value.field == "reason"
