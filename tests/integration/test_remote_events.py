@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from sqlalchemy import text
 
 from saga_worker.audit import Redactor
 from saga_worker.store.repository import SagaStore, create_db_engine
@@ -34,13 +35,15 @@ class Remote:
     store: SagaStore
     producer: Celery
     workers: list[WorkerProcess]
+    admin_url: str
+    database_url: str
     events: list[dict[str, Any]] = field(default_factory=list)
 
-    def start(self, context: dict[str, Any]) -> str:
+    def start(self, context: dict[str, Any], saga_type: str = "it_remote") -> str:
         saga_id = f"ev-{uuid.uuid4().hex[:12]}"
         self.producer.send_task(
             "saga.start",
-            kwargs={"saga_type": "it_remote", "context": context, "saga_id": saga_id},
+            kwargs={"saga_type": saga_type, "context": context, "saga_id": saga_id},
             queue=self.queue,
         )
         return saga_id
@@ -55,6 +58,24 @@ class Remote:
             time.sleep(0.1)
         logs = "\n---\n".join(w.log_tail(40) for w in self.workers)
         raise AssertionError(f"saga {saga_id} not settled in {timeout}s: {saga}\n{logs}")
+
+    def allow_connections(self, allow: bool) -> None:
+        """Take the saga database away from everyone (or give it back)."""
+        name = self.database_url.rsplit("/", 1)[1]
+        admin = create_db_engine(self.admin_url, pool=False).execution_options(
+            isolation_level="AUTOCOMMIT"
+        )
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(allow).lower()}'))
+            if not allow:
+                conn.execute(
+                    text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                        " WHERE datname = :name AND pid <> pg_backend_pid()"
+                    ),
+                    {"name": name},
+                )
+        admin.dispose()
 
     def quote_rows(self, saga_id: str) -> list[dict[str, Any]]:
         return [r for r in self.store.audit_trail(saga_id) if r["step_name"] == "quote"]
@@ -85,8 +106,9 @@ def remote(
     folder = tmp_path_factory.mktemp(f"remote-events-{serializer}")
     tag = uuid.uuid4().hex[:8]
     queue, remote_queue = f"it-ev-{tag}", f"it-ev-remote-{tag}"
+    database_url = fresh_postgres_database(pg_admin_url)
     env = {
-        "SAGA_DATABASE_URL": fresh_postgres_database(pg_admin_url),
+        "SAGA_DATABASE_URL": database_url,
         "SAGA_BROKER_URL": broker_url,
         "SAGA_QUEUE": queue,
         "SAGA_IMPORTS": WORKER_IMPORTS,
@@ -100,7 +122,7 @@ def remote(
     producer = Celery("it-ev-producer", broker=broker_url, set_as_current=False)
     producer.conf.update(task_serializer="json", accept_content=["json"])
     store = SagaStore(create_db_engine(env["SAGA_DATABASE_URL"]), Redactor([]))
-    result = Remote(queue, store, producer, [])
+    result = Remote(queue, store, producer, [], pg_admin_url, database_url)
     stop = threading.Event()
     thread = threading.Thread(target=_receive, args=(listener, result.events, stop), daemon=True)
     thread.start()
@@ -201,3 +223,50 @@ def test_remote_service_defaulting_to_pickle_still_reaches_the_saga(remote: Remo
     assert [r["event_type"] for r in rows] == ["step_start", "step_failed"]
     assert rows[1]["event_data"]["error_type"] == "CardReported"
     assert "reported stolen" in rows[1]["error_message"]
+
+
+@pytest.mark.parametrize("remote", ["json"], indirect=True)
+def test_result_deferred_while_database_is_down_shows_no_token_or_secret(remote: Remote) -> None:
+    ok = remote.start({"sleep": 3}, saga_type="it_deferred")
+    failed = remote.start({"sleep": 3, "fail": True}, saga_type="it_deferred")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        started = {
+            saga_id
+            for saga_id in (ok, failed)
+            if "step_start" in [r["event_type"] for r in remote.store.audit_trail(saga_id)]
+        }
+        if started == {ok, failed}:
+            break
+        time.sleep(0.1)
+    remote.store.engine.dispose()
+    remote.allow_connections(False)
+    try:
+        # Both steps finish while the database is away: after the engine's own retries (60 s)
+        # their results go to saga.advance.
+        deadline = time.monotonic() + 100
+        while time.monotonic() < deadline:
+            received = [
+                e
+                for e in list(remote.events)
+                if e.get("type") == "task-received" and e.get("name") == "saga.advance"
+            ]
+            if all(any(s in str(e.get("kwargs")) for e in received) for s in (ok, failed)):
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError(remote.workers[0].log_tail(60))
+    finally:
+        remote.allow_connections(True)
+    assert remote.wait(ok).state.value == "COMPLETED"
+    assert remote.wait(failed).state.value == "COMPENSATED"
+    for saga_id in (ok, failed):
+        advance = _advance_events(remote, saga_id)
+        shown = repr(advance)
+        assert "outcome" in shown, remote.events[-20:]
+        for secret in SECRETS:
+            assert secret not in shown, shown
+        assert attempt_token(SIGNING_KEY, saga_id, 0, "forward", 1) not in repr(remote.events)
+    rows = [r for r in remote.store.audit_trail(failed) if r["event_type"] == "step_failed"]
+    assert rows and "slow step refused" in rows[-1]["error_message"]
+    assert "hunter2" not in rows[-1]["error_message"]
