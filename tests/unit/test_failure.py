@@ -124,3 +124,15 @@ def test_saga_remote_needs_only_the_standard_library() -> None:
         "('saga_worker', 'celery', 'kombu', 'sqlalchemy')], sorted(sys.modules)"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
+
+
+def test_saga_remote_task_event_repr_hides_the_token_and_the_exception_text() -> None:
+    kwargs = {
+        "saga_id": "s1",
+        "token": "a" * 64,
+        "outcome": "failure",
+        **saga_remote.failure_report(RuntimeError("password=hunter2"), "Traceback hunter2\n"),
+    }
+    shown = saga_remote.shown_kwargs(kwargs)
+    assert "a" * 64 not in shown and "hunter2" not in shown
+    assert "'error_type': 'RuntimeError'" in shown and "'saga_id': 's1'" in shown
