@@ -10,7 +10,8 @@ so the saga's audit trail can say that the step failed, not why.
 ``install(app)`` registers ``saga.advance`` in the service's own Celery app. Celery then
 calls the errback in the service's worker with the exception, and this module sends the
 same errback message on to saga_worker with the exception's type, message and traceback
-(bounded) added. The service's workers never receive ``saga.advance`` messages: they go
+(bounded) added, as JSON, with the token and the exception text left out of its task
+events (Flower). The service's workers never receive ``saga.advance`` messages: they go
 to the saga queue named in the errback, as before::
 
     import saga_remote
@@ -28,13 +29,22 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ADVANCE_TASK", "NonRetryableStepError", "failure_report", "install"]
+__all__ = [
+    "ADVANCE_TASK",
+    "NonRetryableStepError",
+    "failure_report",
+    "install",
+    "shown_kwargs",
+]
 
 ADVANCE_TASK = "saga.advance"
 MAX_MESSAGE_CHARS = 2000
 MAX_TRACE_CHARS = 8000
 NON_RETRYABLE_NAME = "NonRetryableStepError"
 TIME_LIMIT_ERRORS = frozenset({"SoftTimeLimitExceeded", "TimeLimitExceeded"})
+HIDDEN = "***REDACTED***"
+# Free text of a failure report, which task events show only the size of.
+_TEXT_FIELDS = ("message", "stack_trace")
 # Delivery options of the errback signature that say where saga.advance must go.
 _ROUTING_OPTIONS = ("queue", "exchange", "routing_key", "priority")
 
@@ -63,6 +73,17 @@ def failure_report(exc: BaseException, traceback: Any = None) -> dict[str, Any]:
     return report
 
 
+def shown_kwargs(kwargs: dict[str, Any]) -> str:
+    """The `kwargsrepr` of a failure report: the token hidden, the free text cut to its size."""
+    shown = dict(kwargs)
+    if "token" in shown:
+        shown["token"] = HIDDEN
+    for key in _TEXT_FIELDS:
+        if isinstance(shown.get(key), str):
+            shown[key] = f"<{len(shown[key])} chars>"
+    return repr(shown)[:MAX_MESSAGE_CHARS]
+
+
 def _errback_options(request: Any, fields: dict[str, Any]) -> dict[str, Any]:
     """The routing options of the saga.advance errback this call comes from."""
     for errback in getattr(request, "errbacks", None) or ():
@@ -86,10 +107,17 @@ def install(app: Any) -> Any:
             # drop unknown task names. Celery logs this; saga_worker's recovery re-sends the
             # attempt when its deadline passes.
             raise LookupError("saga.advance errback without a queue in the failed task's request")
+        kwargs = {**fields, **failure_report(exc, traceback)}
         app.send_task(
             ADVANCE_TASK,
             args=(getattr(request, "id", None),),
-            kwargs={**fields, **failure_report(exc, traceback)},
+            kwargs=kwargs,
+            # saga_worker accepts JSON only, whatever this service's default serializer.
+            serializer="json",
+            # What task events and Flower show: no token, no exception text (it may quote
+            # secrets; saga_worker redacts it before it reaches the audit trail).
+            kwargsrepr=shown_kwargs(kwargs),
+            argsrepr="('<remote task id>',)",
             **options,
         )
 

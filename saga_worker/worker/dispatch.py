@@ -17,19 +17,19 @@ from ..tokens import attempt_token
 from . import snapshot
 
 ADVANCE_TASK = "saga.advance"
+# What task events show of saga.advance's positional argument instead of the remote result
+# (or, for link_error, the failed task's id).
+RESULT_REPR = "('<result>',)"
+REMOTE_ID_REPR = "('<remote task id>',)"
 # Past the soft limit a step gets this long to clean up before its process is killed.
 HARD_LIMIT_MARGIN_SECONDS = 10.0
 
 
 def shown_kwargs(redactor: Redactor, kwargs: dict[str, Any]) -> str:
     """What task events, Flower and worker logs show instead of a message's kwargs (its
-    `kwargsrepr`): the context and free text redacted, tokens and checkpoints hidden."""
-    shown: dict[str, Any] = {
-        key: redactor.text(value) if isinstance(value, str) else value
-        for key, value in kwargs.items()
-    }
-    if "context" in shown:
-        shown["context"] = redactor.value(kwargs["context"])
+    `kwargsrepr`): the context, outputs and free text redacted, tokens and checkpoints
+    hidden."""
+    shown: dict[str, Any] = {key: redactor.value(value) for key, value in kwargs.items()}
     if "token" in shown:
         shown["token"] = REDACTED
     if isinstance(shown.get("checkpoint"), dict):
@@ -49,6 +49,22 @@ class CeleryDispatcher:
 
     def _kwargsrepr(self, kwargs: dict[str, Any]) -> str:
         return shown_kwargs(self.redactor, kwargs)
+
+    def _reply(self, reply: dict[str, Any], outcome: str, argsrepr: str) -> Any:
+        """The saga.advance signature the remote service's Celery sends back (link/link_error).
+
+        Its options travel with it: the remote worker sends it as JSON (saga_worker accepts
+        nothing else, whatever the service's own default serializer) and shows neither the
+        token nor the remote result in task events and Flower."""
+        kwargs = {**reply, "outcome": outcome}
+        return self.app.signature(
+            ADVANCE_TASK,
+            kwargs=kwargs,
+            queue=self.settings.queue,
+            serializer="json",
+            kwargsrepr=self._kwargsrepr(kwargs),
+            argsrepr=argsrepr,
+        )
 
     def token(self, saga_id: str, step_index: int, direction: Direction, attempt: int) -> str:
         return attempt_token(self.signing_key, saga_id, step_index, direction.value, attempt)
@@ -99,12 +115,8 @@ class CeleryDispatcher:
                 kwargs=remote_kwargs,
                 kwargsrepr=self._kwargsrepr(remote_kwargs),
                 queue=target.queue,
-                link=self.app.signature(
-                    ADVANCE_TASK, kwargs={**reply, "outcome": "success"}, queue=self.settings.queue
-                ),
-                link_error=self.app.signature(
-                    ADVANCE_TASK, kwargs={**reply, "outcome": "failure"}, queue=self.settings.queue
-                ),
+                link=self._reply(reply, "success", RESULT_REPR),
+                link_error=self._reply(reply, "failure", REMOTE_ID_REPR),
                 **options,
             )
             return

@@ -31,6 +31,7 @@ from ..requests import check_context, parse_abort, parse_start, start_saga_id, v
 from ..store.repository import retry_transient
 from ..tokens import token_valid
 from . import snapshot
+from .dispatch import shown_kwargs
 from .runtime import RuntimeFactory
 
 log = logging.getLogger(__name__)
@@ -350,9 +351,11 @@ def _step_task(app: Any, runtimes: RuntimeFactory, task_name: str) -> Any:
                 task_name,
                 saga_id,
             )
+            deferred = _result_kwargs(event, saga_id, token)
             app.send_task(
                 "saga.advance",
-                kwargs=_result_kwargs(event, saga_id, token),
+                kwargs=deferred,
+                kwargsrepr=shown_kwargs(rt.store.redactor, deferred),
                 queue=rt.settings.queue,
                 countdown=2,
             )

@@ -141,3 +141,15 @@ def test_unusable_reported_durations_are_ignored_never_raised(value: Any) -> Non
 @pytest.mark.parametrize("value, expected", [(0, 0.0), (12, 12.0), (3.5, 3.5), (10**20, 1e20)])
 def test_finite_non_negative_durations_are_kept(value: Any, expected: float) -> None:
     assert reported_duration(value) == expected
+
+
+def test_saga_remote_task_event_repr_hides_the_token_and_the_exception_text() -> None:
+    kwargs = {
+        "saga_id": "s1",
+        "token": "a" * 64,
+        "outcome": "failure",
+        **saga_remote.failure_report(RuntimeError("password=hunter2"), "Traceback hunter2\n"),
+    }
+    shown = saga_remote.shown_kwargs(kwargs)
+    assert "a" * 64 not in shown and "hunter2" not in shown
+    assert "'error_type': 'RuntimeError'" in shown and "'saga_id': 's1'" in shown
