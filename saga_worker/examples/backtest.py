@@ -68,7 +68,9 @@ def _db() -> Engine:
     if _engine is None or _engine[0] != pid:
         with _engine_lock:
             if _engine is None or _engine[0] != pid:
-                engine = create_db_engine(Settings.from_env().database_url)
+                # Pre-ping: each pool process would otherwise fail one step attempt on a
+                # connection left from before a database restart, and a step has 3 attempts.
+                engine = create_db_engine(Settings.from_env().database_url, pre_ping=True)
                 metadata.create_all(engine, checkfirst=True)
                 _engine = (pid, engine)
     return _engine[1]

@@ -42,8 +42,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def create_db_engine(url: str, *, pool: bool = True) -> Engine:
-    """An engine tuned for this workload: WAL + immediate transactions on SQLite."""
+def create_db_engine(url: str, *, pool: bool = True, pre_ping: bool = False) -> Engine:
+    """An engine tuned for this workload: WAL + immediate transactions on SQLite.
+
+    `pre_ping` tests each pooled connection before use, for callers that do not retry a
+    connection the server closed (a step's own writes after a database restart).
+    """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -61,7 +65,7 @@ def create_db_engine(url: str, *, pool: bool = True) -> Engine:
     # Errors quote SQL parameters, which hold saga contexts: keep them out of messages.
     # No pool_pre_ping: it costs a round trip per checkout, and a connection found dead by
     # the real statement raises OperationalError, which retry_transient retries anyway.
-    kwargs: dict[str, Any] = {"hide_parameters": True}
+    kwargs: dict[str, Any] = {"hide_parameters": True, "pool_pre_ping": pre_ping}
     if not pool:
         kwargs["poolclass"] = NullPool
     else:

@@ -295,7 +295,12 @@ def run_chaos(
     assert chaos.counts.get("unplanned worker exits", 0) == 0, chaos.events
 
     wrong_state = {
-        s: (sagas_by_id[s].state.value, expected(c).state)
+        s: (
+            sagas_by_id[s].state.value,
+            expected(c).state,
+            sagas_by_id[s].error,
+            [(r["event_type"], r["step_name"], r["error_message"]) for r in trails[s]],
+        )
         for s, c in contexts.items()
         if sagas_by_id[s].state.value != expected(c).state
     }
