@@ -150,6 +150,10 @@ if [[ -d saga_worker ]]; then
     phase_done
 fi
 
+# Every service the tests need was started above: a test that finds one missing fails
+# instead of skipping (tests/requirements.py), whether or not CI is set.
+export SAGA_TEST_REQUIRE_SERVICES=1
+
 phase "pytest $*"
 rc=0
 .venv/bin/python -m pytest "$@" || rc=$?
