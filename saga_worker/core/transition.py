@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, assert_never
 
 from .commands import Command, RunAttempt
 from .definition import SagaDefinition
@@ -139,7 +139,9 @@ def transition(
         return _recover(b, pending)
     if isinstance(event, StepSucceeded):
         return _succeeded(b, event)
-    return _failed(b, event)
+    if isinstance(event, StepFailed):
+        return _failed(b, event)
+    assert_never(event)
 
 
 class _Builder:
@@ -247,6 +249,19 @@ def _operator_retry(
     pending = saga.pending
     if saga.state is SagaState.FAILED:
         retried = list(saga.failed_compensations)
+        if not retried:
+            return Decision(saga, ignored="FAILED with no failed compensation to retry")
+        unknown = [name for name in retried if name not in definition.step_names]
+        if unknown:
+            # A deploy renamed or removed the step: its compensation cannot be found here.
+            return Decision(
+                saga,
+                ignored=(
+                    f"failed compensation(s) {', '.join(unknown)} are not steps of "
+                    f"{definition.saga_type} as deployed; run them by hand or deploy the "
+                    "definition the saga started with"
+                ),
+            )
         b.update(state=SagaState.COMPENSATING, failed_compensations=())
         top = max(definition.step_names.index(name) for name in retried)
         # Every attempt number so far was created at an earlier transition, so none

@@ -8,6 +8,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from saga_worker.core.commands import RunAttempt
 from saga_worker.core.definition import SagaDefinition, Step
@@ -875,3 +877,34 @@ def test_next_attempt_tells_a_retried_attempt_from_a_final_failure() -> None:
     assert p is not None
     event = StepFailed(p.step_index, p.direction, p.number, "Bad", "no", retryable=False)
     assert next_attempt(fatal.apply(event), event) is None
+
+
+def test_operator_retry_of_a_failed_saga_with_nothing_failed_is_ignored_not_raised() -> None:
+    run = _failed_saga()
+    run.saga = replace(run.saga, failed_compensations=())
+    d = run.apply(RetryRequested(user_id="oncall"))
+    assert d.ignored and "no failed compensation" in d.ignored
+    assert d.commands == () and d.audit == ()
+
+
+def test_operator_retry_naming_a_step_the_definition_no_longer_has_is_ignored() -> None:
+    run = _failed_saga()
+    run.saga = replace(run.saga, failed_compensations=("charge", "renamed_step"))
+    d = run.apply(RetryRequested(user_id="oncall"))
+    assert d.ignored and "renamed_step" in d.ignored
+    assert d.commands == ()
+
+
+@given(
+    failed=st.lists(
+        st.sampled_from(["reserve", "charge", "ship", "gone", ""]), max_size=4, unique=True
+    ),
+    state=st.sampled_from(list(SagaState)),
+)
+def test_operator_retry_is_total_over_state_and_failed_compensations(
+    failed: list[str], state: SagaState
+) -> None:
+    run = _failed_saga()
+    run.saga = replace(run.saga, state=state, failed_compensations=tuple(failed))
+    d = transition(run.definition, run.saga, RetryRequested(user_id="oncall"), run.now)
+    assert d.ignored is not None or d.commands
