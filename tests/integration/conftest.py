@@ -56,18 +56,31 @@ def pg_admin_url() -> str:
     return _require("SAGA_TEST_DATABASE_URL")
 
 
-def fresh_postgres_database(admin_url: str) -> str:
-    """A new empty database on the test server, migrated; returns its URL."""
+def empty_postgres_database(admin_url: str) -> str:
+    """A new empty database on the test server; returns its URL."""
     name = f"it_{uuid.uuid4().hex[:12]}"
     admin = create_db_engine(admin_url, pool=False).execution_options(isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(text(f'CREATE DATABASE "{name}"'))
     admin.dispose()
-    url = admin_url.rsplit("/", 1)[0] + "/" + name
+    return admin_url.rsplit("/", 1)[0] + "/" + name
+
+
+def fresh_postgres_database(admin_url: str) -> str:
+    """A new database on the test server, migrated; returns its URL."""
+    url = empty_postgres_database(admin_url)
     engine = create_db_engine(url, pool=False)
     upgrade(engine)
     engine.dispose()
     return url
+
+
+def migrated_database(backend: str, pg_admin_url: str, folder: Path) -> str:
+    """A migrated database on PostgreSQL (a new one on the test server) or SQLite (in
+    `folder`); returns its URL."""
+    if backend == "postgres":
+        return fresh_postgres_database(pg_admin_url)
+    return fresh_sqlite_database(folder)
 
 
 def make_0_1_database(url: str) -> str:

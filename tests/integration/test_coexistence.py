@@ -20,25 +20,22 @@ from saga_worker.store.migrate import upgrade
 from saga_worker.store.repository import SagaStore, create_db_engine
 from saga_worker.store.tables import checkpoints
 
-from .conftest import fresh_postgres_database, make_0_1_database, start_worker
+from .conftest import (
+    empty_postgres_database,
+    fresh_postgres_database,
+    make_0_1_database,
+    migrated_database,
+    start_worker,
+)
 from .processes import start_beat
 
 OTHER_APP_REVISION = "ae1027a6acf"
 
 
-def _empty_postgres_database(admin_url: str) -> str:
-    name = f"co_{uuid.uuid4().hex[:12]}"
-    admin = create_db_engine(admin_url, pool=False).execution_options(isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    return admin_url.rsplit("/", 1)[0] + "/" + name
-
-
 def test_upgrade_leaves_another_applications_alembic_history_untouched(
     pg_admin_url: str,
 ) -> None:
-    url = _empty_postgres_database(pg_admin_url)
+    url = empty_postgres_database(pg_admin_url)
     engine = create_db_engine(url, pool=False)
     try:
         with engine.begin() as conn:
@@ -64,11 +61,7 @@ def test_upgrade_leaves_another_applications_alembic_history_untouched(
 def test_a_database_of_saga_worker_0_1_moves_its_revision_to_its_own_table(
     backend: str, pg_admin_url: str, tmp_path: Path
 ) -> None:
-    if backend == "postgres":
-        url = fresh_postgres_database(pg_admin_url)
-    else:
-        url = f"sqlite:///{tmp_path / 'legacy.sqlite3'}"
-        upgrade(create_db_engine(url, pool=False))
+    url = migrated_database(backend, pg_admin_url, tmp_path)
     engine = create_db_engine(url, pool=False)
     try:
         head = make_0_1_database(url)  # 0.1 kept its revision in Alembic's default table

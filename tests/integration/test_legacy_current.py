@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from saga_worker.store.migrate import head_revision, upgrade
+from saga_worker.store.migrate import head_revision
 from saga_worker.store.repository import create_db_engine
 
-from .conftest import fresh_postgres_database, make_0_1_database
+from .conftest import make_0_1_database, migrated_database
 from .test_operations import cli
 
 pytestmark = pytest.mark.integration
@@ -23,13 +23,7 @@ pytestmark = pytest.mark.integration
 def test_db_current_on_a_0_1_database_names_the_legacy_table_and_the_fix(
     backend: str, pg_admin_url: str, tmp_path: Path
 ) -> None:
-    if backend == "postgres":
-        url = fresh_postgres_database(pg_admin_url)
-    else:
-        url = f"sqlite:///{tmp_path / 'legacy.sqlite3'}"
-        engine = create_db_engine(url, pool=False)
-        upgrade(engine)
-        engine.dispose()
+    url = migrated_database(backend, pg_admin_url, tmp_path)
     revision = make_0_1_database(url)
     env = {"SAGA_DATABASE_URL": url, "SAGA_HOME": str(tmp_path)}
     current = cli(["db", "current"], env)
