@@ -16,8 +16,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from .core.decision import AuditEvent
 from .core.model import Saga
-from .core.transition import AuditEvent
 
 GENESIS_HASH = "0" * 64
 #: Name, version and summary of `row_hash`, recorded in export manifests (docs/audit.md,

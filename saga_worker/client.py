@@ -43,10 +43,8 @@ from .config import Settings, check_broker_url
 from .core.definition import SagaDefinition
 from .core.events import Event, RetryRequested
 from .core.model import Attempt, Saga, SagaState
-from .core.transition import Decision, transition
-from .engine import Dispatcher, SagaEngine, utcnow
+from .engine import Dispatcher, EngineHooks, SagaEngine, utcnow
 from .errors import (
-    ConcurrencyConflict,
     SagaError,
     SagaNotFound,
     UnknownSagaType,
@@ -57,12 +55,10 @@ from .store.repository import (
     SagaQuery,
     SagaStore,
     create_db_engine,
-    retry_transient,
 )
 from .worker.dispatch import shown_kwargs
 
 MAX_PAGE_SIZE = 500
-MAX_CONFLICT_RETRIES = 50
 ProgressCallback = Callable[[int, int | None], None]
 
 
@@ -304,12 +300,14 @@ class SagaClient:
         *,
         dispatcher: Dispatcher | None = None,
         clock: Callable[[], datetime] = utcnow,
+        hooks: Sequence[EngineHooks] = (),
     ) -> None:
         self.settings = settings or Settings.from_env()
         self.redactor = Redactor(self.settings.redact_keys)
         self.store = SagaStore(create_db_engine(self.settings.database_url), self.redactor)
         self.limits = self.settings.limits()
         self.clock = clock
+        self.hooks = tuple(hooks)
         self._app = app
         self._dispatcher = dispatcher
         self._engine: SagaEngine | None = None
@@ -346,7 +344,9 @@ class SagaClient:
     def engine(self) -> SagaEngine:
         """The same engine the workers run, for operator events (abort, retry)."""
         if self._engine is None:
-            self._engine = SagaEngine(self.store, self.dispatcher, self.limits, clock=self.clock)
+            self._engine = SagaEngine(
+                self.store, self.dispatcher, self.limits, clock=self.clock, hooks=self.hooks
+            )
         return self._engine
 
     def close(self) -> None:
@@ -430,7 +430,7 @@ class SagaClient:
         stalled = False
         if saga.pending is not None:
             pending = self._describe_pending(saga.pending, definition)
-            stalled = not saga.pending.held and saga.pending.deadline <= self.clock()
+            stalled = saga.pending.stalled(self.clock())
         return SagaStatus(
             saga=saga,
             context=self.redactor.value(dict(saga.context)),
@@ -522,17 +522,7 @@ class SagaClient:
         parsed_id, event = parse_abort(
             (), {"saga_id": saga_id, "reason": reason, "user_id": user_id}
         )
-        before = self._load(parsed_id)
-        if before.state.is_terminal:
-            raise OperationRefused(
-                f"saga {saga_id} is already {before.state.value}: there is nothing to abort"
-            )
-        self._require_definition(before)
-        with self._database():
-            decision = self.engine.handle(parsed_id, event)
-        if decision.ignored:
-            raise OperationRefused(f"abort of saga {saga_id} not applied: {decision.ignored}")
-        return self._result("abort", before, decision, sent=self._sent(before, decision))
+        return self._operate("abort", parsed_id, event)
 
     def retry(
         self,
@@ -544,115 +534,34 @@ class SagaClient:
     ) -> OperatorResult:
         """FAILED: re-run the failed compensations. Stalled: re-send the pending attempt now.
 
-        Both go through the core's RetryRequested, audited with the operator: FAILED re-runs
-        the failed compensations (fresh attempt numbers, highest step first); a stalled or
-        held attempt is re-sent now (`saga_recovered` naming the operator). A live attempt
-        that has not passed its deadline is left alone unless `force`.
+        Both are the core's RetryRequested, audited with the operator: FAILED re-runs the
+        failed compensations (fresh attempt numbers, highest step first); a stalled or held
+        attempt is re-sent now (`saga_recovered` naming the operator). A live attempt that
+        has not passed its deadline is left alone unless `force`.
         """
+        event = RetryRequested(
+            user_id=user_id, reason=f"{reason} (from {socket.gethostname()})", force=force
+        )
+        return self._operate("retry", saga_id, event)
+
+    def _operate(self, action: str, saga_id: str, event: Event) -> OperatorResult:
+        """Apply an operator's event through the engine; refusals and send errors reported."""
         before = self._load(saga_id)
-        definition = self._require_definition(before)
-        if before.state is SagaState.FAILED:
-            return self._retry_failed(before, user_id, reason)
-        if before.state.is_terminal:
-            raise OperationRefused(
-                f"saga {saga_id} is {before.state.value}: only FAILED or stalled sagas can be "
-                "retried"
-            )
-        pending = before.pending
-        if pending is None:
-            raise OperationRefused(f"saga {saga_id} has no pending attempt to re-send")
-        now = self.clock()
-        step = definition.steps[pending.step_index].name
-        if not pending.held and pending.deadline > now and not force:
-            wait = (pending.deadline - now).total_seconds()
-            raise OperationRefused(
-                f"saga {saga_id}: attempt {pending.number} of {step} ({pending.direction.value}) "
-                f"is in flight and not stalled: its deadline is in {wait:.0f}s "
-                f"({iso_utc(pending.deadline)}); use --force to re-send it anyway"
-            )
-        if not pending.held and pending.recoveries >= self.limits.max_recoveries:
-            raise OperationRefused(
-                f"saga {saga_id}: attempt {pending.number} of {step} was already re-sent "
-                f"{pending.recoveries} times (SAGA_MAX_RECOVERIES={self.limits.max_recoveries}); "
-                "the next recovery sweep fails it"
-            )
-        event = RetryRequested(user_id=user_id, reason=f"{reason} (from {socket.gethostname()})")
-        return self._apply_operator_event(before, definition, event)
-
-    def _retry_failed(self, before: Saga, user_id: str, reason: str) -> OperatorResult:
         with self._database():
-            decision = self.engine.handle(
-                before.saga_id, RetryRequested(user_id=user_id, reason=reason)
-            )
-        if decision.ignored:
-            raise OperationRefused(
-                f"retry of saga {before.saga_id} not applied: {decision.ignored}"
-            )
-        return self._result("retry", before, decision, sent=self._sent(before, decision))
-
-    def _apply_operator_event(
-        self,
-        before: Saga,
-        definition: SagaDefinition,
-        event: Event,
-    ) -> OperatorResult:
-        """Apply an operator's event and send its commands, reporting send failures."""
-        saga_id = before.saga_id
-
-        def decide(saga: Saga) -> Decision:
-            return transition(definition, saga, event, self.clock(), self.limits)
-
-        for _ in range(MAX_CONFLICT_RETRIES):
-            try:
-                with self._database():
-                    applied = retry_transient(
-                        lambda: self.store.apply(saga_id, decide, self.clock()),
-                        max_wait_seconds=10,
-                        what=f"retry of saga {saga_id}",
-                    )
-            except ConcurrencyConflict:
-                continue
-            if applied is None:
-                raise SagaNotFound(saga_id)
-            decision = applied.decision
-            if decision.ignored:
-                raise OperationRefused(f"retry of saga {saga_id} not applied: {decision.ignored}")
-            sent: list[str] = []
-            errors: list[str] = []
-            for command in decision.commands:
-                name = definition.task_name(command.step_index, command.direction)
-                try:
-                    self.dispatcher.send(definition, decision.saga, command, applied.committed)
-                    sent.append(name)
-                except Exception as exc:  # the broker is down: recovery re-sends it later
-                    errors.append(f"{name}: {type(exc).__name__}: {self.redactor.text(str(exc))}")
-            return self._result(
-                "retry", before, decision, sent=tuple(sent), send_errors=tuple(errors)
-            )
-        raise ConcurrencyConflict(f"saga {saga_id} kept changing; try again")
-
-    def _result(
-        self,
-        action: str,
-        before: Saga,
-        decision: Decision,
-        *,
-        sent: tuple[str, ...],
-        send_errors: tuple[str, ...] = (),
-    ) -> OperatorResult:
+            outcome = self.engine.handle(saga_id, event)
+        if outcome.ignored:
+            raise OperationRefused(f"{action} of saga {saga_id} not applied: {outcome.ignored}")
         return OperatorResult(
-            saga_id=before.saga_id,
+            saga_id=saga_id,
             action=action,
             state_before=before.state.value,
-            state_after=decision.saga.state.value,
-            audit_events=tuple(e.event_type for e in decision.audit),
-            sent=sent,
-            send_errors=send_errors,
+            state_after=outcome.decision.saga.state.value,
+            audit_events=tuple(e.event_type for e in outcome.decision.audit),
+            sent=outcome.sent,
+            send_errors=tuple(
+                f"{f.task_name}: {self.redactor.text(f.error)}" for f in outcome.send_failures
+            ),
         )
-
-    def _sent(self, before: Saga, decision: Decision) -> tuple[str, ...]:
-        definition = registry.get(before.saga_type)
-        return tuple(definition.task_name(c.step_index, c.direction) for c in decision.commands)
 
     # -- audit ---------------------------------------------------------------------------
 
@@ -842,12 +751,6 @@ class SagaClient:
         if saga is None:
             raise SagaNotFound(saga_id)
         return saga
-
-    def _require_definition(self, saga: Saga) -> SagaDefinition:
-        definition = self.definition(saga.saga_type)
-        if definition is None:
-            raise UnknownSagaType(saga.saga_type, [d.saga_type for d in registry.all_definitions()])
-        return definition
 
     def _describe_pending(
         self, pending: Attempt, definition: SagaDefinition | None

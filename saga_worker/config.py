@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .core.transition import Limits
+from .core.decision import Limits
 from .errors import ConfigurationError
 
 DEFAULT_REDACT_KEYS = (

@@ -12,10 +12,12 @@ from typing import Any, Protocol
 
 from . import registry
 from .core.commands import RunAttempt
+from .core.decision import Decision, Limits
 from .core.definition import SagaDefinition
 from .core.events import Event, StartRequested
-from .core.model import Saga, SagaState
-from .core.transition import AuditEvent, Decision, Limits, start, transition
+from .core.model import Saga
+from .core.rejection import rejected_start
+from .core.transition import start, transition
 from .errors import ConcurrencyConflict, SagaNotFound
 from .store.repository import Loaded, SagaStore, retry_transient
 
@@ -65,12 +67,39 @@ def utcnow() -> datetime:
 
 
 @dataclass(frozen=True)
+class SendFailure:
+    """A command committed but not sent: the recovery sweep re-sends it after its deadline."""
+
+    command: RunAttempt
+    task_name: str
+    error: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What `SagaEngine.handle` did: the decision, and which of its commands went out."""
+
+    decision: Decision
+    sent: tuple[str, ...] = ()
+    send_failures: tuple[SendFailure, ...] = ()
+
+    @property
+    def changed(self) -> bool:
+        return self.decision.changed
+
+    @property
+    def ignored(self) -> str | None:
+        return self.decision.ignored
+
+
+@dataclass(frozen=True)
 class StartResult:
     """What `SagaEngine.start` did: `created` is False for a duplicate saga_id."""
 
     saga_id: str
     created: bool
     decision: Decision | None
+    send_failures: tuple[SendFailure, ...] = ()
 
 
 class SagaEngine:
@@ -108,8 +137,10 @@ class SagaEngine:
         if committed is None:
             log.info("saga %s already exists: duplicate start ignored", request.saga_id)
             return StartResult(request.saga_id, False, None)
-        self._after_commit(TransitionRecord(definition, None, decision, elapsed, False, committed))
-        return StartResult(request.saga_id, True, decision)
+        outcome = self._after_commit(
+            TransitionRecord(definition, None, decision, elapsed, False, committed)
+        )
+        return StartResult(request.saga_id, True, decision, outcome.send_failures)
 
     def handle(
         self,
@@ -118,7 +149,7 @@ class SagaEngine:
         *,
         skip_locked: bool = False,
         loaded: Loaded | None = None,
-    ) -> Decision:
+    ) -> Outcome:
         """Apply one event; conflicts with concurrent writers are retried from a fresh load.
 
         `skip_locked` is for the recovery sweep: a saga another sweep holds raises
@@ -147,8 +178,7 @@ class SagaEngine:
                     type(event).__name__,
                     record.decision.ignored,
                 )
-            self._after_commit(record)
-            return record.decision
+            return self._after_commit(record)
         raise ConcurrencyConflict(
             f"saga {saga_id} kept changing under {MAX_CONFLICT_RETRIES} attempts to apply "
             f"{type(event).__name__}"
@@ -188,39 +218,40 @@ class SagaEngine:
         data: Mapping[str, Any] | None = None,
         context: Mapping[str, Any] | None = None,
     ) -> bool:
-        """Audit a refused start under a valid saga_id that has no saga yet."""
-        event = AuditEvent(
-            event_type="saga_rejected",
-            state_before=None,
-            state_after=SagaState.FAILED,
-            event_data=dict(data or {}),
-            error_message=reason,
-            user_id=user_id,
-            ip_address=ip_address,
-        )
+        """Audit a refused start under a valid saga_id that has no saga yet.
+
+        False when the saga_id has a saga: the refused message was a duplicate of its start.
+        """
+        event = rejected_start(reason, user_id=user_id, ip_address=ip_address, data=data)
         return retry_transient(
             lambda: self.store.record_rejection(saga_id, (event,), context or {}, self.clock()),
             max_wait_seconds=self.db_retry_seconds,
             what=f"rejection of saga {saga_id}",
         )
 
-    def _after_commit(self, record: TransitionRecord) -> None:
+    def _after_commit(self, record: TransitionRecord) -> Outcome:
         # Persist first, then send: a crash in between leaves a stalled saga that the
         # recovery scan re-sends, never a step whose transition was not recorded.
         decision = record.decision
+        sent: list[str] = []
+        failures: list[SendFailure] = []
         for command in decision.commands:
+            name = record.definition.task_name(command.step_index, command.direction)
             try:
                 self.dispatcher.send(record.definition, decision.saga, command, record.committed)
-            except Exception:
+            except Exception as exc:
                 log.exception(
-                    "saga %s: sending step %s %s attempt %s failed; recovery will re-send it",
+                    "saga %s: sending %s attempt %s failed; recovery will re-send it",
                     decision.saga.saga_id,
-                    command.step_index,
-                    command.direction.value,
+                    name,
                     command.attempt,
                 )
+                failures.append(SendFailure(command, name, f"{type(exc).__name__}: {exc}"))
+            else:
+                sent.append(name)
         for hook in self.hooks:
             try:
                 hook.on_transition(record)
             except Exception:
                 log.exception("engine hook %r failed", hook)
+        return Outcome(decision, tuple(sent), tuple(failures))

@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from .core.events import AttemptDue, AttemptStalled
-from .core.transition import Decision
+from .core.recovery import RecoveryOutcome, recovery_event, recovery_outcome
 from .engine import SagaEngine
 from .store.codec import pending_from_json
 from .store.repository import SagaStore, SkippedLocked
@@ -31,10 +31,6 @@ BATCH = 500
 #: A sweep stops paging after this long and leaves the rest to the next one, so that one
 #: sweep never holds a worker process for long after a mass stall (e.g. a wiped broker).
 MAX_SWEEP_SECONDS = 60.0
-
-# Audit event types by which a committed recovery decision says what it did.
-_GAVE_UP = frozenset({"step_failed", "compensation_failed"})
-
 
 @dataclass(frozen=True)
 class SweepResult:
@@ -61,24 +57,15 @@ def sweep(
     max_seconds: float = MAX_SWEEP_SECONDS,
 ) -> SweepResult:
     """Recover each stalled saga through the normal transition path (which re-enqueues)."""
-    examined = recovered = failed = due = gave_up = skipped = 0
+    counts: Counter[RecoveryOutcome | None] = Counter()
+    examined = 0
     began = time.monotonic()
     after: tuple[datetime, str] | None = None
     while True:
         page = store.stalled(now, batch, after)
         for saga_id, pending_json, deadline in page:
             examined += 1
-            outcome = _recover_one(engine, saga_id, pending_json)
-            if outcome == "recovered":
-                recovered += 1
-            elif outcome == "due":
-                due += 1
-            elif outcome == "gave_up":
-                gave_up += 1
-            elif outcome == "failed":
-                failed += 1
-            else:
-                skipped += 1
+            counts[_recover_one(engine, saga_id, pending_json)] += 1
             after = (deadline, saga_id)
         if len(page) < batch:
             break
@@ -89,40 +76,39 @@ def sweep(
                 examined,
             )
             break
-    result = SweepResult(examined, recovered, failed, due, gave_up, skipped)
+    result = SweepResult(
+        examined=examined,
+        recovered=counts[RecoveryOutcome.RECOVERED],
+        failed=counts[None],
+        due=counts[RecoveryOutcome.DUE],
+        gave_up=counts[RecoveryOutcome.GAVE_UP],
+        skipped=counts[RecoveryOutcome.SKIPPED],
+    )
     if examined:
         log.info("recovery sweep: %s", result)
     return result
 
 
-def _recover_one(engine: SagaEngine, saga_id: str, pending_json: dict[str, Any] | None) -> str:
-    """Recover one saga; never raises (one bad row must not stop the sweep)."""
+def _recover_one(
+    engine: SagaEngine, saga_id: str, pending_json: dict[str, Any] | None
+) -> RecoveryOutcome | None:
+    """Recover one saga; never raises (one bad row must not stop the sweep). None: it failed."""
     try:
         pending = pending_from_json(pending_json)
         if pending is None:
-            return "skipped"
-        event: AttemptDue | AttemptStalled
-        if pending.held:
-            event = AttemptDue(pending.step_index, pending.direction, pending.number)
-        else:
-            event = AttemptStalled(
-                pending.step_index, pending.direction, pending.number, pending.recoveries
-            )
-        decision = engine.handle(saga_id, event, skip_locked=True)
+            return RecoveryOutcome.SKIPPED
+        outcome = engine.handle(saga_id, recovery_event(pending), skip_locked=True)
     except SkippedLocked:
         log.info("saga %s: claimed by another recovery sweep; skipped", saga_id)
-        return "skipped"
+        return RecoveryOutcome.SKIPPED
     except Exception:
         log.exception("saga %s: recovery failed; the next sweep tries again", saga_id)
-        return "failed"
-    if not decision.changed:
-        # Another sweep recovered it first, or a result arrived since the scan read the row.
-        return "skipped"
+        return None
+    result = recovery_outcome(pending, outcome.decision, engine.limits)
     where = f"step {pending.step_index} ({pending.direction.value}) attempt {pending.number}"
-    if pending.held:
+    if result is RecoveryOutcome.DUE:
         log.info("saga %s: held retry of %s due; sent", saga_id, where)
-        return "due"
-    if _gave_up(decision):
+    elif result is RecoveryOutcome.GAVE_UP:
         log.error(
             "saga %s: %s stalled %d times (max_recoveries=%d); failed it as StalledTooOften",
             saga_id,
@@ -130,16 +116,13 @@ def _recover_one(engine: SagaEngine, saga_id: str, pending_json: dict[str, Any] 
             pending.recoveries + 1,
             engine.limits.max_recoveries,
         )
-        return "gave_up"
-    log.warning(
-        "saga %s: %s stalled past its deadline %s; re-sent (recovery %d)",
-        saga_id,
-        where,
-        pending.deadline.isoformat(),
-        pending.recoveries + 1,
-    )
-    return "recovered"
-
-
-def _gave_up(decision: Decision) -> bool:
-    return any(event.event_type in _GAVE_UP for event in decision.audit)
+    elif result is RecoveryOutcome.RECOVERED:
+        log.warning(
+            "saga %s: %s stalled past its deadline %s; re-sent (recovery %d)",
+            saga_id,
+            where,
+            pending.deadline.isoformat(),
+            pending.recoveries + 1,
+        )
+    # SKIPPED: another sweep recovered it first, or a result arrived since the scan.
+    return result

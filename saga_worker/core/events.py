@@ -78,10 +78,16 @@ class AttemptDue:
 
 @dataclass(frozen=True)
 class RetryRequested:
-    """An operator asked to re-run the compensations that failed (a FAILED saga)."""
+    """An operator asked to re-run a FAILED saga's failed compensations, or to re-send the
+    pending attempt of a live one now.
+
+    A live attempt still inside its deadline is re-sent only with `force`: it may well be
+    running, and a second copy would run the step twice.
+    """
 
     user_id: str | None = None
     reason: str = "operator retry"
+    force: bool = False
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,18 @@ class Attempt:
     def key(self) -> tuple[int, Direction, int]:
         return (self.step_index, self.direction, self.number)
 
+    def overdue(self, now: datetime) -> bool:
+        """Past its deadline: what the recovery scan selects (`deadline < now` in SQL too)."""
+        return self.deadline < now
+
+    def stalled(self, now: datetime) -> bool:
+        """Sent, and no result came before its deadline (a held attempt is due, not stalled)."""
+        return not self.held and self.overdue(now)
+
+    def recoveries_exhausted(self, max_recoveries: int) -> bool:
+        """Re-sent `max_recoveries` times already: the next stall fails it instead."""
+        return not self.held and self.recoveries >= max_recoveries
+
 
 JSONObject = Mapping[str, Any]
 
@@ -92,3 +104,12 @@ class Saga:
     ip_address: str | None = None
     abort_requested: bool = False
     version: int = 0
+
+    def awaits(self, step_index: int, direction: Direction, attempt: int) -> bool:
+        """True when (step_index, direction, attempt) is the attempt this saga waits for.
+
+        Anything else is a duplicate, a late message or a superseded attempt: a step task
+        does not run it, and `transition` ignores its result.
+        """
+        pending = self.pending
+        return pending is not None and pending.key() == (step_index, direction, attempt)

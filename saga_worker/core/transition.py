@@ -8,11 +8,12 @@ rather than raised: duplicates and late messages are expected on an at-least-onc
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any, assert_never
 
 from .commands import Command, RunAttempt
+from .decision import DEFAULT_LIMITS, AuditEvent, Decision, Limits
 from .definition import SagaDefinition
 from .events import (
     AbortRequested,
@@ -26,58 +27,15 @@ from .events import (
     StepSucceeded,
 )
 from .model import Attempt, Direction, Saga, SagaState
+from .rejection import rejected_result
 from .retry import backoff_seconds
 
 
-@dataclass(frozen=True)
-class Limits:
-    """Engine-wide settings the state machine needs (from configuration, passed in)."""
-
-    stall_grace_seconds: float = 30.0
-    max_recoveries: int = 5
-    #: Delays up to this go to the broker as a countdown; longer ones wait in the database.
-    max_broker_delay_seconds: float = 5.0
-    #: Timeout of steps whose step and saga set none.
-    default_step_timeout_seconds: float = 300.0
-
-
-@dataclass(frozen=True)
-class AuditEvent:
-    """An audit row as the core knows it; the shell adds time, snapshot and hashes."""
-
-    event_type: str
-    state_before: SagaState | None
-    state_after: SagaState
-    step_name: str | None = None
-    step_index: int | None = None
-    event_data: Mapping[str, Any] = field(default_factory=dict)
-    error_message: str | None = None
-    error_stack_trace: str | None = None
-    duration_ms: float | None = None
-    retry_count: int | None = None
-    user_id: str | None = None
-    ip_address: str | None = None
-
-
-@dataclass(frozen=True)
-class Decision:
-    """The outcome of one transition.
-
-    When `ignored` is set nothing must be written or sent: `saga` is the unchanged input.
-    """
-
-    saga: Saga
-    audit: tuple[AuditEvent, ...] = ()
-    commands: tuple[Command, ...] = ()
-    ignored: str | None = None
-
-    @property
-    def changed(self) -> bool:
-        return self.ignored is None
-
-
 def start(
-    definition: SagaDefinition, event: StartRequested, now: datetime, limits: Limits = Limits()
+    definition: SagaDefinition,
+    event: StartRequested,
+    now: datetime,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> Decision:
     """Create a saga from a validated start request and schedule its first step."""
     saga = Saga(
@@ -104,20 +62,29 @@ def transition(
     saga: Saga,
     event: Event,
     now: datetime,
-    limits: Limits = Limits(),
+    limits: Limits = DEFAULT_LIMITS,
 ) -> Decision:
     """Apply one event to a saga and say what to persist and what to send next."""
+    if isinstance(event, ResultRejected):
+        return Decision(saga, (rejected_result(definition, saga, event),))
+    pending = saga.pending
+    if pending is not None and not 0 <= pending.step_index < len(definition.steps):
+        return Decision(
+            saga,
+            ignored=(
+                f"the pending attempt is of step {pending.step_index}, which "
+                f"{definition.saga_type} as deployed does not have; deploy the definition "
+                "the saga started with"
+            ),
+        )
     if isinstance(event, RetryRequested):
         return _operator_retry(definition, saga, event, now, limits)
-    if isinstance(event, ResultRejected):
-        return _rejected(definition, saga, event)
     if saga.state.is_terminal:
         return Decision(saga, ignored=f"saga is already {saga.state.value}")
     b = _Builder(definition, saga, now, limits)
     if isinstance(event, AbortRequested):
         return _abort(b, event)
-    pending = saga.pending
-    if pending is None or pending.key() != (event.step_index, event.direction, event.attempt):
+    if pending is None or not saga.awaits(event.step_index, event.direction, event.attempt):
         return Decision(
             saga,
             ignored=(
@@ -278,39 +245,53 @@ def _operator_retry(
             user_id=event.user_id,
         )
         return b.decision()
-    if saga.state.is_terminal or pending is None:
+    if saga.state.is_terminal:
         return Decision(
             saga,
-            ignored=f"only a FAILED or live saga can be retried; this one is {saga.state.value}",
+            ignored=(f"saga is {saga.state.value}: only FAILED or stalled sagas can be retried"),
         )
+    if pending is None:
+        return Decision(saga, ignored="saga has no pending attempt to re-send")
+    refusal = _live_retry_refusal(definition, pending, now, limits, event.force)
+    if refusal is not None:
+        return Decision(saga, ignored=refusal)
     _resend(b, pending, note, user_id=event.user_id)
     return b.decision()
+
+
+def _live_retry_refusal(
+    definition: SagaDefinition, pending: Attempt, now: datetime, limits: Limits, force: bool
+) -> str | None:
+    """Why an operator may not re-send a live saga's pending attempt now (None: they may)."""
+    if pending.held:
+        return None  # never sent: sending it early cannot run the step twice
+    what = (
+        f"attempt {pending.number} of {_step_name(definition, pending.step_index)} "
+        f"({pending.direction.value})"
+    )
+    if not pending.stalled(now) and not force:
+        wait = (pending.deadline - now).total_seconds()
+        return (
+            f"{what} is in flight and not stalled: its deadline is in {wait:.0f}s "
+            f"({pending.deadline.isoformat()}); use --force to re-send it anyway"
+        )
+    if pending.recoveries_exhausted(limits.max_recoveries):
+        return (
+            f"{what} was already re-sent {pending.recoveries} times "
+            f"(SAGA_MAX_RECOVERIES={limits.max_recoveries}); the next recovery sweep fails it"
+        )
+    return None
+
+
+def _step_name(definition: SagaDefinition, index: int) -> str:
+    if 0 <= index < len(definition.steps):
+        return definition.steps[index].name
+    return f"step {index}"
 
 
 def _retry_ordinal(attempt: Attempt) -> int:
     """0 for the first attempt of a run, 1 for its first retry, and so on."""
     return attempt.number - attempt.first
-
-
-def _rejected(definition: SagaDefinition, saga: Saga, event: ResultRejected) -> Decision:
-    """Audit refused progress; the saga itself, updated_at included, stays as it was."""
-    index = event.step_index
-    valid_index = index is not None and 0 <= index < len(definition.steps)
-    note = AuditEvent(
-        event_type="saga_rejected",
-        state_before=saga.state,
-        state_after=saga.state,
-        step_name=definition.steps[index].name if valid_index and index is not None else None,
-        step_index=index if valid_index else None,
-        event_data={
-            "task": event.task,
-            "step_index": index,
-            "direction": event.direction.value if event.direction else None,
-            "attempt": event.attempt,
-        },
-        error_message=event.reason,
-    )
-    return Decision(saga, (note,))
 
 
 def _send_held(b: _Builder, pending: Attempt) -> Decision:
@@ -500,7 +481,7 @@ def _finish(b: _Builder, state: SagaState, event_type: str, step_index: int) -> 
 
 def _recover(b: _Builder, pending: Attempt) -> Decision:
     """Re-send a stalled attempt unchanged, or fail it after too many recoveries."""
-    if pending.recoveries >= b.limits.max_recoveries:
+    if pending.recoveries_exhausted(b.limits.max_recoveries):
         return _failed(
             b,
             StepFailed(
@@ -552,17 +533,3 @@ def _resend(
 
 def _join(first: str | None, second: str) -> str:
     return second if not first else f"{first}; {second}"
-
-
-def next_attempt(decision: Decision, failed: StepFailed) -> Attempt | None:
-    """The attempt of the same step and direction that `decision` scheduled after `failed`.
-
-    None when the failure was final for the step (or ignored): the caller reports the failed
-    attempt as failed for good rather than as one that will be retried.
-    """
-    pending = decision.saga.pending
-    if decision.ignored is not None or pending is None:
-        return None
-    if (pending.step_index, pending.direction) != (failed.step_index, failed.direction):
-        return None
-    return pending if pending.number == failed.attempt + 1 else None

@@ -32,8 +32,8 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.pool import NullPool
 
 from ..audit import GENESIS_HASH, Redactor, build_rows
+from ..core.decision import AuditEvent, Decision
 from ..core.model import Saga, SagaState
-from ..core.transition import AuditEvent, Decision
 from ..errors import ConcurrencyConflict
 from .codec import saga_from_row, saga_to_row
 from .tables import UTCDateTime, audit_logs, checkpoints, settings_table

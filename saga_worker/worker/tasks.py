@@ -14,6 +14,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 
 from .. import registry
 from ..audit import Redactor
+from ..core.decision import Decision, next_attempt
 from ..core.definition import SagaDefinition, StepInput, idempotency_key
 from ..core.events import ResultRejected, StepFailed, StepSucceeded
 from ..core.failure import (
@@ -25,7 +26,6 @@ from ..core.failure import (
     storable_text,
 )
 from ..core.model import Direction
-from ..core.transition import Decision, next_attempt
 from ..errors import InvalidRequest, SagaError, SagaNotFound
 from ..requests import check_context, parse_abort, parse_start, start_saga_id, valid_saga_id
 from ..store.repository import retry_transient
@@ -72,11 +72,11 @@ def register_core_tasks(app: Any, runtimes: RuntimeFactory) -> None:
         rt = runtimes.get()
         try:
             saga_id, event = parse_abort(args, kwargs)
-            decision = rt.engine.handle(saga_id, event)
+            outcome = rt.engine.handle(saga_id, event)
         except SagaError as exc:
             log.warning("saga.abort refused: %s", exc)
             return {"accepted": False, "error": str(exc)}
-        return {"accepted": decision.changed, "ignored": decision.ignored}
+        return {"accepted": outcome.changed, "ignored": outcome.ignored}
 
     @app.task(name="saga.advance", **DB_OUTAGE_RETRY)  # type: ignore[untyped-decorator]
     def saga_advance(result: Any = None, **kwargs: Any) -> dict[str, Any]:
@@ -99,14 +99,14 @@ def register_core_tasks(app: Any, runtimes: RuntimeFactory) -> None:
             return {"accepted": False, "error": "invalid token"}
         event = _advance_event(result, kwargs, ref, outcome == "success", rt.settings)
         try:
-            decision = rt.engine.handle(saga_id, event)
+            outcome = rt.engine.handle(saga_id, event)
         except SagaNotFound as exc:
             log.warning("saga.advance refused: %s", exc)
             return {"accepted": False, "error": str(exc)}
-        if decision.ignored:
+        if outcome.ignored:
             # A valid token for an attempt that is not pending: a replay or a late duplicate.
-            _audit_refusal(rt, "saga.advance", f"not applied: {decision.ignored}", ref)
-        return {"accepted": decision.changed, "ignored": decision.ignored}
+            _audit_refusal(rt, "saga.advance", f"not applied: {outcome.ignored}", ref)
+        return {"accepted": outcome.changed, "ignored": outcome.ignored}
 
 
 ADVANCE_FIELDS = frozenset(
@@ -284,16 +284,15 @@ def _step_task(app: Any, runtimes: RuntimeFactory, task_name: str) -> Any:
             )
         if loaded is None:
             loaded = retry_transient(lambda: rt.store.load_for_step(saga_id), what="pending check")
-        held = None if loaded is None else loaded.saga.pending
-        pending = None if held is None else (held.step_index, held.direction.value, held.number)
-        if pending != (step_index, dir_.value, attempt):
+        if loaded is None or not loaded.saga.awaits(step_index, dir_, attempt):
             # A redelivered or superseded attempt: running it again could only repeat work.
+            held = None if loaded is None else loaded.saga.pending
             log.info(
                 "%s for %s: attempt %s is not pending (%s); skipped",
                 task_name,
                 saga_id,
                 attempt,
-                pending,
+                None if held is None else (held.step_index, held.direction.value, held.number),
             )
             return {"ran": False, "reason": "not pending"}
         step = definition.steps[step_index]
@@ -342,7 +341,7 @@ def _step_task(app: Any, runtimes: RuntimeFactory, task_name: str) -> Any:
             )
         decision: Decision | None = None
         try:
-            decision = rt.engine.handle(saga_id, event, loaded=loaded)
+            decision = rt.engine.handle(saga_id, event, loaded=loaded).decision
         except (OperationalError, DBAPIError):
             # The action ran but its result cannot be committed now. Hand the result to
             # saga.advance, which retries until the database is back, instead of re-running it.
@@ -445,9 +444,6 @@ def _reject_start(
     if not valid_saga_id(raw_id):
         log.warning("saga.start refused (saga_id not usable, nothing recorded): %s", reason)
         return {"accepted": False, "error": reason}
-    if rt.store.exists(raw_id):
-        log.info("saga.start for existing %s is a duplicate; ignored", raw_id)
-        return {"accepted": False, "duplicate": True}
     field = getattr(exc, "field", None)
     data: dict[str, Any] = {
         "field": storable_text(field, 100) if isinstance(field, str) else None,
@@ -460,7 +456,7 @@ def _reject_start(
         data["saga_type"] = storable_text(saga_type, 100)
     user_id = kwargs.get("user_id") if isinstance(kwargs.get("user_id"), str) else None
     ip = kwargs.get("ip_address") if isinstance(kwargs.get("ip_address"), str) else None
-    rt.engine.reject(
+    recorded = rt.engine.reject(
         raw_id,
         reason,
         user_id=(user_id or None) and storable_text(user_id, 255),
@@ -468,5 +464,9 @@ def _reject_start(
         data=data,
         context=_snapshot_if_valid(kwargs.get("context"), rt.settings),
     )
+    if not recorded:
+        # The saga exists: this refused message repeats (or garbles) a start already made.
+        log.info("saga.start for existing %s is a duplicate; ignored", raw_id)
+        return {"accepted": False, "duplicate": True}
     log.warning("saga.start %s rejected: %s", raw_id, reason)
     return {"accepted": False, "error": reason}

@@ -27,10 +27,10 @@ from saga_worker.cli import main
 from saga_worker.client import SagaClient
 from saga_worker.config import DEFAULT_REDACT_KEYS, Settings
 from saga_worker.core.commands import RunAttempt
+from saga_worker.core.decision import Limits
 from saga_worker.core.definition import SagaDefinition
 from saga_worker.core.events import AbortRequested, StartRequested, StepFailed, StepSucceeded
 from saga_worker.core.model import Saga, SagaState
-from saga_worker.core.transition import Limits
 from saga_worker.engine import SagaEngine
 from saga_worker.recovery import sweep
 from saga_worker.store.codec import saga_to_row

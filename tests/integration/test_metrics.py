@@ -37,11 +37,12 @@ from sqlalchemy import func, select
 
 from saga_worker import metrics
 from saga_worker.audit import Redactor
+from saga_worker.core.decision import Decision
 from saga_worker.core.definition import SagaDefinition, Step
 from saga_worker.core.events import StartRequested, StepFailed, StepSucceeded
 from saga_worker.core.model import Direction, SagaState
 from saga_worker.core.retry import RetryPolicy
-from saga_worker.core.transition import Decision, start, transition
+from saga_worker.core.transition import start, transition
 from saga_worker.engine import TransitionRecord
 from saga_worker.store.repository import SagaStore, create_db_engine
 from saga_worker.store.tables import audit_logs

@@ -26,10 +26,10 @@ from kombu import Connection
 import tests.fixtures.recovery_sagas as fixtures
 from saga_worker.config import Settings
 from saga_worker.core.commands import RunAttempt
+from saga_worker.core.decision import Limits
 from saga_worker.core.definition import SagaDefinition
 from saga_worker.core.events import StartRequested
 from saga_worker.core.model import Direction, Saga
-from saga_worker.core.transition import Limits
 from saga_worker.engine import SagaEngine, utcnow
 from saga_worker.recovery import SweepResult, sweep
 from saga_worker.worker.dispatch import CeleryDispatcher

@@ -36,8 +36,8 @@ from saga_worker.audit import (
     verify_chain,
 )
 from saga_worker.config import DEFAULT_REDACT_KEYS
+from saga_worker.core.decision import AuditEvent
 from saga_worker.core.model import Saga, SagaState
-from saga_worker.core.transition import AuditEvent
 
 TS = datetime(2026, 3, 4, 5, 6, 7, 89, tzinfo=UTC)
 REDACTOR = Redactor(DEFAULT_REDACT_KEYS)

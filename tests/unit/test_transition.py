@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from saga_worker.core.commands import RunAttempt
+from saga_worker.core.decision import AuditEvent, Decision, Limits, next_attempt
 from saga_worker.core.definition import SagaDefinition, Step
 from saga_worker.core.events import (
     AbortRequested,
@@ -24,14 +25,7 @@ from saga_worker.core.events import (
 )
 from saga_worker.core.model import Direction, Saga, SagaState
 from saga_worker.core.retry import RetryPolicy
-from saga_worker.core.transition import (
-    AuditEvent,
-    Decision,
-    Limits,
-    next_attempt,
-    start,
-    transition,
-)
+from saga_worker.core.transition import start, transition
 
 NOW = datetime(2026, 1, 15, 12, 0, 0, tzinfo=UTC)
 FWD = Direction.FORWARD
@@ -802,7 +796,7 @@ def test_operator_retry_of_a_live_saga_resends_its_pending_attempt_now() -> None
     run.ok()
     pending = run.saga.pending
     assert pending is not None
-    d = run.apply(RetryRequested(user_id="oncall", reason="stuck"))
+    d = run.apply(RetryRequested(user_id="oncall", reason="stuck", force=True))
     assert types(d.audit) == ["saga_recovered", "step_start"]
     assert {e.user_id for e in d.audit} == {"oncall"}
     assert d.audit[0].event_data["operator_retry"] is True
@@ -812,6 +806,40 @@ def test_operator_retry_of_a_live_saga_resends_its_pending_attempt_now() -> None
     # a stall signal computed before the operator's retry is now stale
     stale = AttemptStalled(pending.step_index, pending.direction, pending.number, 0)
     assert run.apply(stale).ignored
+
+
+def test_operator_retry_of_an_attempt_in_flight_needs_force() -> None:
+    run = Run()
+    run.ok()
+    pending = run.saga.pending
+    assert pending is not None
+    d = run.apply(RetryRequested(user_id="oncall"))
+    assert d.ignored is not None
+    assert "in flight and not stalled" in d.ignored and "--force" in d.ignored
+    assert "attempt 1 of charge (forward)" in d.ignored
+    # Past its deadline it is stalled: no force needed.
+    seconds = (pending.deadline - run.now).total_seconds() + 1
+    assert run.apply(RetryRequested(user_id="oncall"), advance=seconds).ignored is None
+
+
+def test_operator_retry_stops_at_max_recoveries_like_the_sweep() -> None:
+    run = Run()
+    run.ok()
+    for _ in range(LIMITS.max_recoveries):
+        assert run.apply(RetryRequested(user_id="op", force=True)).ignored is None
+    d = run.apply(RetryRequested(user_id="op", force=True))
+    assert d.ignored is not None and "SAGA_MAX_RECOVERIES=" in d.ignored
+
+
+def test_operator_retry_of_a_held_attempt_sends_it_without_force() -> None:
+    run = Run(limits=HELD_LIMITS)
+    run.fail()
+    run.fail()
+    held = run.saga.pending
+    assert held is not None and held.held and held.deadline > run.now
+    d = run.apply(RetryRequested(user_id="op"), advance=0)
+    assert types(d.audit) == ["saga_recovered", "step_start"]
+    assert run.saga.pending is not None and not run.saga.pending.held
 
 
 def test_operator_retry_of_a_finished_saga_is_ignored() -> None:

@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from saga_worker.core.commands import RunAttempt
+from saga_worker.core.decision import Decision, Limits
 from saga_worker.core.definition import SagaDefinition, Step
 from saga_worker.core.events import (
     AbortRequested,
@@ -32,7 +33,7 @@ from saga_worker.core.events import (
 )
 from saga_worker.core.model import Direction, Saga, SagaState
 from saga_worker.core.retry import RetryPolicy
-from saga_worker.core.transition import Decision, Limits, start, transition
+from saga_worker.core.transition import start, transition
 
 T0 = datetime(2026, 1, 15, 12, 0, 0, tzinfo=UTC)
 NOOP: Any = lambda call: {}  # noqa: E731
@@ -158,7 +159,9 @@ class Sim:
             self.apply(AbortRequested(reason="test", user_id="op"))
         elif move == "operator_retry":
             was_failed = self.saga.state is SagaState.FAILED
-            if self.apply(RetryRequested(user_id="op")).ignored is None and was_failed:
+            force = self.data.draw(st.booleans(), label="force")
+            retry = RetryRequested(user_id="op", force=force)
+            if self.apply(retry).ignored is None and was_failed:
                 self.operator_retries += 1
         else:
             pending = self.saga.pending
@@ -252,6 +255,8 @@ def check_decision(sim: Sim, before: Saga, event: Any, decision: Decision) -> No
         assert after.state is SagaState.COMPENSATING
     elif isinstance(event, RetryRequested):
         assert after.state is before.state and before.pending is not None
+        # In flight and inside its deadline: re-sent only when forced (it may be running).
+        assert before.pending.held or before.pending.stalled(sim.now) or event.force
         assert after.pending is not None and after.pending.key() == before.pending.key()
         assert after.pending.recoveries == before.pending.recoveries + 1
     else:

@@ -1,0 +1,44 @@
+"""What the recovery sweep feeds a checkpoint it found past its deadline, and what came of it."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from .decision import Decision, Limits
+from .events import AttemptDue, AttemptStalled
+from .model import Attempt
+
+
+class RecoveryOutcome(StrEnum):
+    """What one recovery did (counted by the sweep, logged per saga)."""
+
+    #: A stalled attempt was sent again.
+    RECOVERED = "recovered"
+    #: A retry held in the database reached its due time and was sent.
+    DUE = "due"
+    #: A stalled attempt had been re-sent max_recoveries times: it failed as StalledTooOften.
+    GAVE_UP = "gave_up"
+    #: Nothing to do: another sweep or a result got there first.
+    SKIPPED = "skipped"
+
+
+def recovery_event(pending: Attempt) -> AttemptDue | AttemptStalled:
+    """The event for an overdue pending attempt: a held retry is due, a sent one stalled.
+
+    A stalled event carries the recoveries the scan saw, so two sweeps racing on one saga
+    recover it once.
+    """
+    if pending.held:
+        return AttemptDue(pending.step_index, pending.direction, pending.number)
+    return AttemptStalled(pending.step_index, pending.direction, pending.number, pending.recoveries)
+
+
+def recovery_outcome(pending: Attempt, decision: Decision, limits: Limits) -> RecoveryOutcome:
+    """Classify the decision `transition` made for `recovery_event(pending)`."""
+    if not decision.changed:
+        return RecoveryOutcome.SKIPPED
+    if pending.held:
+        return RecoveryOutcome.DUE
+    if pending.recoveries_exhausted(limits.max_recoveries):
+        return RecoveryOutcome.GAVE_UP
+    return RecoveryOutcome.RECOVERED
