@@ -20,7 +20,7 @@ from typing import Any
 
 from sqlalchemy import text
 
-from saga_worker.store.repository import create_db_engine
+from saga_worker.store.connect import create_db_engine
 
 from .common import write_json
 from .systems import REPO, SYSTEMS, Context, Plan

@@ -23,7 +23,8 @@ from sqlalchemy.schema import CreateIndex, DropIndex
 
 from saga_worker.audit import Redactor
 from saga_worker.store.migrate import upgrade
-from saga_worker.store.repository import SagaStore, create_db_engine
+from saga_worker.store.connect import create_db_engine
+from saga_worker.store.repository import SagaStore
 from saga_worker.store.tables import audit_logs, checkpoints
 
 LIVE_NOT_DUE = 1000  # in-flight sagas whose deadline has not passed: in the index, not due

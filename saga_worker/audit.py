@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from .core.decision import AuditEvent
-from .core.model import Saga
 
 GENESIS_HASH = "0" * 64
 #: Name, version and summary of `row_hash`, recorded in export manifests (docs/audit.md,
@@ -141,18 +140,22 @@ def row_hash(row: Mapping[str, Any]) -> str:
 
 
 def build_rows(
-    saga: Saga,
+    saga_id: str,
+    context: Mapping[str, Any],
     events: Iterable[AuditEvent],
     now: datetime,
     prev_hash: str,
     redactor: Redactor,
 ) -> list[dict[str, Any]]:
-    """Audit rows of one transition, chained from `prev_hash`; the last one is the new head."""
-    snapshot = redactor.value(dict(saga.context))
+    """Audit rows of one transition, chained from `prev_hash`; the last one is the new head.
+
+    `context` is the saga's context after the transition (the snapshot, redacted here).
+    """
+    snapshot = redactor.value(dict(context))
     rows: list[dict[str, Any]] = []
     for event in events:
         row: dict[str, Any] = {
-            "saga_id": saga.saga_id,
+            "saga_id": saga_id,
             "event_type": event.event_type,
             "step_name": event.step_name,
             "step_index": event.step_index,

@@ -50,12 +50,9 @@ from .errors import (
     UnknownSagaType,
 )
 from .requests import parse_abort, valid_saga_id
-from .store.repository import (
-    AuditQuery,
-    SagaQuery,
-    SagaStore,
-    create_db_engine,
-)
+from .store.connect import create_db_engine
+from .store.queries import AuditQuery, SagaQuery
+from .store.repository import SagaStore
 from .worker.dispatch import shown_kwargs
 
 MAX_PAGE_SIZE = 500

@@ -19,7 +19,8 @@ from .core.model import Saga
 from .core.rejection import rejected_start
 from .core.transition import start, transition
 from .errors import ConcurrencyConflict, SagaNotFound
-from .store.repository import Loaded, SagaStore, retry_transient
+from .store.connect import retry_transient
+from .store.repository import Loaded, SagaStore
 
 log = logging.getLogger(__name__)
 

@@ -306,7 +306,7 @@ class SagaStateCollector:
         from sqlalchemy import case, create_engine, func, select, text
         from sqlalchemy.pool import NullPool
 
-        from .store.repository import create_db_engine
+        from .store.connect import create_db_engine
         from .store.tables import checkpoints
 
         if self._engine is None:

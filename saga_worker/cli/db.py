@@ -47,7 +47,7 @@ def _engine() -> tuple[Any, str]:
     from sqlalchemy.engine import make_url
 
     from ..config import Settings
-    from ..store.repository import create_db_engine
+    from ..store.connect import create_db_engine
 
     settings = Settings.from_env()
     safe_url = make_url(settings.database_url).render_as_string(hide_password=True)

@@ -36,7 +36,7 @@ from ..config import Settings
 from ..core.definition import SagaDefinition, Step, StepInput
 from ..core.retry import RetryPolicy
 from ..registry import register
-from ..store.repository import create_db_engine
+from ..store.connect import create_db_engine
 from ..store.tables import UTCDateTime
 
 log = logging.getLogger(__name__)

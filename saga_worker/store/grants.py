@@ -146,8 +146,7 @@ def _login_role(conn: Connection, verb: str, role: str, password: str | None) ->
     template = f"{verb} ROLE %I WITH LOGIN" + (" PASSWORD %L" if password is not None else "")
     statement = conn.execute(
         text(
-            "SELECT format(CAST(:template AS text), CAST(:role AS text), "
-            "CAST(:password AS text))"
+            "SELECT format(CAST(:template AS text), CAST(:role AS text), CAST(:password AS text))"
         ),
         {"template": template, "role": role, "password": password},
     ).scalar_one()

@@ -10,7 +10,8 @@ from typing import Any
 from ..audit import Redactor
 from ..config import Settings
 from ..engine import EngineHooks, SagaEngine
-from ..store.repository import SagaStore, create_db_engine
+from ..store.connect import create_db_engine
+from ..store.repository import SagaStore
 from .dispatch import CeleryDispatcher
 
 

@@ -28,7 +28,7 @@ from ..core.failure import (
 from ..core.model import Direction
 from ..errors import InvalidRequest, SagaError, SagaNotFound
 from ..requests import check_context, parse_abort, parse_start, start_saga_id, valid_saga_id
-from ..store.repository import retry_transient
+from ..store.connect import retry_transient
 from ..tokens import token_valid
 from . import snapshot
 from .dispatch import shown_kwargs

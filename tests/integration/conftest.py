@@ -25,8 +25,9 @@ from sqlalchemy import select, text
 from saga_worker.audit import Redactor, verify_chain
 from saga_worker.core.model import Saga
 from saga_worker.examples.backtest import example_backtests
+from saga_worker.store.connect import create_db_engine
 from saga_worker.store.migrate import upgrade
-from saga_worker.store.repository import SagaStore, create_db_engine
+from saga_worker.store.repository import SagaStore
 from tests.requirements import unavailable
 
 REPO = Path(__file__).resolve().parents[2]

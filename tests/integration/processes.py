@@ -31,7 +31,8 @@ from sqlalchemy.engine import make_url
 from saga_worker.audit import Redactor
 from saga_worker.core.model import Saga
 from saga_worker.store.codec import saga_from_row
-from saga_worker.store.repository import SagaStore, create_db_engine
+from saga_worker.store.connect import create_db_engine
+from saga_worker.store.repository import SagaStore
 from saga_worker.store.tables import audit_logs, checkpoints
 from tests.requirements import unavailable
 

@@ -34,7 +34,8 @@ from saga_worker.core.model import Saga, SagaState
 from saga_worker.engine import SagaEngine
 from saga_worker.recovery import sweep
 from saga_worker.store.codec import saga_to_row
-from saga_worker.store.repository import SagaStore, create_db_engine
+from saga_worker.store.connect import create_db_engine
+from saga_worker.store.repository import SagaStore
 
 from .conftest import WORKER_IMPORTS, Stack, fresh_postgres_database, fresh_sqlite_database
 

@@ -16,8 +16,9 @@ from celery import Celery
 from sqlalchemy import func, inspect, select, text
 
 from saga_worker.audit import Redactor
+from saga_worker.store.connect import create_db_engine
 from saga_worker.store.migrate import upgrade
-from saga_worker.store.repository import SagaStore, create_db_engine
+from saga_worker.store.repository import SagaStore
 from saga_worker.store.tables import checkpoints
 
 from .conftest import (
@@ -67,9 +68,10 @@ def test_a_database_of_saga_worker_0_1_moves_its_revision_to_its_own_table(
         head = make_0_1_database(url)  # 0.1 kept its revision in Alembic's default table
         upgrade(engine)
         with engine.connect() as conn:
-            assert conn.execute(
-                text("SELECT version_num FROM saga_alembic_version")
-            ).scalar_one() == head
+            assert (
+                conn.execute(text("SELECT version_num FROM saga_alembic_version")).scalar_one()
+                == head
+            )
         assert "alembic_version" not in inspect(engine).get_table_names()
     finally:
         engine.dispose()

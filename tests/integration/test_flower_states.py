@@ -20,7 +20,8 @@ import redis
 from celery import Celery
 
 from saga_worker.audit import Redactor
-from saga_worker.store.repository import SagaStore, create_db_engine
+from saga_worker.store.connect import create_db_engine
+from saga_worker.store.repository import SagaStore
 
 from .conftest import WorkerProcess, fresh_postgres_database, start_worker
 from .test_metrics import FLOWER_AUTH, Service, free_port, http_get, spawn, wait_for

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
+from saga_worker.store.connect import create_db_engine
 from saga_worker.store.migrate import head_revision
-from saga_worker.store.repository import create_db_engine
 
 from .conftest import make_0_1_database, migrated_database
 from .test_operations import cli

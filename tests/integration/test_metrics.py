@@ -44,7 +44,8 @@ from saga_worker.core.model import Direction, SagaState
 from saga_worker.core.retry import RetryPolicy
 from saga_worker.core.transition import start, transition
 from saga_worker.engine import TransitionRecord
-from saga_worker.store.repository import SagaStore, create_db_engine
+from saga_worker.store.connect import create_db_engine
+from saga_worker.store.repository import SagaStore
 from saga_worker.store.tables import audit_logs
 from tests.requirements import require_binary
 

@@ -21,8 +21,9 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
 from saga_worker.audit import Redactor
+from saga_worker.store.connect import create_db_engine
 from saga_worker.store.migrate import head_revision
-from saga_worker.store.repository import SagaStore, create_db_engine
+from saga_worker.store.repository import SagaStore
 
 from .conftest import REPO, Stack, WorkerProcess, fresh_postgres_database, start_worker
 
@@ -355,9 +356,7 @@ def test_grant_create_and_password_env_create_rotate_and_never_touch_a_refused_r
     url = fresh_postgres_database(pg_admin_url)
     role = f"it_new_{uuid.uuid4().hex[:8]}"
     env = {"SAGA_DATABASE_URL": url, "IT_ROLE_PW": "p:w'%s\"x 1"}
-    created = cli(
-        ["db", "grant", role, "--create", "--password-env", "IT_ROLE_PW", "--json"], env
-    )
+    created = cli(["db", "grant", role, "--create", "--password-env", "IT_ROLE_PW", "--json"], env)
     assert created.returncode == 0, created.stderr
     assert json.loads(created.stdout)["created"] is True
     assert table_grants(url, role) == EXPECTED

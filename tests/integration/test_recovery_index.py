@@ -20,7 +20,9 @@ from sqlalchemy.sql.compiler import SQLCompiler
 
 from saga_worker.audit import Redactor
 from saga_worker.engine import utcnow
-from saga_worker.store.repository import SagaStore, create_db_engine, stalled_query
+from saga_worker.store.connect import create_db_engine
+from saga_worker.store.queries import stalled_query
+from saga_worker.store.repository import SagaStore
 
 from .conftest import fresh_postgres_database
 

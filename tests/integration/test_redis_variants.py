@@ -20,7 +20,8 @@ import redis
 from celery import Celery
 
 from saga_worker.audit import Redactor
-from saga_worker.store.repository import SagaStore, create_db_engine
+from saga_worker.store.connect import create_db_engine
+from saga_worker.store.repository import SagaStore
 from tests.requirements import unavailable
 
 from .conftest import fresh_postgres_database, start_worker

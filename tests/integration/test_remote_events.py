@@ -18,7 +18,8 @@ from celery import Celery
 from sqlalchemy import text
 
 from saga_worker.audit import Redactor
-from saga_worker.store.repository import SagaStore, create_db_engine
+from saga_worker.store.connect import create_db_engine
+from saga_worker.store.repository import SagaStore
 from saga_worker.tokens import attempt_token
 
 from .conftest import WORKER_IMPORTS, WorkerProcess, fresh_postgres_database, start_worker

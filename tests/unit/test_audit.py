@@ -207,7 +207,7 @@ def _events() -> list[AuditEvent]:
 
 def test_build_rows_chains_from_genesis() -> None:
     rows = build_rows(
-        _saga({"strategy_id": 42, "password": "pw"}), _events(), TS, GENESIS_HASH, REDACTOR
+        "bt-1", {"strategy_id": 42, "password": "pw"}, _events(), TS, GENESIS_HASH, REDACTOR
     )
     assert [r["event_type"] for r in rows] == ["saga_start", "step_start", "step_retry"]
     assert rows[0]["prev_hash"] == "0" * 64
@@ -230,11 +230,11 @@ def test_build_rows_chains_from_genesis() -> None:
 
 
 def test_build_rows_continues_an_existing_chain() -> None:
-    first = build_rows(_saga({}), _events()[:1], TS, GENESIS_HASH, REDACTOR)
-    more = build_rows(_saga({}), _events()[1:], TS, first[-1]["hash"], REDACTOR)
+    first = build_rows("bt-1", {}, _events()[:1], TS, GENESIS_HASH, REDACTOR)
+    more = build_rows("bt-1", {}, _events()[1:], TS, first[-1]["hash"], REDACTOR)
     assert more[0]["prev_hash"] == first[0]["hash"]
     assert verify_chain([*first, *more]) == []
-    assert build_rows(_saga({}), [], TS, GENESIS_HASH, REDACTOR) == []
+    assert build_rows("bt-1", {}, [], TS, GENESIS_HASH, REDACTOR) == []
 
 
 # ----------------------------------------------------------- verify_chain ---
@@ -445,7 +445,7 @@ def test_partial_chains_accept_a_mid_chain_start_but_check_later_links() -> None
 
 def test_integer_duration_hashes_like_the_float_column_reads_back() -> None:
     event = AuditEvent("step_complete", SagaState.RUNNING, SagaState.RUNNING, duration_ms=5)
-    (row,) = build_rows(_saga({}), [event], TS, GENESIS_HASH, REDACTOR)
+    (row,) = build_rows("bt-1", {}, [event], TS, GENESIS_HASH, REDACTOR)
     assert isinstance(row["duration_ms"], float)
     assert row_hash({**row, "duration_ms": 5.0}) == row["hash"]
 

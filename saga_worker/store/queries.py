@@ -1,0 +1,223 @@
+"""Read-only queries: the recovery scan, the operator's filters and the streaming audit reader."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Connection, Engine, Select, func, select, tuple_
+
+from ..core.model import Saga
+from .codec import saga_from_row
+from .tables import audit_logs, checkpoints
+
+
+def stalled_query(
+    now: datetime, limit: int, after: tuple[datetime, str] | None = None
+) -> Select[Any]:
+    """The recovery scan: live checkpoints whose deadline passed, by (deadline, saga_id).
+
+    Terminal sagas have no deadline, so the partial index ix_saga_checkpoints_deadline_live
+    holds only live ones; the row comparison of a later page is an index condition too.
+    """
+    query = select(checkpoints.c.saga_id, checkpoints.c.pending, checkpoints.c.deadline).where(
+        checkpoints.c.deadline.is_not(None), checkpoints.c.deadline < now
+    )
+    if after is not None:
+        key = (checkpoints.c.deadline, checkpoints.c.saga_id)
+        # Typed binds: the deadline must go through UTCDateTime like the column's values.
+        query = query.where(tuple_(*key) > tuple_(*after, types=[c.type for c in key]))
+    return query.order_by(checkpoints.c.deadline, checkpoints.c.saga_id).limit(limit)
+
+
+# -- filters and the streaming audit reader (read-only, used by the CLI and exports) ----
+
+
+@dataclass(frozen=True)
+class SagaQuery:
+    """Which checkpoints `list_sagas` returns; every field is optional."""
+
+    states: Sequence[str] = ()
+    saga_type: str | None = None
+    user_id: str | None = None
+    started_after: datetime | None = None
+    started_before: datetime | None = None
+
+
+@dataclass(frozen=True)
+class AuditQuery:
+    """Which audit rows an export or a verification reads; every field is optional."""
+
+    since: datetime | None = None
+    until: datetime | None = None
+    saga_type: str | None = None
+    saga_id: str | None = None
+
+
+def _saga_filter(query: Select[Any], q: SagaQuery) -> Select[Any]:
+    if q.states:
+        query = query.where(checkpoints.c.state.in_(list(q.states)))
+    if q.saga_type is not None:
+        query = query.where(checkpoints.c.saga_type == q.saga_type)
+    if q.user_id is not None:
+        query = query.where(checkpoints.c.user_id == q.user_id)
+    if q.started_after is not None:
+        query = query.where(checkpoints.c.started_at >= q.started_after)
+    if q.started_before is not None:
+        query = query.where(checkpoints.c.started_at < q.started_before)
+    return query
+
+
+def _audit_filter(query: Select[Any], q: AuditQuery) -> Select[Any]:
+    if q.since is not None:
+        query = query.where(audit_logs.c.timestamp >= q.since)
+    if q.until is not None:
+        query = query.where(audit_logs.c.timestamp < q.until)
+    if q.saga_id is not None:
+        query = query.where(audit_logs.c.saga_id == q.saga_id)
+    if q.saga_type is not None:
+        query = query.where(
+            audit_logs.c.saga_id.in_(
+                select(checkpoints.c.saga_id).where(checkpoints.c.saga_type == q.saga_type)
+            )
+        )
+    return query
+
+
+class AuditReader:
+    """Streams audit rows (by id) and checkpoint heads; see `SagaStore.audit_snapshot`."""
+
+    def __init__(self, engine: Engine, conn: Connection | None, batch: int) -> None:
+        self.engine = engine
+        self.conn = conn
+        self.batch = batch
+
+    def count(self, query: AuditQuery) -> int:
+        """How many rows `rows(query)` will yield (for a progress bar)."""
+        stmt = _audit_filter(select(func.count()).select_from(audit_logs), query)
+        if self.conn is not None:
+            return int(self.conn.execute(stmt).scalar_one())
+        with self.engine.connect() as conn:
+            return int(conn.execute(stmt).scalar_one())
+
+    def rows(self, query: AuditQuery) -> Iterator[dict[str, Any]]:
+        """Matching audit rows in id order, one at a time, never all in memory."""
+        stmt = _audit_filter(select(audit_logs), query).order_by(audit_logs.c.id)
+        if self.conn is not None:
+            result = self.conn.execute(stmt.execution_options(yield_per=self.batch))
+            try:
+                for row in result.mappings():
+                    yield dict(row)
+            finally:
+                result.close()
+            return
+        last = 0
+        while True:
+            with self.engine.connect() as conn:
+                batch = [
+                    dict(r)
+                    for r in conn.execute(
+                        stmt.where(audit_logs.c.id > last).limit(self.batch)
+                    ).mappings()
+                ]
+            if not batch:
+                return
+            yield from batch
+            last = batch[-1]["id"]
+
+    def heads(self, saga_type: str | None = None) -> Iterator[tuple[str, str]]:
+        """(saga_id, audit_head) of every checkpoint (of one saga type), streamed."""
+        stmt = select(checkpoints.c.saga_id, checkpoints.c.audit_head).order_by(
+            checkpoints.c.saga_id
+        )
+        if saga_type is not None:
+            stmt = stmt.where(checkpoints.c.saga_type == saga_type)
+        if self.conn is not None:
+            result = self.conn.execute(stmt.execution_options(yield_per=self.batch * 5))
+            try:
+                for saga_id, head in result:
+                    yield str(saga_id), str(head)
+            finally:
+                result.close()
+            return
+        last = ""
+        while True:
+            with self.engine.connect() as conn:
+                batch = conn.execute(
+                    stmt.where(checkpoints.c.saga_id > last).limit(self.batch * 5)
+                ).all()
+            if not batch:
+                return
+            for saga_id, head in batch:
+                yield str(saga_id), str(head)
+            last = str(batch[-1][0])
+
+
+class OperatorQueries:
+    """Read-only queries of the operator CLI, the console and the audit export."""
+
+    engine: Engine
+
+    def list_sagas(self, query: SagaQuery, *, limit: int, offset: int = 0) -> list[Saga]:
+        """Sagas matching `query`, newest first (started_at, then saga_id, descending)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                _saga_filter(select(checkpoints), query)
+                .order_by(checkpoints.c.started_at.desc(), checkpoints.c.saga_id.desc())
+                .limit(limit)
+                .offset(offset)
+            ).mappings()
+            return [saga_from_row(r) for r in rows]
+
+    def count_sagas_by_state(self, query: SagaQuery) -> dict[str, int]:
+        """How many sagas match `query` in each state (the state filter itself ignored)."""
+        unfiltered = SagaQuery(
+            saga_type=query.saga_type,
+            user_id=query.user_id,
+            started_after=query.started_after,
+            started_before=query.started_before,
+        )
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                _saga_filter(
+                    select(checkpoints.c.state, func.count()).group_by(checkpoints.c.state),
+                    unfiltered,
+                )
+            ).all()
+        return {str(state): int(count) for state, count in rows}
+
+    def saga_chain(self, saga_id: str) -> tuple[list[dict[str, Any]], str | None]:
+        """One saga's audit rows and its checkpoint's audit_head, read in one transaction."""
+        with self.engine.connect() as conn:
+            head = conn.execute(
+                select(checkpoints.c.audit_head).where(checkpoints.c.saga_id == saga_id)
+            ).scalar()
+            rows = [
+                dict(r)
+                for r in conn.execute(
+                    select(audit_logs)
+                    .where(audit_logs.c.saga_id == saga_id)
+                    .order_by(audit_logs.c.id)
+                ).mappings()
+            ]
+        return rows, None if head is None else str(head)
+
+    @contextmanager
+    def audit_snapshot(self, batch: int = 2000) -> Iterator[AuditReader]:
+        """A reader of audit rows and checkpoint heads that streams in constant memory.
+
+        PostgreSQL: one REPEATABLE READ, READ ONLY transaction with server-side cursors, so
+        rows and heads come from one snapshot. SQLite: keyset batches in short transactions
+        (writers there are serialised, so ids grow in commit order and no row is skipped).
+        """
+        if self.engine.dialect.name != "postgresql":
+            yield AuditReader(self.engine, None, batch)
+            return
+        with self.engine.connect() as conn:
+            conn = conn.execution_options(isolation_level="REPEATABLE READ")
+            with conn.begin():
+                conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+                yield AuditReader(self.engine, conn, batch)
