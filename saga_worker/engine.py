@@ -19,8 +19,7 @@ from .core.model import Saga
 from .core.rejection import rejected_start
 from .core.transition import start, transition
 from .errors import ConcurrencyConflict, SagaNotFound
-from .store.connect import retry_transient
-from .store.repository import Loaded, SagaStore
+from .store.port import Loaded, Store
 
 log = logging.getLogger(__name__)
 
@@ -108,31 +107,31 @@ class SagaEngine:
 
     def __init__(
         self,
-        store: SagaStore,
+        store: Store,
         dispatcher: Dispatcher,
         limits: Limits,
         *,
         clock: Callable[[], datetime] = utcnow,
         hooks: Sequence[EngineHooks] = (),
-        db_retry_seconds: float = 60.0,
+        definitions: Callable[[str], SagaDefinition] = registry.get,
     ) -> None:
         self.store = store
         self.dispatcher = dispatcher
         self.limits = limits
         self.clock = clock
         self.hooks = list(hooks)
-        self.db_retry_seconds = db_retry_seconds
+        #: Finds a saga type's definition: the process-wide registry, or a test's own.
+        self.definitions = definitions
 
     def start(self, request: StartRequested) -> StartResult:
         """Create the saga and send its first step; a known saga_id is a silent duplicate."""
-        definition = registry.get(request.saga_type)
+        definition = self.definitions(request.saga_type)
         now = self.clock()
         decision = start(definition, request, now, self.limits)
         began = time.perf_counter()
-        committed = retry_transient(
+        committed = self.store.retrying(
             lambda: self.store.create(decision, now),
-            max_wait_seconds=self.db_retry_seconds,
-            what=f"start of saga {request.saga_id}",
+            f"start of saga {request.saga_id}",
         )
         elapsed = time.perf_counter() - began
         if committed is None:
@@ -162,10 +161,9 @@ class SagaEngine:
                 self._apply_once, saga_id, event, skip_locked, loaded if attempt == 0 else None
             )
             try:
-                outcome = retry_transient(
+                outcome = self.store.retrying(
                     apply_once,
-                    max_wait_seconds=self.db_retry_seconds,
-                    what=f"transition of saga {saga_id}",
+                    f"transition of saga {saga_id}",
                 )
             except ConcurrencyConflict:
                 continue
@@ -193,7 +191,7 @@ class SagaEngine:
         definitions: list[SagaDefinition] = []
 
         def decide(saga: Saga) -> Decision:
-            definition = registry.get(saga.saga_type)
+            definition = self.definitions(saga.saga_type)
             definitions.append(definition)
             return transition(definition, saga, event, now, self.limits)
 
@@ -224,10 +222,9 @@ class SagaEngine:
         False when the saga_id has a saga: the refused message was a duplicate of its start.
         """
         event = rejected_start(reason, user_id=user_id, ip_address=ip_address, data=data)
-        return retry_transient(
+        return self.store.retrying(
             lambda: self.store.record_rejection(saga_id, (event,), context or {}, self.clock()),
-            max_wait_seconds=self.db_retry_seconds,
-            what=f"rejection of saga {saga_id}",
+            f"rejection of saga {saga_id}",
         )
 
     def _after_commit(self, record: TransitionRecord) -> Outcome:

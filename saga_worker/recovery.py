@@ -22,7 +22,7 @@ from typing import Any
 from .core.recovery import RecoveryOutcome, recovery_event, recovery_outcome
 from .engine import SagaEngine
 from .store.codec import pending_from_json
-from .store.repository import SagaStore, SkippedLocked
+from .store.port import SkippedLocked, Store
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ BATCH = 500
 #: A sweep stops paging after this long and leaves the rest to the next one, so that one
 #: sweep never holds a worker process for long after a mass stall (e.g. a wiped broker).
 MAX_SWEEP_SECONDS = 60.0
+
 
 @dataclass(frozen=True)
 class SweepResult:
@@ -50,7 +51,7 @@ class SweepResult:
 
 
 def sweep(
-    store: SagaStore,
+    store: Store,
     engine: SagaEngine,
     now: datetime,
     batch: int = BATCH,

@@ -1,6 +1,5 @@
-"""SQLAlchemy persistence: tables, the row <-> saga codec, and the repository."""
+"""Persistence: tables, the row <-> saga codec, the one write path and the repository.
 
-from .connect import create_db_engine
-from .repository import SagaStore
-
-__all__ = ["SagaStore", "create_db_engine"]
+Nothing is imported here, so that `store.port` (what the engine needs) stays free of
+SQLAlchemy.
+"""

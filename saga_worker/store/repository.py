@@ -10,9 +10,9 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, insert, select
 from sqlalchemy.exc import IntegrityError
@@ -22,49 +22,31 @@ from ..core.decision import AuditEvent, Decision
 from ..core.model import Saga
 from ..errors import ConcurrencyConflict
 from .codec import saga_from_row, saga_to_row
+from .connect import retry_transient
+from .port import Applied, Loaded, SkippedLocked
 from .queries import OperatorQueries, stalled_query
 from .tables import audit_logs, checkpoints, settings_table
 from .write import Write, Written, audit_head, execute
-
-
-@dataclass(frozen=True)
-class Loaded:
-    """A checkpoint read before a step runs, reused by the transition that follows.
-
-    `carried` says it came with the step's message (worker/snapshot.py), not from a read.
-    """
-
-    saga: Saga
-    audit_head: str
-    carried: bool = False
-
-
-class Applied(NamedTuple):
-    """A decided transition: the saga before, the decision, and the checkpoint as committed.
-
-    `committed` (the new saga with its new version and audit head) is None when the
-    decision changed nothing.
-    """
-
-    before: Saga
-    decision: Decision
-    committed: Loaded | None
-
 
 #: Rejections racing on one saga_id: rebuilding from the new head each time settles it.
 MAX_HEAD_RETRIES = 10
 
 
-class SkippedLocked(Exception):
-    """The row is locked by another transaction (another recovery sweep claimed it)."""
+T = TypeVar("T")
 
 
 class SagaStore(OperatorQueries):
     """Loads and saves sagas; each public write owns one transaction."""
 
-    def __init__(self, engine: Engine, redactor: Redactor) -> None:
+    def __init__(self, engine: Engine, redactor: Redactor, *, retry_seconds: float = 60.0) -> None:
         self.engine = engine
         self.redactor = redactor
+        self.retry_seconds = retry_seconds
+
+    def retrying(self, operation: Callable[[], T], what: str) -> T:
+        """Run `operation`, retrying connection errors (a restart, a failover) for up to
+        `retry_seconds`; anything else, and the last error, is raised."""
+        return retry_transient(operation, max_wait_seconds=self.retry_seconds, what=what)
 
     @property
     def _pg(self) -> bool:

@@ -12,7 +12,7 @@ from ..config import Settings
 from ..core.commands import RunAttempt
 from ..core.definition import Remote, SagaDefinition, idempotency_key
 from ..core.model import Direction, Saga
-from ..store.repository import Loaded
+from ..store.port import Loaded
 from ..tokens import attempt_token
 from . import snapshot
 

@@ -24,7 +24,7 @@ from typing import Any
 from ..audit import canonical_json
 from ..core.model import Saga
 from ..store.codec import saga_from_row, saga_to_row
-from ..store.repository import Loaded
+from ..store.port import Loaded
 
 #: Checkpoint columns that travel elsewhere in the message (or are derived).
 _ELSEWHERE = ("saga_id", "saga_type", "context", "deadline")

@@ -12,7 +12,7 @@ import pytest
 
 from saga_worker.core.model import Attempt, Direction, SagaState
 from saga_worker.examples.backtest import simulate
-from saga_worker.store.repository import Loaded
+from saga_worker.store.port import Loaded
 from saga_worker.tokens import attempt_token
 from saga_worker.worker import snapshot
 

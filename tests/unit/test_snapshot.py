@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from saga_worker.core.model import Attempt, Direction, Saga, SagaState
-from saga_worker.store.repository import Loaded
+from saga_worker.store.port import Loaded
 from saga_worker.worker import snapshot
 from saga_worker.worker.tasks import _sent_again
 
