@@ -22,22 +22,17 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError, ProgrammingError
 
 from . import registry
-from .audit import (
-    AUDIT_HASH_SPEC,
-    EXPORT_COLUMNS,
-    EXPORT_FORMATS,
+from .audit.chain import AUDIT_HASH_SPEC, iso_utc
+from .audit.export import EXPORT_COLUMNS, EXPORT_FORMATS, ExportWriter, manifest_path, open_export
+from .audit.redaction import Redactor
+from .audit.verify import (
     FILE_MISMATCH,
     MALFORMED,
     MISSING_ROWS,
     MISSING_TAIL,
     ChainProblem,
     ChainVerifier,
-    ExportWriter,
-    Redactor,
     describe_tail,
-    iso_utc,
-    manifest_path,
-    open_export,
 )
 from .config import Settings, check_broker_url
 from .core.definition import SagaDefinition

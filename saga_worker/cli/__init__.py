@@ -91,7 +91,7 @@ def main(ctx: click.Context) -> None:
     Configuration comes from SAGA_* environment variables (SAGA_DATABASE_URL,
     SAGA_BROKER_URL, SAGA_IMPORTS, ...), the same the workers use.
     """
-    from ..audit import Redactor
+    from ..audit.redaction import Redactor
     from ..config import DEFAULT_REDACT_KEYS
 
     setup_logging(Redactor(DEFAULT_REDACT_KEYS).text)

@@ -199,6 +199,6 @@ def verify(ctx: click.Context, saga_id: str | None, file: Path | None, json_mode
 
 
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
-    from ..audit import export_record
+    from ..audit.export import export_record
 
     return export_record(row)

@@ -31,7 +31,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.pool import NullPool
 
-from ..audit import GENESIS_HASH, Redactor, build_rows
+from ..audit.chain import GENESIS_HASH, build_rows
+from ..audit.redaction import Redactor
 from ..core.model import Saga, SagaState
 from ..core.transition import AuditEvent, Decision
 from ..errors import ConcurrencyConflict
@@ -222,7 +223,7 @@ def _checkpoint_params(saga: Saga) -> dict[str, Any]:
 def _rows_json(rows: list[dict[str, Any]]) -> str:
     import json
 
-    from ..audit import iso_utc
+    from ..audit.chain import iso_utc
 
     return json.dumps(
         [

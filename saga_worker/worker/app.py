@@ -14,7 +14,7 @@ from celery.app.defaults import DEFAULTS as CELERY_SETTINGS
 from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init
 
 from .. import metrics, registry
-from ..audit import Redactor, install_log_redaction
+from ..audit.redaction import Redactor, install_log_redaction
 from ..config import Settings
 from ..engine import utcnow
 from ..errors import ConfigurationError

@@ -36,7 +36,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 from saga_worker import metrics
-from saga_worker.audit import Redactor
+from saga_worker.audit.redaction import Redactor
 from saga_worker.core.definition import SagaDefinition, Step
 from saga_worker.core.events import StartRequested, StepFailed, StepSucceeded
 from saga_worker.core.model import Direction, SagaState
