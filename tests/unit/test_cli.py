@@ -24,8 +24,13 @@ from saga_worker.cli._output import (
     TimeType,
     exit_code_for,
 )
-from saga_worker.client import DatabaseUnavailable, InvalidFilter, OperationRefused
-from saga_worker.errors import SagaNotFound, UnknownSagaType
+from saga_worker.errors import (
+    DatabaseUnavailable,
+    InvalidFilter,
+    OperationRefused,
+    SagaNotFound,
+    UnknownSagaType,
+)
 
 COMMANDS = [
     [],
