@@ -11,6 +11,7 @@ worker at a time.
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import logging
 import os
@@ -32,6 +33,11 @@ log = logging.getLogger(__name__)
 MmapedDict: Any = mmap_dict.MmapedDict
 MultiProcessCollector: Any = multiprocess.MultiProcessCollector
 MultiProcessValue: Any = values.MultiProcessValue
+
+#: Private directories are `<tmp>/saga-metrics-<pid of the worker's main process>-<random>`.
+PRIVATE_PREFIX = "saga-metrics-"
+#: Held (flock) by the worker that serves a SAGA_METRICS_DIR; not a metric file (*.db).
+LOCK_FILE = ".served-by-worker.lock"
 
 _identity: tuple[int, str] | None = None
 
@@ -143,9 +149,32 @@ def enable_multiprocess(directory: str) -> None:
     values.ValueClass = MultiProcessValue(process_identifier)
 
 
+def private_directory() -> str:
+    """A new directory for this worker's process group only, named after its main process."""
+    remove_orphaned_directories()
+    return tempfile.mkdtemp(prefix=f"{PRIVATE_PREFIX}{os.getpid()}-")
+
+
+def claim_directory(path: Path) -> int | None:
+    """Create `path` and lock it for this worker: the lock's descriptor, or None if taken.
+
+    One server per directory: two workers serving the same files would each report the
+    other's counts (a `sum` in Prometheus would double them), and both would compact them.
+    The lock is released when the descriptor closes, at the latest when the process ends.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
 def remove_orphaned_directories() -> None:
     """Remove directories left by workers that were killed (SIGKILL skips worker_shutdown)."""
-    for path in glob.glob(os.path.join(tempfile.gettempdir(), "saga-metrics-*-*")):
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{PRIVATE_PREFIX}*-*")):
         pid_text = os.path.basename(path).split("-")[2]
         if not pid_text.isdigit():
             continue
