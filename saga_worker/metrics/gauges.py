@@ -21,6 +21,7 @@ from ..core.model import SagaState
 
 log = logging.getLogger(__name__)
 
+
 class SagaStateCollector:
     """`saga_running_current`, `saga_failed_current`, `saga_stalled_current` per saga type.
 
