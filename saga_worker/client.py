@@ -205,7 +205,7 @@ class SagaClient:
         self.store = SagaStore(create_db_engine(self.settings.database_url), self.redactor)
         self.limits = self.settings.limits()
         self.clock = clock
-        # Observers of this process's transitions (metrics: metrics.operator_hooks).
+        # Observers of this process's transitions (metrics.serve.operator_hooks).
         self.hooks = tuple(hooks)
         self._app = app
         self._dispatcher = dispatcher
