@@ -55,13 +55,18 @@ def _serve(port: int, registry: CollectorRegistry) -> WSGIServer:
 def _worker_directory(settings: Settings) -> tuple[str, int | None]:
     """SAGA_METRICS_DIR when set and free, else a private directory; and the claim on it."""
     if settings.metrics_dir is not None:
-        claim = claim_directory(settings.metrics_dir)
+        try:
+            claim = claim_directory(settings.metrics_dir)
+            why = "is served by another worker"
+        except OSError as exc:
+            claim, why = None, f"cannot be used ({exc})"
         if claim is not None:
             return str(settings.metrics_dir), claim
         log.error(
-            "metrics: SAGA_METRICS_DIR=%s is served by another worker; counting in a private "
-            "directory, where operator actions (saga-worker abort/retry) are not counted",
+            "metrics: SAGA_METRICS_DIR=%s %s; counting in a private directory, where "
+            "operator actions (saga-worker abort/retry) are not counted",
             settings.metrics_dir,
+            why,
         )
     return private_directory(), None
 

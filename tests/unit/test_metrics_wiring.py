@@ -5,6 +5,7 @@ tests/integration/test_operator_metrics.py."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from saga_worker.config import Settings
 from saga_worker.errors import ConfigurationError
 from saga_worker.metrics.multiprocess import LOCK_FILE, claim_directory
-from saga_worker.metrics.serve import operator_hooks
+from saga_worker.metrics.serve import _worker_directory, operator_hooks
 
 
 def test_metrics_dir_is_read_from_the_environment_and_must_be_absolute(tmp_path: Path) -> None:
@@ -37,6 +38,21 @@ def test_one_worker_at_a_time_claims_a_metrics_directory(tmp_path: Path) -> None
     again = claim_directory(directory)
     assert again is not None  # released with its descriptor
     os.close(again)
+
+
+def test_a_worker_finding_the_directory_claimed_counts_privately(tmp_path: Path) -> None:
+    shared = tmp_path / "metrics"
+    settings = Settings.from_env({"SAGA_HOME": str(tmp_path), "SAGA_METRICS_DIR": str(shared)})
+    directory, claim = _worker_directory(settings)
+    assert (directory, claim is not None) == (str(shared), True)
+    assert claim is not None
+    try:
+        private, second = _worker_directory(settings)
+        assert second is None and private != str(shared)
+        assert Path(private).is_dir()
+        shutil.rmtree(private)
+    finally:
+        os.close(claim)
 
 
 def test_operator_hooks_are_empty_without_a_shared_directory(tmp_path: Path) -> None:
