@@ -141,7 +141,7 @@ def prepare_databases(ctx: Context) -> None:
     # Migrate with the saga_worker under test (the installed one or --saga-src).
     code = (
         "import sys; from saga_worker.store.migrate import upgrade; "
-        "from saga_worker.store.repository import create_db_engine; "
+        "from saga_worker.store.connect import create_db_engine; "
         "upgrade(create_db_engine(sys.argv[1], pool=False))"
     )
     subprocess.run(

@@ -43,6 +43,7 @@ class Settings:
     queue: str = "saga"
     celery_config: str | None = None
     metrics_port: int | None = None
+    metrics_dir: Path | None = None
     recovery_interval_seconds: float = 10.0
     stall_grace_seconds: float = 30.0
     default_step_timeout_seconds: float = 300.0
@@ -80,6 +81,7 @@ class Settings:
             queue=env.get("SAGA_QUEUE") or "saga",
             celery_config=env.get("SAGA_CELERY_CONFIG", "").strip() or None,
             metrics_port=_int(env, "SAGA_METRICS_PORT", None, minimum=0),
+            metrics_dir=_metrics_dir(env),
             recovery_interval_seconds=_float(env, "SAGA_RECOVERY_INTERVAL_SECONDS", 10.0),
             stall_grace_seconds=_float(env, "SAGA_STALL_GRACE_SECONDS", 30.0),
             default_step_timeout_seconds=_float(env, "SAGA_DEFAULT_STEP_TIMEOUT_SECONDS", 300.0),
@@ -92,7 +94,9 @@ class Settings:
 
 
 SUPPORTED_DATABASES = ("postgresql", "sqlite")
-_DATABASE_EXAMPLES = "postgresql+psycopg://user:password@host:5432/db or sqlite:////path/saga.sqlite3"
+_DATABASE_EXAMPLES = (
+    "postgresql+psycopg://user:password@host:5432/db or sqlite:////path/saga.sqlite3"
+)
 
 
 def _database_url(raw: str | None) -> str | None:
@@ -164,6 +168,18 @@ def _signing_key(env: Mapping[str, str]) -> str | None:
     if not text:
         raise ConfigurationError(f"SAGA_SIGNING_KEY_FILE={path!r} is empty")
     return text
+
+
+def _metrics_dir(env: Mapping[str, str]) -> Path | None:
+    """SAGA_METRICS_DIR, absolute: the worker and the CLI must name the same directory from
+    whatever working directory each starts in."""
+    raw = env.get("SAGA_METRICS_DIR", "").strip()
+    if not raw:
+        return None
+    path = Path(raw)
+    if not path.is_absolute():
+        raise ConfigurationError(f"SAGA_METRICS_DIR must be an absolute path, got {raw!r}")
+    return path
 
 
 def _int(env: Mapping[str, str], name: str, default: int | None, *, minimum: int) -> int | None:

@@ -91,3 +91,27 @@ class GrantRefused(SagaError):
     unknown, owns the tables or is a superuser, or the connection cannot grant."""
 
     code = "grant_refused"
+
+
+class DatabaseUnavailable(SagaError):
+    """The saga database cannot be reached, or it has no saga tables yet."""
+
+    code = "database_unavailable"
+
+
+class BrokerUnavailable(SagaError):
+    """The broker of SAGA_BROKER_URL cannot be reached."""
+
+    code = "broker_unavailable"
+
+
+class InvalidFilter(SagaError):
+    """A list/export filter, paging option or export file argument is not valid."""
+
+    code = "invalid_filter"
+
+
+class OperationRefused(SagaError):
+    """retry/abort does not apply to the saga in its current state."""
+
+    code = "operation_refused"

@@ -1,4 +1,5 @@
-"""Validation of producer messages (saga.start / saga.abort) into core events."""
+"""Validation of what callers ask for: producer messages (saga.start / saga.abort) into core
+events, and the time range of an operator's list or export filter."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import json
 import math
 import re
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
+from .audit.chain import iso_utc
 from .config import Settings
 from .core.events import AbortRequested, StartRequested
-from .errors import InvalidRequest
+from .errors import InvalidFilter, InvalidRequest
 
 SAGA_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,255}")
 START_FIELDS = frozenset({"saga_type", "context", "saga_id", "user_id", "ip_address"})
@@ -182,3 +185,9 @@ def _optional_ip(kwargs: Mapping[str, Any]) -> str | None:
         raise InvalidRequest(
             "ip_address", f"{value[:60]!r} is not an IPv4 or IPv6 address"
         ) from None
+
+
+def check_time_range(since: datetime | None, until: datetime | None) -> None:
+    """`InvalidFilter` unless `since` comes before `until` (either may be left open)."""
+    if since is not None and until is not None and since >= until:
+        raise InvalidFilter(f"--since ({iso_utc(since)}) must be before --until ({iso_utc(until)})")

@@ -91,7 +91,7 @@ def main(ctx: click.Context) -> None:
     Configuration comes from SAGA_* environment variables (SAGA_DATABASE_URL,
     SAGA_BROKER_URL, SAGA_IMPORTS, ...), the same the workers use.
     """
-    from ..audit import Redactor
+    from ..audit.redaction import Redactor
     from ..config import DEFAULT_REDACT_KEYS
 
     setup_logging(Redactor(DEFAULT_REDACT_KEYS).text)
@@ -106,8 +106,12 @@ def client_from(ctx: click.Context, json_mode: bool = False) -> Any:
         factory: Callable[[], Any] | None = root.obj if callable(root.obj) else None
         if factory is None:
             from ..client import SagaClient
+            from ..config import Settings
+            from ..metrics.serve import operator_hooks
 
-            client = SagaClient()
+            settings = Settings.from_env()
+            # Operator actions count on the workers' /metrics (when SAGA_METRICS_DIR is set).
+            client = SagaClient(settings, hooks=operator_hooks(settings))
         else:
             client = factory()
         root.meta["saga_client"] = client

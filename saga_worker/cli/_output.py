@@ -234,11 +234,14 @@ def exit_code_for(exc: BaseException) -> int:
     """The exit code of an exception that reached the top of a command."""
     from sqlalchemy.exc import DBAPIError, OperationalError
 
-    from ..client import BrokerUnavailable, DatabaseUnavailable, InvalidFilter, OperationRefused
     from ..errors import (
+        BrokerUnavailable,
         ConfigurationError,
+        DatabaseUnavailable,
         GrantRefused,
+        InvalidFilter,
         InvalidRequest,
+        OperationRefused,
         SagaError,
         SagaNotFound,
         UnknownSagaType,

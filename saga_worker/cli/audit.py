@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -19,6 +19,9 @@ from ._output import (
     stderr_is_terminal,
     ts,
 )
+
+if TYPE_CHECKING:
+    from ..audit.archive import AuditArchive
 
 
 def register(main: click.Group) -> None:
@@ -36,10 +39,7 @@ def audit() -> None:
 @click.pass_context
 def show(ctx: click.Context, saga_id: str, json_mode: bool) -> None:
     """A saga's audit timeline as a table, and whether its hash chain is intact."""
-    from . import client_from
-
-    client = client_from(ctx, json_mode)
-    timeline = client.audit_timeline(saga_id)
+    timeline = _archive(ctx, json_mode).timeline(saga_id)
     out = Output(json_mode)
     if json_mode:
         out.json(
@@ -115,12 +115,10 @@ def export(
     The file verifies offline with `saga-worker audit verify --file FILE`. Shows a progress
     bar when stderr is a terminal.
     """
-    from . import client_from
-
-    client = client_from(ctx, json_mode)
+    archive = _archive(ctx, json_mode)
     to_stdout = output == "-"
     with progress_bar("exporting audit rows", stderr_is_terminal()) as progress:
-        result = client.export_audit(
+        result = archive.export(
             fmt,
             path=None if to_stdout else Path(output),
             stream=sys.stdout.buffer if to_stdout else None,
@@ -160,18 +158,16 @@ def verify(ctx: click.Context, saga_id: str | None, file: Path | None, json_mode
     checkpoint recorded (a deleted last row leaves no broken link). Exits 1 when anything
     is wrong.
     """
-    from . import client_from
-
     if file is not None and saga_id is not None:
         raise click.UsageError("give --saga-id or --file, not both")
     with progress_bar("verifying audit rows", stderr_is_terminal() and saga_id is None) as bar:
         if file is not None:
             ctx.find_root().meta["saga_json"] = json_mode
-            from ..client import verify_export_file
+            from ..audit.archive import verify_export_file
 
             report = verify_export_file(file, bar)
         else:
-            report = client_from(ctx, json_mode).verify_database(saga_id, bar)
+            report = _archive(ctx, json_mode).verify(saga_id, bar)
     out = Output(json_mode)
     if json_mode:
         out.json(report.as_dict())
@@ -198,7 +194,16 @@ def verify(ctx: click.Context, saga_id: str | None, file: Path | None, json_mode
         raise click.exceptions.Exit(EXIT_PROBLEMS)
 
 
+def _archive(ctx: click.Context, json_mode: bool) -> AuditArchive:
+    """The audit archive of this invocation's database, read through its client's store."""
+    from ..audit.archive import AuditArchive
+    from . import client_from
+
+    client = client_from(ctx, json_mode)
+    return AuditArchive(client.store, client.safe_url, client.clock)
+
+
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
-    from ..audit import export_record
+    from ..audit.export import export_record
 
     return export_record(row)

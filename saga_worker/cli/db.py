@@ -26,7 +26,7 @@ def _database(safe_url: str) -> Iterator[None]:
     """Driver errors as one line naming the database (password hidden)."""
     from sqlalchemy.exc import OperationalError, ProgrammingError
 
-    from ..client import DatabaseUnavailable
+    from ..errors import DatabaseUnavailable
 
     try:
         yield

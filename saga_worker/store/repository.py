@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 from sqlalchemy import Connection, Engine, insert, select
 from sqlalchemy.exc import IntegrityError
 
-from ..audit import GENESIS_HASH, Redactor, build_rows
+from ..audit.chain import GENESIS_HASH, build_rows
+from ..audit.redaction import Redactor
 from ..core.decision import AuditEvent, Decision
 from ..core.model import Saga
 from ..errors import ConcurrencyConflict

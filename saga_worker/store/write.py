@@ -26,7 +26,7 @@ from typing import Any
 from sqlalchemy import JSON, Boolean, Connection, Float, Integer, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from ..audit import GENESIS_HASH, iso_utc
+from ..audit.chain import GENESIS_HASH, iso_utc
 from .tables import UTCDateTime, audit_logs, checkpoints
 
 

@@ -13,11 +13,12 @@ from celery.app.defaults import _TO_NEW_KEY as OLD_SETTING_NAMES
 from celery.app.defaults import DEFAULTS as CELERY_SETTINGS
 from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init
 
-from .. import metrics, registry
-from ..audit import Redactor, install_log_redaction
+from .. import registry
+from ..audit.redaction import Redactor, install_log_redaction
 from ..config import Settings
 from ..engine import utcnow
 from ..errors import ConfigurationError
+from ..metrics.serve import install as install_metrics
 from ..recovery import sweep
 from .broker import guarded_transport
 from .consumer import CONSUMER_PATH
@@ -213,7 +214,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     _redact_logs(settings)
     runtimes = RuntimeFactory(app, settings)
     # Metrics subscribe to engine hooks; Celery signals set up their endpoint (SAGA_METRICS_PORT).
-    runtimes.hooks.append(metrics.install(app, settings))
+    runtimes.hooks.append(install_metrics(app, settings))
     app.saga_runtimes = runtimes
     register_core_tasks(app, runtimes)
 

@@ -7,7 +7,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from ..audit import REDACTED, Redactor
+from ..audit.redaction import REDACTED, Redactor
 from ..config import Settings
 from ..core.commands import RunAttempt
 from ..core.definition import Remote, SagaDefinition, idempotency_key

@@ -7,7 +7,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..audit import Redactor
+from ..audit.redaction import Redactor
 from ..config import Settings
 from ..engine import EngineHooks, SagaEngine
 from ..store.connect import create_db_engine

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from ..audit import canonical_json
+from ..audit.chain import canonical_json
 from ..core.model import Saga
 from ..store.codec import saga_from_row, saga_to_row
 from ..store.port import Loaded

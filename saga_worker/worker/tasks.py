@@ -13,7 +13,7 @@ from celery.exceptions import Retry, SoftTimeLimitExceeded
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from .. import registry
-from ..audit import Redactor
+from ..audit.redaction import Redactor
 from ..core.decision import Decision, next_attempt
 from ..core.definition import SagaDefinition, StepInput, idempotency_key
 from ..core.events import ResultRejected, StepFailed, StepSucceeded

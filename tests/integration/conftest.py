@@ -22,7 +22,8 @@ import pytest
 from celery import Celery
 from sqlalchemy import select, text
 
-from saga_worker.audit import Redactor, verify_chain
+from saga_worker.audit.redaction import Redactor
+from saga_worker.audit.verify import verify_chain
 from saga_worker.core.model import Saga
 from saga_worker.examples.backtest import example_backtests
 from saga_worker.store.connect import create_db_engine

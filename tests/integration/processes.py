@@ -28,7 +28,7 @@ from celery import Celery
 from sqlalchemy import select
 from sqlalchemy.engine import make_url
 
-from saga_worker.audit import Redactor
+from saga_worker.audit.redaction import Redactor
 from saga_worker.core.model import Saga
 from saga_worker.store.codec import saga_from_row
 from saga_worker.store.connect import create_db_engine

@@ -22,7 +22,8 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
 import saga_worker.examples  # noqa: F401  (registers backtest_workflow in this process)
-from saga_worker.audit import GENESIS_HASH, REDACTED, Redactor, row_hash
+from saga_worker.audit.chain import GENESIS_HASH, row_hash
+from saga_worker.audit.redaction import REDACTED, Redactor
 from saga_worker.cli import main
 from saga_worker.client import SagaClient
 from saga_worker.config import DEFAULT_REDACT_KEYS, Settings

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from saga_worker.audit import verify_chain
+from saga_worker.audit.verify import verify_chain
 from saga_worker.core.model import Saga
 from saga_worker.examples.backtest import example_backtests, simulate
 

@@ -15,7 +15,7 @@ import redis
 from celery import Celery
 from sqlalchemy import func, inspect, select, text
 
-from saga_worker.audit import Redactor
+from saga_worker.audit.redaction import Redactor
 from saga_worker.store.connect import create_db_engine
 from saga_worker.store.migrate import upgrade
 from saga_worker.store.repository import SagaStore

@@ -19,7 +19,7 @@ import pytest
 import redis
 from celery import Celery
 
-from saga_worker.audit import Redactor
+from saga_worker.audit.redaction import Redactor
 from saga_worker.store.connect import create_db_engine
 from saga_worker.store.repository import SagaStore
 

@@ -35,8 +35,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
-from saga_worker import metrics
-from saga_worker.audit import Redactor
+from saga_worker.audit.redaction import Redactor
 from saga_worker.core.decision import Decision
 from saga_worker.core.definition import SagaDefinition, Step
 from saga_worker.core.events import StartRequested, StepFailed, StepSucceeded
@@ -44,6 +43,9 @@ from saga_worker.core.model import Direction, SagaState
 from saga_worker.core.retry import RetryPolicy
 from saga_worker.core.transition import start, transition
 from saga_worker.engine import TransitionRecord
+from saga_worker.metrics.gauges import SagaStateCollector
+from saga_worker.metrics.hooks import METRIC_NAMES, MetricsHook, SagaMetrics
+from saga_worker.metrics.multiprocess import MultiProcessCollector, compact, enable_multiprocess
 from saga_worker.store.connect import create_db_engine
 from saga_worker.store.repository import SagaStore
 from saga_worker.store.tables import audit_logs
@@ -83,8 +85,8 @@ def test_hook_maps_transitions_to_design_metrics() -> None:
     """A saga whose step b fails twice: counters, labels and histograms as documented."""
     definition = _two_steps()
     registry = CollectorRegistry()
-    m = metrics.SagaMetrics(registry)
-    hook = metrics.MetricsHook(m)
+    m = SagaMetrics(registry)
+    hook = MetricsHook(m)
     now = datetime.now(UTC)
     decision = start(definition, StartRequested("h-1", "hooked", {}), now)
     hook.on_transition(TransitionRecord(definition, None, decision, 0.004, False))
@@ -143,13 +145,13 @@ def test_state_gauges_come_from_the_checkpoint_table(tmp_path: Path) -> None:
         assert store.create(decision, began)
     store.engine.dispose()
     registry = CollectorRegistry()
-    registry.register(metrics.SagaStateCollector(url))
+    registry.register(SagaStateCollector(url))
     t = {"saga_type": "hooked"}
     assert registry.get_sample_value("saga_running_current", t) == 2
     assert registry.get_sample_value("saga_stalled_current", t) == 1  # g-2's deadline passed
     assert registry.get_sample_value("saga_failed_current", t) == 1
     broken = CollectorRegistry()
-    broken.register(metrics.SagaStateCollector(f"sqlite:///{tmp_path}/missing/x.db"))
+    broken.register(SagaStateCollector(f"sqlite:///{tmp_path}/missing/x.db"))
     assert broken.get_sample_value("saga_running_current", t) is None  # left out, not stale
 
 
@@ -157,8 +159,8 @@ def test_state_gauges_come_from_the_checkpoint_table(tmp_path: Path) -> None:
 
 
 def _count_in_child(directory: str, amount: int, hold: Any = None) -> None:
-    metrics.enable_multiprocess(directory)
-    m = metrics.SagaMetrics()
+    enable_multiprocess(directory)
+    m = SagaMetrics()
     for _ in range(amount):
         m.started.labels("compacted").inc()
         m.checkpoint_save_duration.labels("compacted").observe(0.003)
@@ -168,7 +170,7 @@ def _count_in_child(directory: str, amount: int, hold: Any = None) -> None:
 
 def _totals(directory: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     files = glob.glob(os.path.join(directory, "*.db"))
-    merged = metrics.MultiProcessCollector.merge(files, accumulate=True)
+    merged = MultiProcessCollector.merge(files, accumulate=True)
     return {(s.name, tuple(sorted(s.labels.items()))): s.value for m in merged for s in m.samples}
 
 
@@ -188,7 +190,7 @@ def test_compaction_keeps_totals_exact(tmp_path: Path) -> None:
         time.sleep(0.05)
     before = _totals(directory)
     assert before[("saga_started_total", (("saga_type", "compacted"),))] == 10
-    assert metrics.compact(directory) == 6  # 3 dead processes x (counter, histogram)
+    assert compact(directory) == 6  # 3 dead processes x (counter, histogram)
     assert _totals(directory) == pytest.approx(before)  # float sums may round differently
     left = sorted(os.path.basename(f) for f in glob.glob(f"{directory}/*.db"))
     assert [f for f in left if "archive" in f] == ["counter_archive.db", "histogram_archive.db"]
@@ -198,7 +200,7 @@ def test_compaction_keeps_totals_exact(tmp_path: Path) -> None:
     child.join()
     hold.set()
     live.join()
-    assert metrics.compact(directory) == 4
+    assert compact(directory) == 4
     after = _totals(directory)
     assert after[("saga_started_total", (("saga_type", "compacted"),))] == 15
     count = ("saga_checkpoint_save_duration_seconds_count", (("saga_type", "compacted"),))
@@ -591,7 +593,7 @@ def test_worker_serves_exact_counters(observed: Observed) -> None:
     counters = {
         key: value
         for key, value in final.items()
-        if key[0].endswith("_total") and value != 0 and key[0] in metrics.METRIC_NAMES
+        if key[0].endswith("_total") and value != 0 and key[0] in METRIC_NAMES
     }
     assert counters == expected_counters(), observed.logs()
     assert sample(final, "saga_recovered_total", saga_type=SAGA) == 0  # exposed from the start

@@ -20,7 +20,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
-from saga_worker.audit import Redactor
+from saga_worker.audit.redaction import Redactor
 from saga_worker.store.connect import create_db_engine
 from saga_worker.store.migrate import head_revision
 from saga_worker.store.repository import SagaStore

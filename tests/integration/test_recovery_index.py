@@ -18,7 +18,7 @@ from sqlalchemy import ClauseElement, Engine, Executable, text
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 
-from saga_worker.audit import Redactor
+from saga_worker.audit.redaction import Redactor
 from saga_worker.engine import utcnow
 from saga_worker.store.connect import create_db_engine
 from saga_worker.store.queries import stalled_query

@@ -17,7 +17,7 @@ import pytest
 from celery import Celery
 from sqlalchemy import text
 
-from saga_worker.audit import Redactor
+from saga_worker.audit.redaction import Redactor
 from saga_worker.store.connect import create_db_engine
 from saga_worker.store.repository import SagaStore
 from saga_worker.tokens import attempt_token

@@ -14,25 +14,18 @@ from typing import Any
 
 import pytest
 
-from saga_worker.audit import (
+from saga_worker.audit.chain import GENESIS_HASH, build_rows, row_hash
+from saga_worker.audit.export import EXPORT_COLUMNS, ExportWriter, export_record, open_export
+from saga_worker.audit.redaction import REDACTED, Redactor, install_log_redaction
+from saga_worker.audit.verify import (
     BROKEN_LINK,
-    EXPORT_COLUMNS,
-    GENESIS_HASH,
     MISSING_ROWS,
     MISSING_TAIL,
     MODIFIED,
     ORPHAN,
     OUT_OF_ORDER,
-    REDACTED,
     ChainVerifier,
-    ExportWriter,
-    Redactor,
-    build_rows,
     describe_tail,
-    export_record,
-    install_log_redaction,
-    open_export,
-    row_hash,
     verify_chain,
 )
 from saga_worker.config import DEFAULT_REDACT_KEYS

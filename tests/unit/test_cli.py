@@ -11,7 +11,8 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from saga_worker.audit import GENESIS_HASH, ExportWriter, row_hash
+from saga_worker.audit.chain import GENESIS_HASH, row_hash
+from saga_worker.audit.export import ExportWriter
 from saga_worker.cli import main
 from saga_worker.cli._output import (
     EXIT_NOT_FOUND,
@@ -23,8 +24,13 @@ from saga_worker.cli._output import (
     TimeType,
     exit_code_for,
 )
-from saga_worker.client import DatabaseUnavailable, InvalidFilter, OperationRefused
-from saga_worker.errors import SagaNotFound, UnknownSagaType
+from saga_worker.errors import (
+    DatabaseUnavailable,
+    InvalidFilter,
+    OperationRefused,
+    SagaNotFound,
+    UnknownSagaType,
+)
 
 COMMANDS = [
     [],

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from saga_worker import metrics
+from saga_worker.metrics.hooks import METRIC_NAMES, SagaMetrics
 from tests.requirements import require_binary
 
 REPO = Path(__file__).resolve().parents[2]
@@ -109,7 +109,7 @@ def metric_names_in(expr: str) -> set[str]:
 def exported_series() -> set[str]:
     """Every series name the endpoints serve, plus Prometheus' own `up`."""
     series = {"up"}
-    for name in metrics.METRIC_NAMES:
+    for name in METRIC_NAMES:
         series.add(name)
         if name in HISTOGRAMS:
             series.update({f"{name}_bucket", f"{name}_sum", f"{name}_count"})
@@ -144,7 +144,7 @@ def test_dashboard_queries_name_only_exported_metrics() -> None:
         re.sub(r"_(bucket|sum|count)$", "", n) if n.startswith(tuple(HISTOGRAMS)) else n
         for n in used
     }
-    missing = metrics.METRIC_NAMES - base
+    missing = METRIC_NAMES - base
     assert not missing, f"exported but on no panel: {missing}"
 
 
@@ -260,8 +260,8 @@ def contract_metrics() -> dict[str, tuple[str, ...]]:
 
 def test_metrics_match_contract_names_and_labels() -> None:
     contract = contract_metrics()
-    assert set(contract) == metrics.METRIC_NAMES
-    m = metrics.SagaMetrics()  # not registered anywhere: registry=None
+    assert set(contract) == METRIC_NAMES
+    m = SagaMetrics()  # not registered anywhere: registry=None
     served: dict[str, tuple[str, ...]] = {}
     for value in vars(m).values():
         name = value._name + ("_total" if value._type == "counter" else "")

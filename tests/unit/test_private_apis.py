@@ -92,7 +92,7 @@ def test_celery_settings_table_knows_every_setting_we_pin() -> None:
     assert "broker_transport_options" in DEFAULTS
 
 
-# -- prometheus_client multiprocess internals (saga_worker/metrics.py) ------------------------
+# -- prometheus_client multiprocess internals (saga_worker/metrics/multiprocess.py) ----------
 # Behaviour: tests/integration/test_metrics.py (prefork-exact counters, compaction).
 
 

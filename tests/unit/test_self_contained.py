@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import saga_worker
-from saga_worker import audit
+from saga_worker.audit.chain import AUDIT_HASH_SPEC
 from tests.requirements import unavailable
 
 REPO = Path(__file__).resolve().parents[2]
@@ -20,9 +20,7 @@ PACKAGE = Path(saga_worker.__file__).resolve().parent
 
 # Built by concatenation so that this file does not match itself.
 FORBIDDEN = re.compile(
-    "|".join(
-        re.escape(p) for p in (".." + "/shared", "shared" + "/DESIGN", "DESIGN" + ".md")
-    )
+    "|".join(re.escape(p) for p in (".." + "/shared", "shared" + "/DESIGN", "DESIGN" + ".md"))
 )
 # [text](target) in Markdown; targets with a scheme or a pure anchor stay inside anyway.
 MD_LINK = re.compile(r"\]\(([^)\s]+)\)")
@@ -109,6 +107,6 @@ def test_markdown_anchors_name_existing_headings() -> None:
 def test_export_manifest_names_the_hash_definition_not_a_file() -> None:
     # The manifest carries AUDIT_HASH_SPEC; docs/audit.md defines the hash under that name.
     name = "saga_worker audit hash v1"
-    assert audit.AUDIT_HASH_SPEC.startswith(name)
+    assert AUDIT_HASH_SPEC.startswith(name)
     assert name in (REPO / "docs" / "audit.md").read_text(encoding="utf-8")
-    assert not FORBIDDEN.search(audit.AUDIT_HASH_SPEC)
+    assert not FORBIDDEN.search(AUDIT_HASH_SPEC)
