@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, func, select
 
-from saga_worker.audit import GENESIS_HASH, Redactor, build_rows, verify_chain
+from saga_worker.audit.chain import GENESIS_HASH, build_rows
+from saga_worker.audit.redaction import Redactor
+from saga_worker.audit.verify import verify_chain
 from saga_worker.core.decision import Decision
 from saga_worker.core.definition import Remote, SagaDefinition, Step
 from saga_worker.core.events import StartRequested, StepSucceeded
