@@ -12,6 +12,7 @@ from .golden import UPDATE_ENV, check_golden, event_from_json, event_to_json, re
 from .harness import HarnessError, SagaTestHarness, StepRun
 from .memory import (
     DEFAULT_START,
+    EngineStore,
     FakeClock,
     InMemoryStore,
     RecordingDispatcher,
@@ -26,6 +27,7 @@ __all__ = [
     "StepRun",
     # engine parts
     "DEFAULT_START",
+    "EngineStore",
     "FakeClock",
     "InMemoryStore",
     "RecordingDispatcher",

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from .. import registry
 from ..audit import ChainProblem, Redactor
@@ -38,8 +38,10 @@ from ..engine import SagaEngine, StartResult
 from ..errors import InvalidRequest
 from ..recovery import SweepResult, sweep
 from ..requests import check_context, parse_abort, parse_start
-from ..store.repository import Loaded, SagaStore
 from .memory import FakeClock, InMemoryStore, RecordingDispatcher, SentAttempt
+
+if TYPE_CHECKING:
+    from ..store.repository import Loaded, SagaStore
 
 # The limits a worker applies to contexts and step outputs (SAGA_MAX_CONTEXT_*), at their
 # defaults; the URLs are never used.
@@ -108,7 +110,7 @@ class SagaTestHarness:
         self.dispatcher = RecordingDispatcher()
         # SagaEngine is typed with the SQL store; InMemoryStore has the same methods.
         self.engine = SagaEngine(
-            cast(SagaStore, self.store), self.dispatcher, self.limits, clock=self.clock
+            cast("SagaStore", self.store), self.dispatcher, self.limits, clock=self.clock
         )
         self.saga_id: str | None = None
         self._delivered: set[int] = set()  # indexes into dispatcher.sent already consumed
@@ -227,7 +229,7 @@ class SagaTestHarness:
     def recover(self) -> SweepResult:
         """Run the beat's recovery sweep now: re-send stalled attempts, send due held retries."""
         with _registered(self.definition):
-            return sweep(cast(SagaStore, self.store), self.engine, self.clock())
+            return sweep(cast("SagaStore", self.store), self.engine, self.clock())
 
     # -- inspection ------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..audit import GENESIS_HASH, ChainProblem, ChainVerifier, Redactor, build_rows
 from ..config import DEFAULT_REDACT_KEYS
@@ -326,3 +326,49 @@ class RecordingDispatcher:
                 self.failed.append(attempt)
                 raise SendFailed(f"send of {attempt.task_name} attempt {command.attempt} failed")
             self.sent.append(attempt)
+
+
+class EngineStore(Protocol):
+    """What the engine and the recovery sweep call on a store; both stores implement it."""
+
+    def create(self, decision: Decision, now: datetime) -> Loaded | None: ...
+
+    def apply(
+        self,
+        saga_id: str,
+        decide: Callable[[Saga], Decision],
+        now: datetime,
+        *,
+        skip_locked: bool = False,
+        loaded: Loaded | None = None,
+    ) -> Applied | None: ...
+
+    def record_rejection(
+        self,
+        saga_id: str,
+        events: tuple[AuditEvent, ...],
+        context: Mapping[str, Any],
+        now: datetime,
+    ) -> bool: ...
+
+    def load_for_step(self, saga_id: str) -> Loaded | None: ...
+
+    def load(self, saga_id: str) -> Saga | None: ...
+
+    def exists(self, saga_id: str) -> bool: ...
+
+    def audit_trail(self, saga_id: str) -> list[dict[str, Any]]: ...
+
+    def saga_chain(self, saga_id: str) -> tuple[list[dict[str, Any]], str | None]: ...
+
+    def stalled(
+        self, now: datetime, limit: int, after: tuple[datetime, str] | None = None
+    ) -> list[tuple[str, dict[str, Any], datetime]]: ...
+
+
+if TYPE_CHECKING:
+    from ..store.repository import SagaStore
+
+    # mypy checks that both stores still match the protocol (a changed signature fails here).
+    def _both_conform(memory: InMemoryStore, sql: SagaStore) -> list[EngineStore]:
+        return [memory, sql]
