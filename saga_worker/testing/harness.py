@@ -219,7 +219,11 @@ class SagaTestHarness:
         return self._handle(saga_id, event)
 
     def retry(self, reason: str = "operator retry", *, user_id: str = "operator") -> Decision:
-        """An operator's retry: re-run a FAILED saga's failed compensations."""
+        """An operator's retry through the engine (`saga-worker retry`).
+
+        A FAILED saga re-runs its failed compensations; a live one has its pending attempt
+        re-sent now (the CLI asks for --force while that attempt has not stalled; this does not).
+        """
         return self._handle(self._current(), RetryRequested(user_id=user_id, reason=reason))
 
     def advance_clock(self, seconds: float) -> datetime:

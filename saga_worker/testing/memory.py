@@ -174,6 +174,7 @@ class InMemoryStore:
         return None if loaded is None else loaded.saga
 
     def exists(self, saga_id: str) -> bool:
+        """Whether a checkpoint exists (rejection rows alone do not make one)."""
         with self._lock:
             return saga_id in self._checkpoints
 
@@ -275,10 +276,12 @@ class SentAttempt:
 
     @property
     def step_name(self) -> str:
+        """The name of the attempt's step."""
         return self.definition.steps[self.command.step_index].name
 
     @property
     def task_name(self) -> str:
+        """The Celery task a worker would have received: saga.<type>.<step> or the remote's."""
         return self.definition.task_name(self.command.step_index, self.command.direction)
 
     @property
