@@ -1,0 +1,393 @@
+"""`SagaTestHarness`: run a saga definition through the real engine, in-process, no broker.
+
+The harness owns an `InMemoryStore`, a `RecordingDispatcher` (its "broker": sent attempts
+wait there until run) and a `FakeClock`, and builds the one `SagaEngine` around them. Local
+steps run as `saga_worker/worker/tasks.py` runs them; results of remote steps (or results a
+test wants to force) are delivered with `succeed` / `fail`, as `saga.advance` delivers them.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+from .. import registry
+from ..audit import ChainProblem, Redactor
+from ..config import Settings
+from ..core.definition import SagaDefinition, StepInput, idempotency_key
+from ..core.events import Event, RetryRequested, StepFailed, StepSucceeded
+from ..core.failure import (
+    MAX_ERROR_CHARS,
+    MAX_TRACE_CHARS,
+    named_non_retryable,
+    reported_failure,
+    storable_text,
+)
+from ..core.model import Saga
+from ..core.transition import Decision, Limits
+from ..engine import SagaEngine, StartResult
+from ..errors import InvalidRequest
+from ..recovery import SweepResult, sweep
+from ..requests import check_context, parse_abort, parse_start
+from .memory import FakeClock, InMemoryStore, RecordingDispatcher, SentAttempt
+
+if TYPE_CHECKING:
+    from ..store.repository import Loaded, SagaStore
+
+# The limits a worker applies to contexts and step outputs (SAGA_MAX_CONTEXT_*), at their
+# defaults; the URLs are never used.
+_SETTINGS = Settings(database_url="memory://", broker_url="memory://", home=Path("."))
+
+# The engine finds definitions by saga type in the process-wide registry. Tests often build
+# several definitions of one type (variants of a saga), which `register` refuses, so each
+# engine call runs with the harness's own definition swapped in and the previous one put back.
+_REGISTRY_LOCK = threading.RLock()
+
+
+@contextmanager
+def _registered(definition: SagaDefinition) -> Iterator[None]:
+    with _REGISTRY_LOCK:
+        table = registry._definitions
+        previous = table.get(definition.saga_type)
+        table[definition.saga_type] = definition
+        try:
+            yield
+        finally:
+            if previous is None:
+                table.pop(definition.saga_type, None)
+            else:
+                table[definition.saga_type] = previous
+
+
+class HarnessError(AssertionError):
+    """The test asked for something the saga cannot do now (an AssertionError for pytest)."""
+
+
+@dataclass(frozen=True)
+class StepRun:
+    """One delivered message: whether its step ran, what it reported and what followed.
+
+    `ran` is False when the attempt was no longer pending (a duplicate or superseded
+    message, skipped as a worker skips it). `error` is the exception the step raised.
+    """
+
+    attempt: SentAttempt
+    ran: bool
+    event: StepSucceeded | StepFailed | None = None
+    decision: Decision | None = None
+    error: Exception | None = None
+
+
+class SagaTestHarness:
+    """Unit-test a saga definition through the real engine: start, run steps, inspect.
+
+    `limits` are the engine's settings (stall grace, max recoveries, the longest broker
+    delay); `clock` starts at `memory.DEFAULT_START` unless given. Methods act on the saga
+    started last (`saga_id`).
+    """
+
+    def __init__(
+        self,
+        definition: SagaDefinition,
+        *,
+        limits: Limits | None = None,
+        clock: FakeClock | None = None,
+        redactor: Redactor | None = None,
+    ) -> None:
+        self.definition = definition
+        self.limits = limits if limits is not None else Limits()
+        self.clock = clock if clock is not None else FakeClock()
+        self.store = InMemoryStore(redactor)
+        self.dispatcher = RecordingDispatcher()
+        # SagaEngine is typed with the SQL store; InMemoryStore has the same methods.
+        self.engine = SagaEngine(
+            cast("SagaStore", self.store), self.dispatcher, self.limits, clock=self.clock
+        )
+        self.saga_id: str | None = None
+        self._delivered: set[int] = set()  # indexes into dispatcher.sent already consumed
+
+    # -- driving ---------------------------------------------------------------------------
+
+    def start(
+        self,
+        context: Mapping[str, Any] | None = None,
+        *,
+        saga_id: str | None = None,
+        user_id: str | None = None,
+        ip_address: str | None = None,
+    ) -> StartResult:
+        """Start a saga as a producer's saga.start would (validated the same way).
+
+        Without `saga_id` a fresh one is made, as a start message's task id would be.
+        A known saga_id is a duplicate: `created` is False and nothing is sent.
+        """
+        kwargs: dict[str, Any] = {
+            "saga_type": self.definition.saga_type,
+            "context": {} if context is None else context,
+        }
+        for key, value in (("saga_id", saga_id), ("user_id", user_id), ("ip_address", ip_address)):
+            if value is not None:
+                kwargs[key] = value
+        request = parse_start((), kwargs, _SETTINGS, f"{self.definition.saga_type}-{uuid.uuid4()}")
+        with _registered(self.definition):
+            result = self.engine.start(request)
+        self.saga_id = result.saga_id
+        return result
+
+    def run_next(self) -> StepRun:
+        """Deliver the next sent message (earliest `not_before` first) and run its local step.
+
+        The clock moves to the message's `not_before` when that is later (a retry's backoff).
+        """
+        index, sent = self._next()
+        if sent.remote:
+            raise HarnessError(
+                f"the next message is remote task {sent.task_name!r} (step {sent.step_name}): "
+                "deliver its result with succeed() or fail()"
+            )
+        self._deliver(index)
+        return self._run_local(sent)
+
+    def run_until_settled(self, max_steps: int = 100, *, fail_fast: bool = False) -> list[StepRun]:
+        """Run local steps until no message is left or the next one is a remote step's.
+
+        With `fail_fast`, an exception a step raises is re-raised after its failure was
+        recorded (to see a bug's traceback instead of a compensated saga).
+        """
+        runs: list[StepRun] = []
+        while (upcoming := self._upcoming()) and not upcoming[0][1].remote:
+            if len(runs) >= max_steps:
+                raise HarnessError(
+                    f"not settled after {max_steps} steps; saga {self.saga_id} is "
+                    f"{self.saga.state.value} (raise max_steps if that is expected)"
+                )
+            run = self.run_next()
+            runs.append(run)
+            if fail_fast and run.error is not None:
+                raise run.error
+        return runs
+
+    def succeed(self, step_name: str, output: Mapping[str, Any] | None = None) -> Decision:
+        """Deliver success of the pending attempt of `step_name` (its action or compensation)."""
+        sent = self._take(step_name)
+        command = sent.command
+        problem = _output_problem(output)
+        event: StepSucceeded | StepFailed = (
+            StepSucceeded(
+                command.step_index, command.direction, command.attempt, dict(output or {})
+            )
+            if problem is None
+            else StepFailed(
+                command.step_index, command.direction, command.attempt, "StepOutputError", problem
+            )
+        )
+        return self._handle(command.saga_id, event)
+
+    def fail(
+        self,
+        step_name: str,
+        error_type: str = "StepError",
+        message: str = "failed by the test",
+        *,
+        retryable: bool = True,
+    ) -> Decision:
+        """Deliver failure of the pending attempt of `step_name`, as a failure report would.
+
+        An `error_type` named NonRetryableStepError fails the step without retries too.
+        """
+        command = self._take(step_name).command
+        report = {"error_type": error_type, "message": message, "retryable": retryable}
+        return self._handle(
+            command.saga_id,
+            reported_failure(command.step_index, command.direction, command.attempt, report),
+        )
+
+    def abort(self, reason: str = "abort requested", *, user_id: str | None = None) -> Decision:
+        """Request rollback, as saga.abort does."""
+        saga_id, event = parse_abort(
+            (), {"saga_id": self._current(), "reason": reason, "user_id": user_id}
+        )
+        return self._handle(saga_id, event)
+
+    def retry(self, reason: str = "operator retry", *, user_id: str = "operator") -> Decision:
+        """An operator's retry through the engine (`saga-worker retry`).
+
+        A FAILED saga re-runs its failed compensations; a live one has its pending attempt
+        re-sent now (the CLI asks for --force while that attempt has not stalled; this does not).
+        """
+        return self._handle(self._current(), RetryRequested(user_id=user_id, reason=reason))
+
+    def advance_clock(self, seconds: float) -> datetime:
+        """Let time pass (for held retries and stall deadlines); returns the new time."""
+        return self.clock.advance(seconds)
+
+    def recover(self) -> SweepResult:
+        """Run the beat's recovery sweep now: re-send stalled attempts, send due held retries."""
+        with _registered(self.definition):
+            return sweep(cast("SagaStore", self.store), self.engine, self.clock())
+
+    # -- inspection ------------------------------------------------------------------------
+
+    @property
+    def saga(self) -> Saga:
+        """The current saga as last committed."""
+        saga = self.store.load(self._current())
+        if saga is None:
+            raise HarnessError(f"saga {self.saga_id} does not exist")
+        return saga
+
+    def audit_trail(self) -> list[dict[str, Any]]:
+        """The current saga's audit rows, as `saga-worker audit show` reads them."""
+        return self.store.audit_trail(self._current())
+
+    def audit_events(self) -> list[str]:
+        """The event types of the current saga's audit trail, in order."""
+        return [row["event_type"] for row in self.audit_trail()]
+
+    @property
+    def sent(self) -> list[SentAttempt]:
+        """Every attempt sent so far (failed sends are in `dispatcher.failed`)."""
+        return list(self.dispatcher.sent)
+
+    @property
+    def queued(self) -> list[SentAttempt]:
+        """Sent attempts not delivered yet, in delivery order."""
+        return [sent for _, sent in self._upcoming()]
+
+    def verify_audit(self) -> list[ChainProblem]:
+        """Problems the real chain verifier finds in the store's audit rows; [] when sound."""
+        return self.store.verify_audit()
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _current(self) -> str:
+        if self.saga_id is None:
+            raise HarnessError("no saga started yet: call start() first")
+        return self.saga_id
+
+    def _handle(self, saga_id: str, event: Event, loaded: Loaded | None = None) -> Decision:
+        with _registered(self.definition):
+            return self.engine.handle(saga_id, event, loaded=loaded)
+
+    def _upcoming(self) -> list[tuple[int, SentAttempt]]:
+        pending = [
+            (i, sent) for i, sent in enumerate(self.dispatcher.sent) if i not in self._delivered
+        ]
+        return sorted(pending, key=lambda item: (item[1].command.not_before, item[0]))
+
+    def _next(self) -> tuple[int, SentAttempt]:
+        upcoming = self._upcoming()
+        if not upcoming:
+            state = self.saga.state.value if self.saga_id is not None else "not started"
+            raise HarnessError(
+                f"no message to deliver (saga {self.saga_id} is {state}); a held retry or a "
+                "failed send waits for advance_clock() and recover()"
+            )
+        return upcoming[0]
+
+    def _deliver(self, index: int) -> None:
+        self._delivered.add(index)
+        self.clock.advance_to(self.dispatcher.sent[index].command.not_before)
+
+    def _take(self, step_name: str) -> SentAttempt:
+        """Consume the message of the pending attempt, which must be of `step_name`."""
+        saga = self.saga
+        pending = saga.pending
+        if pending is None:
+            raise HarnessError(f"saga {saga.saga_id} is {saga.state.value}: no attempt pending")
+        name = self.definition.steps[pending.step_index].name
+        where = f"{name} ({pending.direction.value}) attempt {pending.number}"
+        if name != step_name:
+            raise HarnessError(f"saga {saga.saga_id} waits for {where}, not for {step_name}")
+        if pending.held:
+            raise HarnessError(
+                f"{where} is held until {pending.not_before.isoformat()}: "
+                "advance_clock() past it and recover() to send it"
+            )
+        for index, sent in self._upcoming():
+            if sent.command.saga_id == saga.saga_id and sent.key == pending.key():
+                self._deliver(index)
+                return sent
+        raise HarnessError(
+            f"{where} was never sent (a failed send?): advance_clock() past its deadline "
+            f"{pending.deadline.isoformat()} and recover() to re-send it"
+        )
+
+    def _run_local(self, sent: SentAttempt) -> StepRun:
+        """What a worker's step task does with a message (saga_worker/worker/tasks.py)."""
+        command = sent.command
+        saga_id = command.saga_id
+        loaded = self.store.load_for_step(saga_id)
+        pending = None if loaded is None else loaded.saga.pending
+        if pending is None or pending.key() != sent.key:
+            # A redelivered or superseded attempt: a worker skips it without running it.
+            return StepRun(sent, ran=False)
+        definition = self.definition
+        step = definition.steps[command.step_index]
+        function = step.target(command.direction)
+        assert callable(function), f"{step.name} has no local {command.direction.value} function"
+        timeout = definition.timeout(
+            command.step_index, command.direction, self.limits.default_step_timeout_seconds
+        )
+        call = StepInput(
+            saga_id=saga_id,
+            saga_type=definition.saga_type,
+            step_name=step.name,
+            direction=command.direction,
+            attempt=command.attempt,
+            idempotency_key=idempotency_key(saga_id, step.name, command.direction),
+            # The context travels as JSON in the message: the step gets its own copy.
+            context=json.loads(json.dumps(dict(sent.saga.context))),
+        )
+        args = (command.step_index, command.direction, command.attempt)
+        error: Exception | None = None
+        event: StepSucceeded | StepFailed
+        started = time.monotonic()
+        try:
+            output = function(call)
+            elapsed_ms = (time.monotonic() - started) * 1000
+            problem = _output_problem(output)
+            if elapsed_ms > timeout * 1000:
+                event = StepFailed(
+                    *args,
+                    error_type="StepTimeout",
+                    message=f"attempt ran {elapsed_ms / 1000:.1f}s, past its {timeout:g}s timeout",
+                    timed_out=True,
+                    duration_ms=elapsed_ms,
+                )
+            elif problem is not None:
+                event = StepFailed(*args, "StepOutputError", problem, duration_ms=elapsed_ms)
+            else:
+                event = StepSucceeded(*args, dict(output or {}), elapsed_ms)
+        except Exception as exc:
+            error = exc
+            event = StepFailed(
+                *args,
+                error_type=type(exc).__name__,
+                message=storable_text(str(exc) or type(exc).__name__, MAX_ERROR_CHARS),
+                stack_trace=storable_text(traceback.format_exc(), MAX_TRACE_CHARS, keep_end=True),
+                retryable=not any(named_non_retryable(c.__name__) for c in type(exc).__mro__),
+                duration_ms=(time.monotonic() - started) * 1000,
+            )
+        decision = self._handle(saga_id, event, loaded=loaded)
+        return StepRun(sent, True, event, decision, error)
+
+
+def _output_problem(output: Any) -> str | None:
+    """Why a step's output cannot be merged into the context, as the worker words it."""
+    if output is None:
+        return None
+    try:
+        check_context(output, _SETTINGS, "step output")
+    except InvalidRequest as exc:
+        return f"{exc} (a step must return a JSON object or None)"
+    return None
