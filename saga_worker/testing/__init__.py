@@ -12,7 +12,6 @@ from .golden import UPDATE_ENV, check_golden, event_from_json, event_to_json, re
 from .harness import HarnessError, SagaTestHarness, StepRun
 from .memory import (
     DEFAULT_START,
-    EngineStore,
     FakeClock,
     InMemoryStore,
     RecordingDispatcher,
@@ -27,7 +26,6 @@ __all__ = [
     "StepRun",
     # engine parts
     "DEFAULT_START",
-    "EngineStore",
     "FakeClock",
     "InMemoryStore",
     "RecordingDispatcher",

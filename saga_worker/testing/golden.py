@@ -22,13 +22,15 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from ..audit import GENESIS_HASH, Redactor, build_rows
+from ..audit.chain import GENESIS_HASH, build_rows
+from ..audit.redaction import Redactor
 from ..config import DEFAULT_REDACT_KEYS
 from ..core import events as core_events
+from ..core.decision import Decision, Limits
 from ..core.definition import SagaDefinition
 from ..core.events import Event, StartRequested
 from ..core.model import Direction, Saga
-from ..core.transition import Decision, Limits, start, transition
+from ..core.transition import start, transition
 
 #: Set to 1 to rewrite the expectations of golden files from the current behaviour.
 UPDATE_ENV = "SAGA_UPDATE_GOLDEN"
@@ -128,7 +130,7 @@ def replay(
             after = dataclasses.replace(
                 decision.saga, version=(0 if saga is None else saga.version) + 1
             )
-            rows = build_rows(after, decision.audit, now, head, redactor)
+            rows = build_rows(after.saga_id, after.context, decision.audit, now, head, redactor)
             head = str(rows[-1]["hash"]) if rows else head
         assert after is not None
         outputs.append(_normalized(decision_to_json(saga, decision, after)))

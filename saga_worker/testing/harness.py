@@ -9,20 +9,20 @@ test wants to force) are delivered with `succeed` / `fail`, as `saga.advance` de
 from __future__ import annotations
 
 import json
-import threading
 import time
 import traceback
 import uuid
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 from .. import registry
-from ..audit import ChainProblem, Redactor
+from ..audit.redaction import Redactor
+from ..audit.verify import ChainProblem
 from ..config import Settings
+from ..core.decision import Decision, Limits
 from ..core.definition import SagaDefinition, StepInput, idempotency_key
 from ..core.events import Event, RetryRequested, StepFailed, StepSucceeded
 from ..core.failure import (
@@ -33,7 +33,6 @@ from ..core.failure import (
     storable_text,
 )
 from ..core.model import Saga
-from ..core.transition import Decision, Limits
 from ..engine import SagaEngine, StartResult
 from ..errors import InvalidRequest
 from ..recovery import SweepResult, sweep
@@ -41,31 +40,11 @@ from ..requests import check_context, parse_abort, parse_start
 from .memory import FakeClock, InMemoryStore, RecordingDispatcher, SentAttempt
 
 if TYPE_CHECKING:
-    from ..store.repository import Loaded, SagaStore
+    from ..store.port import Loaded
 
 # The limits a worker applies to contexts and step outputs (SAGA_MAX_CONTEXT_*), at their
 # defaults; the URLs are never used.
 _SETTINGS = Settings(database_url="memory://", broker_url="memory://", home=Path("."))
-
-# The engine finds definitions by saga type in the process-wide registry. Tests often build
-# several definitions of one type (variants of a saga), which `register` refuses, so each
-# engine call runs with the harness's own definition swapped in and the previous one put back.
-_REGISTRY_LOCK = threading.RLock()
-
-
-@contextmanager
-def _registered(definition: SagaDefinition) -> Iterator[None]:
-    with _REGISTRY_LOCK:
-        table = registry._definitions
-        previous = table.get(definition.saga_type)
-        table[definition.saga_type] = definition
-        try:
-            yield
-        finally:
-            if previous is None:
-                table.pop(definition.saga_type, None)
-            else:
-                table[definition.saga_type] = previous
 
 
 class HarnessError(AssertionError):
@@ -108,9 +87,12 @@ class SagaTestHarness:
         self.clock = clock if clock is not None else FakeClock()
         self.store = InMemoryStore(redactor)
         self.dispatcher = RecordingDispatcher()
-        # SagaEngine is typed with the SQL store; InMemoryStore has the same methods.
         self.engine = SagaEngine(
-            cast("SagaStore", self.store), self.dispatcher, self.limits, clock=self.clock
+            self.store,
+            self.dispatcher,
+            self.limits,
+            clock=self.clock,
+            definitions=self._definition,
         )
         self.saga_id: str | None = None
         self._delivered: set[int] = set()  # indexes into dispatcher.sent already consumed
@@ -138,8 +120,7 @@ class SagaTestHarness:
             if value is not None:
                 kwargs[key] = value
         request = parse_start((), kwargs, _SETTINGS, f"{self.definition.saga_type}-{uuid.uuid4()}")
-        with _registered(self.definition):
-            result = self.engine.start(request)
+        result = self.engine.start(request)
         self.saga_id = result.saga_id
         return result
 
@@ -232,8 +213,7 @@ class SagaTestHarness:
 
     def recover(self) -> SweepResult:
         """Run the beat's recovery sweep now: re-send stalled attempts, send due held retries."""
-        with _registered(self.definition):
-            return sweep(cast("SagaStore", self.store), self.engine, self.clock())
+        return sweep(self.store, self.engine, self.clock())
 
     # -- inspection ------------------------------------------------------------------------
 
@@ -275,8 +255,14 @@ class SagaTestHarness:
         return self.saga_id
 
     def _handle(self, saga_id: str, event: Event, loaded: Loaded | None = None) -> Decision:
-        with _registered(self.definition):
-            return self.engine.handle(saga_id, event, loaded=loaded)
+        return self.engine.handle(saga_id, event, loaded=loaded).decision
+
+    def _definition(self, saga_type: str) -> SagaDefinition:
+        # The harness's own definition, not the registry's: tests often build several
+        # variants of one saga type, which `register` refuses.
+        if saga_type == self.definition.saga_type:
+            return self.definition
+        return registry.get(saga_type)
 
     def _upcoming(self) -> list[tuple[int, SentAttempt]]:
         pending = [

@@ -15,17 +15,19 @@ import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..audit import GENESIS_HASH, ChainProblem, ChainVerifier, Redactor, build_rows
+from ..audit.chain import GENESIS_HASH, build_rows
+from ..audit.redaction import Redactor
+from ..audit.verify import ChainProblem, ChainVerifier
 from ..config import DEFAULT_REDACT_KEYS
 from ..core.commands import RunAttempt
+from ..core.decision import AuditEvent, Decision
 from ..core.definition import Remote, SagaDefinition
-from ..core.model import Direction, Saga, SagaState
-from ..core.transition import AuditEvent, Decision
+from ..core.model import Direction, Saga
 from ..errors import ConcurrencyConflict
 from ..store.codec import saga_from_row, saga_to_row
-from ..store.repository import Applied, Loaded
+from ..store.port import Applied, Loaded, Store
 
 #: Where a `FakeClock` starts unless told otherwise.
 DEFAULT_START = datetime(2026, 1, 1, tzinfo=UTC)
@@ -43,6 +45,9 @@ _JSON_COLUMNS = (
 def _json_copy(value: Any) -> Any:
     """`value` as it comes back from a JSON column: tuples become lists, nothing is shared."""
     return json.loads(json.dumps(value, ensure_ascii=False, allow_nan=False))
+
+
+T = TypeVar("T")
 
 
 class FakeClock:
@@ -139,23 +144,18 @@ class InMemoryStore:
         now: datetime,
     ) -> bool:
         """Write rejection rows for a saga_id that has no checkpoint; False if it has one."""
-        stub = Saga(
-            saga_id=saga_id,
-            saga_type="",
-            state=SagaState.FAILED,
-            context=context,
-            current_step_index=0,
-            total_steps=0,
-            started_at=now,
-            updated_at=now,
-            pending=None,
-        )
         with self._lock:
             if saga_id in self._checkpoints:
                 return False
-            rows = build_rows(stub, events, now, self._last_hash(saga_id), self.redactor)
+            rows = build_rows(
+                saga_id, context, events, now, self._last_hash(saga_id), self.redactor
+            )
             self._append(rows)
         return True
+
+    def retrying(self, operation: Callable[[], T], what: str) -> T:
+        """Run `operation` once: memory has no transient errors to wait out."""
+        return operation()
 
     # -- reads ------------------------------------------------------------------------------
 
@@ -240,7 +240,7 @@ class InMemoryStore:
         prev_hash: str,
     ) -> str:
         """Store the checkpoint and its audit rows together; returns the new audit head."""
-        rows = build_rows(saga, events, now, prev_hash, self.redactor)
+        rows = build_rows(saga.saga_id, saga.context, events, now, prev_hash, self.redactor)
         head = rows[-1]["hash"] if rows else prev_hash
         row = saga_to_row(saga)
         for column in _JSON_COLUMNS:
@@ -331,47 +331,9 @@ class RecordingDispatcher:
             self.sent.append(attempt)
 
 
-class EngineStore(Protocol):
-    """What the engine and the recovery sweep call on a store; both stores implement it."""
-
-    def create(self, decision: Decision, now: datetime) -> Loaded | None: ...
-
-    def apply(
-        self,
-        saga_id: str,
-        decide: Callable[[Saga], Decision],
-        now: datetime,
-        *,
-        skip_locked: bool = False,
-        loaded: Loaded | None = None,
-    ) -> Applied | None: ...
-
-    def record_rejection(
-        self,
-        saga_id: str,
-        events: tuple[AuditEvent, ...],
-        context: Mapping[str, Any],
-        now: datetime,
-    ) -> bool: ...
-
-    def load_for_step(self, saga_id: str) -> Loaded | None: ...
-
-    def load(self, saga_id: str) -> Saga | None: ...
-
-    def exists(self, saga_id: str) -> bool: ...
-
-    def audit_trail(self, saga_id: str) -> list[dict[str, Any]]: ...
-
-    def saga_chain(self, saga_id: str) -> tuple[list[dict[str, Any]], str | None]: ...
-
-    def stalled(
-        self, now: datetime, limit: int, after: tuple[datetime, str] | None = None
-    ) -> list[tuple[str, dict[str, Any], datetime]]: ...
-
-
 if TYPE_CHECKING:
     from ..store.repository import SagaStore
 
     # mypy checks that both stores still match the protocol (a changed signature fails here).
-    def _both_conform(memory: InMemoryStore, sql: SagaStore) -> list[EngineStore]:
+    def _both_conform(memory: InMemoryStore, sql: SagaStore) -> list[Store]:
         return [memory, sql]

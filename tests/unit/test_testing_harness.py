@@ -13,11 +13,11 @@ from typing import Any
 import pytest
 
 from saga_worker import NonRetryableStepError, registry
+from saga_worker.core.decision import Limits
 from saga_worker.core.definition import Remote, SagaDefinition, Step, StepInput
 from saga_worker.core.events import StepFailed, StepSucceeded
 from saga_worker.core.model import Direction, SagaState
 from saga_worker.core.retry import RetryPolicy
-from saga_worker.core.transition import Limits
 from saga_worker.errors import InvalidRequest, UnknownSagaType
 from saga_worker.examples import backtest_workflow
 from saga_worker.testing import DEFAULT_START, HarnessError, SagaTestHarness

@@ -11,8 +11,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
 SCRIPT = textwrap.dedent(
     """
     import json, sys
@@ -42,16 +40,5 @@ def test_no_broker_library_is_imported() -> None:
     assert loaded_heavy_modules() & {"celery", "kombu", "prometheus_client"} == set()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "SQLAlchemy comes in through saga_worker/store/__init__.py, which imports "
-        "store.repository (sqlalchemy at module level); it is reached by engine.py "
-        "(Loaded, SagaStore, retry_transient from store.repository), recovery.py (store.codec, "
-        "store.repository.SagaStore/SkippedLocked) and testing/memory.py (Loaded, Applied from "
-        "store.repository; saga_from_row/saga_to_row from store.codec). Flip this test once "
-        "those names live in a module without SQLAlchemy."
-    ),
-)
 def test_no_database_library_is_imported() -> None:
     assert loaded_heavy_modules() & {"sqlalchemy", "psycopg", "alembic"} == set()

@@ -11,8 +11,11 @@ from typing import Any
 import pytest
 
 from saga_worker import registry
-from saga_worker.audit import GENESIS_HASH, MISSING_TAIL, MODIFIED, Redactor
+from saga_worker.audit.chain import GENESIS_HASH
+from saga_worker.audit.redaction import Redactor
+from saga_worker.audit.verify import MISSING_TAIL, MODIFIED
 from saga_worker.config import DEFAULT_REDACT_KEYS
+from saga_worker.core.decision import AuditEvent, Decision, Limits
 from saga_worker.core.definition import SagaDefinition, Step
 from saga_worker.core.events import (
     AbortRequested,
@@ -24,11 +27,12 @@ from saga_worker.core.events import (
     StepSucceeded,
 )
 from saga_worker.core.model import Direction, Saga, SagaState
-from saga_worker.core.transition import AuditEvent, Decision, Limits, start, transition
+from saga_worker.core.transition import start, transition
 from saga_worker.engine import SagaEngine
 from saga_worker.errors import ConcurrencyConflict
+from saga_worker.store.connect import create_db_engine
 from saga_worker.store.migrate import upgrade
-from saga_worker.store.repository import SagaStore, create_db_engine
+from saga_worker.store.repository import SagaStore
 from saga_worker.testing import FakeClock, InMemoryStore, RecordingDispatcher, SendFailed
 
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
