@@ -7,13 +7,11 @@ rather than raised: duplicates and late messages are expected on an at-least-onc
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any, assert_never
 
-from .commands import Command, RunAttempt
-from .decision import DEFAULT_LIMITS, AuditEvent, Decision, Limits
+from .builder import Builder, resend, retry_ordinal
+from .decision import DEFAULT_LIMITS, Decision, Limits
 from .definition import SagaDefinition
 from .events import (
     AbortRequested,
@@ -27,6 +25,7 @@ from .events import (
     StepSucceeded,
 )
 from .model import Attempt, Direction, Saga, SagaState
+from .operator import operator_retry
 from .rejection import rejected_result
 from .retry import backoff_seconds
 
@@ -51,7 +50,7 @@ def start(
         user_id=event.user_id,
         ip_address=event.ip_address,
     )
-    b = _Builder(definition, saga, now, limits)
+    b = Builder(definition, saga, now, limits)
     b.audit("saga_start", None, event_data={"saga_type": definition.saga_type})
     b.run(0, Direction.FORWARD, 1, now)
     return b.decision()
@@ -78,10 +77,10 @@ def transition(
             ),
         )
     if isinstance(event, RetryRequested):
-        return _operator_retry(definition, saga, event, now, limits)
+        return operator_retry(definition, saga, event, now, limits)
     if saga.state.is_terminal:
         return Decision(saga, ignored=f"saga is already {saga.state.value}")
-    b = _Builder(definition, saga, now, limits)
+    b = Builder(definition, saga, now, limits)
     if isinstance(event, AbortRequested):
         return _abort(b, event)
     if pending is None or not saga.awaits(event.step_index, event.direction, event.attempt):
@@ -111,190 +110,7 @@ def transition(
     assert_never(event)
 
 
-class _Builder:
-    """Accumulates the new saga value, audit events and commands of one transition."""
-
-    def __init__(self, definition: SagaDefinition, saga: Saga, now: datetime, limits: Limits):
-        self.definition = definition
-        self.saga = saga
-        self.now = now
-        self.limits = limits
-        self.events: list[AuditEvent] = []
-        self.commands: list[Command] = []
-
-    def update(self, **changes: Any) -> None:
-        self.saga = replace(self.saga, **changes)
-
-    def audit(
-        self,
-        event_type: str,
-        step_index: int | None,
-        *,
-        state_before: SagaState | None = None,
-        **fields: Any,
-    ) -> None:
-        before = (
-            state_before
-            if state_before is not None
-            else (None if event_type == "saga_start" else self.saga.state)
-        )
-        fields.setdefault("user_id", self.saga.user_id)
-        fields.setdefault("ip_address", self.saga.ip_address)
-        self.events.append(
-            AuditEvent(
-                event_type=event_type,
-                state_before=before,
-                state_after=self.saga.state,
-                step_name=None if step_index is None else self.definition.steps[step_index].name,
-                step_index=step_index,
-                **fields,
-            )
-        )
-
-    def run(
-        self,
-        step_index: int,
-        direction: Direction,
-        number: int,
-        not_before: datetime,
-        *,
-        first: int = 1,
-        recoveries: int = 0,
-        retry_count: int | None = None,
-        state_before: SagaState | None = None,
-        extra: Mapping[str, Any] | None = None,
-        user_id: str | None = None,
-    ) -> None:
-        """Make (step, direction, number) the pending attempt and send it (or hold it)."""
-        timeout = self.definition.timeout(
-            step_index, direction, self.limits.default_step_timeout_seconds
-        )
-        if (not_before - self.now).total_seconds() > self.limits.max_broker_delay_seconds:
-            held = Attempt(
-                step_index, direction, number, not_before, not_before, recoveries, True, first
-            )
-            self.update(pending=held, current_step_index=step_index)
-            return
-        deadline = not_before + timedelta(seconds=timeout + self.limits.stall_grace_seconds)
-        attempt = Attempt(
-            step_index, direction, number, not_before, deadline, recoveries, False, first
-        )
-        self.update(pending=attempt, current_step_index=step_index)
-        kind = "step_start" if direction is Direction.FORWARD else "compensation_start"
-        data: dict[str, Any] = {"attempt": number, "timeout_seconds": timeout, **(extra or {})}
-        if not_before > self.now:
-            data["not_before"] = not_before.isoformat()
-        who = {"user_id": user_id} if user_id is not None else {}
-        self.audit(
-            kind,
-            step_index,
-            state_before=state_before,
-            event_data=data,
-            retry_count=retry_count,
-            **who,
-        )
-        self.commands.append(
-            RunAttempt(self.saga.saga_id, step_index, direction, number, not_before)
-        )
-
-    def decision(self) -> Decision:
-        saga = replace(self.saga, updated_at=self.now)
-        return Decision(saga, tuple(self.events), tuple(self.commands))
-
-
-def _operator_retry(
-    definition: SagaDefinition, saga: Saga, event: RetryRequested, now: datetime, limits: Limits
-) -> Decision:
-    """An operator's retry, audited with who asked.
-
-    FAILED -> COMPENSATING: re-run each failed compensation, highest step first, with fresh
-    attempt numbers (above any used before, so an old result cannot pass for a new one).
-    A live saga: send its pending attempt now, like a recovery.
-    """
-    b = _Builder(definition, saga, now, limits)
-    note = {"operator_retry": True, "reason": event.reason}
-    pending = saga.pending
-    if saga.state is SagaState.FAILED:
-        retried = list(saga.failed_compensations)
-        if not retried:
-            return Decision(saga, ignored="FAILED with no failed compensation to retry")
-        unknown = [name for name in retried if name not in definition.step_names]
-        if unknown:
-            # A deploy renamed or removed the step: its compensation cannot be found here.
-            return Decision(
-                saga,
-                ignored=(
-                    f"failed compensation(s) {', '.join(unknown)} are not steps of "
-                    f"{definition.saga_type} as deployed; run them by hand or deploy the "
-                    "definition the saga started with"
-                ),
-            )
-        b.update(state=SagaState.COMPENSATING, failed_compensations=())
-        top = max(definition.step_names.index(name) for name in retried)
-        # Every attempt number so far was created at an earlier transition, so none
-        # exceeds the loaded version: version + 1 is fresh.
-        first = saga.version + 1
-        b.run(
-            top,
-            Direction.COMPENSATE,
-            first,
-            now,
-            first=first,
-            state_before=SagaState.FAILED,
-            extra={**note, "retrying": retried},
-            user_id=event.user_id,
-        )
-        return b.decision()
-    if saga.state.is_terminal:
-        return Decision(
-            saga,
-            ignored=(f"saga is {saga.state.value}: only FAILED or stalled sagas can be retried"),
-        )
-    if pending is None:
-        return Decision(saga, ignored="saga has no pending attempt to re-send")
-    refusal = _live_retry_refusal(definition, pending, now, limits, event.force)
-    if refusal is not None:
-        return Decision(saga, ignored=refusal)
-    _resend(b, pending, note, user_id=event.user_id)
-    return b.decision()
-
-
-def _live_retry_refusal(
-    definition: SagaDefinition, pending: Attempt, now: datetime, limits: Limits, force: bool
-) -> str | None:
-    """Why an operator may not re-send a live saga's pending attempt now (None: they may)."""
-    if pending.held:
-        return None  # never sent: sending it early cannot run the step twice
-    what = (
-        f"attempt {pending.number} of {_step_name(definition, pending.step_index)} "
-        f"({pending.direction.value})"
-    )
-    if not pending.stalled(now) and not force:
-        wait = (pending.deadline - now).total_seconds()
-        return (
-            f"{what} is in flight and not stalled: its deadline is in {wait:.0f}s "
-            f"({pending.deadline.isoformat()}); use --force to re-send it anyway"
-        )
-    if pending.recoveries_exhausted(limits.max_recoveries):
-        return (
-            f"{what} was already re-sent {pending.recoveries} times "
-            f"(SAGA_MAX_RECOVERIES={limits.max_recoveries}); the next recovery sweep fails it"
-        )
-    return None
-
-
-def _step_name(definition: SagaDefinition, index: int) -> str:
-    if 0 <= index < len(definition.steps):
-        return definition.steps[index].name
-    return f"step {index}"
-
-
-def _retry_ordinal(attempt: Attempt) -> int:
-    """0 for the first attempt of a run, 1 for its first retry, and so on."""
-    return attempt.number - attempt.first
-
-
-def _send_held(b: _Builder, pending: Attempt) -> Decision:
+def _send_held(b: Builder, pending: Attempt) -> Decision:
     b.run(
         pending.step_index,
         pending.direction,
@@ -302,12 +118,12 @@ def _send_held(b: _Builder, pending: Attempt) -> Decision:
         b.now,
         first=pending.first,
         recoveries=pending.recoveries,
-        retry_count=_retry_ordinal(pending) or None,
+        retry_count=retry_ordinal(pending) or None,
     )
     return b.decision()
 
 
-def _abort(b: _Builder, event: AbortRequested) -> Decision:
+def _abort(b: Builder, event: AbortRequested) -> Decision:
     if b.saga.abort_requested:
         return Decision(b.saga, ignored="abort was already requested")
     if b.saga.state is SagaState.COMPENSATING:
@@ -331,12 +147,12 @@ def _abort(b: _Builder, event: AbortRequested) -> Decision:
     return b.decision()
 
 
-def _succeeded(b: _Builder, event: StepSucceeded) -> Decision:
+def _succeeded(b: Builder, event: StepSucceeded) -> Decision:
     saga = b.saga
     index = event.step_index
     name = b.definition.steps[index].name
     assert saga.pending is not None  # transition() matched the event against it
-    retries_taken = _retry_ordinal(saga.pending) or None
+    retries_taken = retry_ordinal(saga.pending) or None
     b.update(context={**saga.context, **event.output}, pending=None)
     if event.direction is Direction.FORWARD:
         b.update(completed_steps=(*saga.completed_steps, name))
@@ -370,7 +186,7 @@ def _succeeded(b: _Builder, event: StepSucceeded) -> Decision:
     return b.decision()
 
 
-def _failed(b: _Builder, event: StepFailed) -> Decision:
+def _failed(b: Builder, event: StepFailed) -> Decision:
     saga = b.saga
     index = event.step_index
     step = b.definition.steps[index]
@@ -437,7 +253,7 @@ def _failed(b: _Builder, event: StepFailed) -> Decision:
     return b.decision()
 
 
-def _rollback_from(b: _Builder, index: int) -> None:
+def _rollback_from(b: Builder, index: int) -> None:
     """Compensate completed steps from `index` down to 0, or finish when none is left."""
     if b.saga.state is SagaState.RUNNING:
         b.update(state=SagaState.COMPENSATING)
@@ -459,7 +275,7 @@ def _rollback_from(b: _Builder, index: int) -> None:
         _finish(b, SagaState.COMPENSATED, "saga_compensated", last)
 
 
-def _finish(b: _Builder, state: SagaState, event_type: str, step_index: int) -> None:
+def _finish(b: Builder, state: SagaState, event_type: str, step_index: int) -> None:
     before = b.saga.state
     b.update(state=state, pending=None, current_step_index=step_index)
     duration_ms = (b.now - b.saga.started_at).total_seconds() * 1000
@@ -479,7 +295,7 @@ def _finish(b: _Builder, state: SagaState, event_type: str, step_index: int) -> 
     )
 
 
-def _recover(b: _Builder, pending: Attempt) -> Decision:
+def _recover(b: Builder, pending: Attempt) -> Decision:
     """Re-send a stalled attempt unchanged, or fail it after too many recoveries."""
     if pending.recoveries_exhausted(b.limits.max_recoveries):
         return _failed(
@@ -497,38 +313,8 @@ def _recover(b: _Builder, pending: Attempt) -> Decision:
                 timed_out=True,
             ),
         )
-    _resend(b, pending, {})
+    resend(b, pending, {})
     return b.decision()
-
-
-def _resend(
-    b: _Builder, pending: Attempt, note: Mapping[str, Any], *, user_id: str | None = None
-) -> None:
-    """Audit `saga_recovered` and send the pending attempt again, unchanged but its deadline."""
-    who: dict[str, Any] = {"user_id": user_id} if user_id is not None else {}
-    b.audit(
-        "saga_recovered",
-        pending.step_index,
-        event_data={
-            **note,
-            "attempt": pending.number,
-            "direction": pending.direction.value,
-            "recoveries": pending.recoveries + 1,
-            "held": pending.held,
-            "deadline": pending.deadline.isoformat(),
-        },
-        **who,
-    )
-    b.run(
-        pending.step_index,
-        pending.direction,
-        pending.number,
-        b.now,
-        first=pending.first,
-        recoveries=pending.recoveries + 1,
-        retry_count=_retry_ordinal(pending) or None,
-        user_id=user_id,
-    )
 
 
 def _join(first: str | None, second: str) -> str:

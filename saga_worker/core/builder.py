@@ -1,0 +1,142 @@
+"""Builds one transition's decision: the new saga value, its audit events and its commands.
+
+Shared by the transitions of `transition.py` and the operator's of `operator.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+from datetime import datetime, timedelta
+from typing import Any
+
+from .commands import Command, RunAttempt
+from .decision import AuditEvent, Decision, Limits
+from .definition import SagaDefinition
+from .model import Attempt, Direction, Saga, SagaState
+
+
+class Builder:
+    """Accumulates the new saga value, audit events and commands of one transition."""
+
+    def __init__(self, definition: SagaDefinition, saga: Saga, now: datetime, limits: Limits):
+        self.definition = definition
+        self.saga = saga
+        self.now = now
+        self.limits = limits
+        self.events: list[AuditEvent] = []
+        self.commands: list[Command] = []
+
+    def update(self, **changes: Any) -> None:
+        self.saga = replace(self.saga, **changes)
+
+    def audit(
+        self,
+        event_type: str,
+        step_index: int | None,
+        *,
+        state_before: SagaState | None = None,
+        **fields: Any,
+    ) -> None:
+        before = (
+            state_before
+            if state_before is not None
+            else (None if event_type == "saga_start" else self.saga.state)
+        )
+        fields.setdefault("user_id", self.saga.user_id)
+        fields.setdefault("ip_address", self.saga.ip_address)
+        self.events.append(
+            AuditEvent(
+                event_type=event_type,
+                state_before=before,
+                state_after=self.saga.state,
+                step_name=None if step_index is None else self.definition.steps[step_index].name,
+                step_index=step_index,
+                **fields,
+            )
+        )
+
+    def run(
+        self,
+        step_index: int,
+        direction: Direction,
+        number: int,
+        not_before: datetime,
+        *,
+        first: int = 1,
+        recoveries: int = 0,
+        retry_count: int | None = None,
+        state_before: SagaState | None = None,
+        extra: Mapping[str, Any] | None = None,
+        user_id: str | None = None,
+    ) -> None:
+        """Make (step, direction, number) the pending attempt and send it (or hold it)."""
+        timeout = self.definition.timeout(
+            step_index, direction, self.limits.default_step_timeout_seconds
+        )
+        if (not_before - self.now).total_seconds() > self.limits.max_broker_delay_seconds:
+            held = Attempt(
+                step_index, direction, number, not_before, not_before, recoveries, True, first
+            )
+            self.update(pending=held, current_step_index=step_index)
+            return
+        deadline = not_before + timedelta(seconds=timeout + self.limits.stall_grace_seconds)
+        attempt = Attempt(
+            step_index, direction, number, not_before, deadline, recoveries, False, first
+        )
+        self.update(pending=attempt, current_step_index=step_index)
+        kind = "step_start" if direction is Direction.FORWARD else "compensation_start"
+        data: dict[str, Any] = {"attempt": number, "timeout_seconds": timeout, **(extra or {})}
+        if not_before > self.now:
+            data["not_before"] = not_before.isoformat()
+        who = {"user_id": user_id} if user_id is not None else {}
+        self.audit(
+            kind,
+            step_index,
+            state_before=state_before,
+            event_data=data,
+            retry_count=retry_count,
+            **who,
+        )
+        self.commands.append(
+            RunAttempt(self.saga.saga_id, step_index, direction, number, not_before)
+        )
+
+    def decision(self) -> Decision:
+        saga = replace(self.saga, updated_at=self.now)
+        return Decision(saga, tuple(self.events), tuple(self.commands))
+
+
+def retry_ordinal(attempt: Attempt) -> int:
+    """0 for the first attempt of a run, 1 for its first retry, and so on."""
+    return attempt.number - attempt.first
+
+
+def resend(
+    b: Builder, pending: Attempt, note: Mapping[str, Any], *, user_id: str | None = None
+) -> None:
+    """Audit `saga_recovered` and send the pending attempt again, unchanged but its deadline."""
+    who: dict[str, Any] = {"user_id": user_id} if user_id is not None else {}
+    b.audit(
+        "saga_recovered",
+        pending.step_index,
+        event_data={
+            **note,
+            "attempt": pending.number,
+            "direction": pending.direction.value,
+            "recoveries": pending.recoveries + 1,
+            "held": pending.held,
+            "deadline": pending.deadline.isoformat(),
+        },
+        **who,
+    )
+    b.run(
+        pending.step_index,
+        pending.direction,
+        pending.number,
+        b.now,
+        first=pending.first,
+        recoveries=pending.recoveries + 1,
+        retry_count=retry_ordinal(pending) or None,
+        user_id=user_id,
+    )
