@@ -28,9 +28,7 @@ class GuardedAmqpMessage(pyamqp.Message):
             # The body is never looked at: the one decompression kombu would do is skipped.
             msg.properties = {
                 **msg.properties,
-                "application_headers": {
-                    k: v for k, v in headers.items() if k != "compression"
-                },
+                "application_headers": {k: v for k, v in headers.items() if k != "compression"},
             }
             msg.body = b""
             super().__init__(msg, channel=channel, **kwargs)

@@ -25,7 +25,8 @@ from .consumer import CONSUMER_PATH
 from .guard import GuardedTask
 from .runtime import RuntimeFactory
 from .shutdown import size_soft_shutdown
-from .tasks import register_core_tasks, register_step_tasks
+from .steps import register_step_tasks
+from .tasks import register_core_tasks
 
 log = logging.getLogger(__name__)
 

@@ -67,9 +67,11 @@ def _short_text(value: Any) -> bool:
 # anything that could drop the message, stopping the worker or leaking a pool slot. None is
 # Celery's "absent" for each.
 LATER_HEADERS: dict[str, Callable[[Any], bool]] = {
-    "timelimit": lambda v: isinstance(v, list | tuple)
-    and len(v) == 2
-    and all(x is None or (_number(x) and math.isfinite(x)) for x in v),
+    "timelimit": lambda v: (
+        isinstance(v, list | tuple)
+        and len(v) == 2
+        and all(x is None or (_number(x) and math.isfinite(x)) for x in v)
+    ),
     "stamped_headers": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
     "stamps": lambda v: isinstance(v, dict),
     "retries": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,

@@ -13,7 +13,7 @@ import pytest
 from saga_worker.core.model import Attempt, Direction, Saga, SagaState
 from saga_worker.store.port import Loaded
 from saga_worker.worker import snapshot
-from saga_worker.worker.tasks import _sent_again
+from saga_worker.worker.steps import _sent_again
 
 KEY = "k" * 64
 T0 = datetime(2026, 11, 27, 9, 30, 0, 123456, tzinfo=UTC)
