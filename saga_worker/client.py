@@ -8,13 +8,11 @@ traceback.
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from . import registry
@@ -37,154 +35,10 @@ from .store.connect import create_db_engine
 from .store.failures import database_errors, first_line, masked_url
 from .store.queries import SagaQuery
 from .store.repository import SagaStore
+from .views import OperatorResult, SagaPage, SagaStatus, SagaSummary
 from .worker.dispatch import shown_kwargs
 
 MAX_PAGE_SIZE = 500
-
-
-# ------------------------------------------------------------------------ values ---
-
-
-@dataclass(frozen=True)
-class SagaStatus:
-    """What `saga-worker status` shows: the checkpoint, made readable and redacted."""
-
-    saga: Saga
-    context: dict[str, Any]
-    error: str | None
-    steps: tuple[str, ...] | None
-    pending: dict[str, Any] | None
-    stalled: bool
-
-    @property
-    def current_step(self) -> str | None:
-        index = self.saga.current_step_index
-        if self.steps is not None and 0 <= index < len(self.steps):
-            return self.steps[index]
-        return None
-
-    def as_dict(self) -> dict[str, Any]:
-        s = self.saga
-        return {
-            "saga_id": s.saga_id,
-            "saga_type": s.saga_type,
-            "state": s.state.value,
-            "current_step_index": s.current_step_index,
-            "current_step": self.current_step,
-            "total_steps": s.total_steps,
-            "steps": list(self.steps) if self.steps is not None else None,
-            "pending": self.pending,
-            "deadline": self.pending["deadline"] if self.pending else None,
-            "stalled": self.stalled,
-            "completed_steps": list(s.completed_steps),
-            "compensated_steps": list(s.compensated_steps),
-            "failed_compensations": list(s.failed_compensations),
-            "retries": s.retries,
-            "abort_requested": s.abort_requested,
-            "error": self.error,
-            "user_id": s.user_id,
-            "ip_address": s.ip_address,
-            "started_at": iso_utc(s.started_at),
-            "updated_at": iso_utc(s.updated_at),
-            "version": s.version,
-            "context": self.context,
-        }
-
-
-@dataclass(frozen=True)
-class SagaSummary:
-    """One line of `saga-worker list`."""
-
-    saga_id: str
-    saga_type: str
-    state: str
-    current_step_index: int
-    total_steps: int
-    user_id: str | None
-    started_at: datetime
-    updated_at: datetime
-    error: str | None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "saga_id": self.saga_id,
-            "saga_type": self.saga_type,
-            "state": self.state,
-            "current_step_index": self.current_step_index,
-            "total_steps": self.total_steps,
-            "user_id": self.user_id,
-            "started_at": iso_utc(self.started_at),
-            "updated_at": iso_utc(self.updated_at),
-            "error": self.error,
-        }
-
-
-@dataclass(frozen=True)
-class SagaPage:
-    """One page of `list`, newest first, with the counts per state of the whole filter."""
-
-    items: list[SagaSummary]
-    page: int
-    page_size: int
-    total: int
-    counts: dict[str, int]
-
-    @property
-    def pages(self) -> int:
-        return max(1, -(-self.total // self.page_size))
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "items": [i.as_dict() for i in self.items],
-            "page": self.page,
-            "page_size": self.page_size,
-            "pages": self.pages,
-            "total": self.total,
-            "counts": self.counts,
-        }
-
-
-@dataclass(frozen=True)
-class OperatorResult:
-    """What a retry or abort did: state before and after, audit rows written, tasks sent."""
-
-    saga_id: str
-    action: str
-    state_before: str
-    state_after: str
-    audit_events: tuple[str, ...]
-    sent: tuple[str, ...]
-    send_errors: tuple[str, ...] = ()
-    note: str = ""
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "saga_id": self.saga_id,
-            "action": self.action,
-            "state_before": self.state_before,
-            "state_after": self.state_after,
-            "audit_events": list(self.audit_events),
-            "sent": list(self.sent),
-            "send_errors": list(self.send_errors),
-            "note": self.note,
-        }
-
-
-def os_user() -> str:
-    """Who runs this process, for the audit of operator actions."""
-    for name in ("SAGA_OPERATOR", "USER", "LOGNAME", "USERNAME"):
-        value = os.environ.get(name)
-        if value:
-            return value
-    try:
-        import pwd
-
-        return pwd.getpwuid(os.getuid()).pw_name
-    except (ImportError, KeyError):
-        return f"uid-{os.getuid()}"
-
-
-# ------------------------------------------------------------------------ client ---
 
 
 class SagaClient:
@@ -517,7 +371,3 @@ class SagaClient:
     def _database(self) -> AbstractContextManager[None]:
         """Turn driver errors into one line naming the database (password hidden)."""
         return database_errors(self.safe_url)
-
-
-def now_utc() -> datetime:
-    return datetime.now(UTC)

@@ -190,7 +190,7 @@ def retry(
     backoff) has that attempt re-sent now, with the same idempotency key. Each retry writes
     an audit row naming who ran it. Exits 4 when the saga's state has nothing to retry.
     """
-    from ..client import os_user
+    from ..views import os_user
     from . import client_from
 
     client = client_from(ctx, json_mode)
@@ -213,7 +213,7 @@ def abort(
     succeeded, it is compensated too). Exits 4 when the saga has already ended or is rolling
     back.
     """
-    from ..client import os_user
+    from ..views import os_user
     from . import client_from
 
     client = client_from(ctx, json_mode)

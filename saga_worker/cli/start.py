@@ -64,8 +64,8 @@ def start(
     bad context) is only seen with --wait, which also reads the database. Starting an
     existing saga id again starts nothing.
     """
-    from ..client import os_user
     from ..requests import valid_saga_id
+    from ..views import os_user
     from . import client_from
 
     context = _context(context_json)
