@@ -9,34 +9,28 @@ test wants to force) are delivered with `succeed` / `fail`, as `saga.advance` de
 from __future__ import annotations
 
 import json
-import time
-import traceback
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import registry
+from ..attempt import output_problem, run_attempt
 from ..audit.redaction import Redactor
 from ..audit.verify import ChainProblem
 from ..config import Settings
 from ..core.decision import Decision, Limits
-from ..core.definition import SagaDefinition, StepInput, idempotency_key
+from ..core.definition import SagaDefinition
 from ..core.events import Event, RetryRequested, StepFailed, StepSucceeded
 from ..core.failure import (
-    MAX_ERROR_CHARS,
-    MAX_TRACE_CHARS,
-    named_non_retryable,
     reported_failure,
-    storable_text,
 )
 from ..core.model import Saga
 from ..engine import SagaEngine, StartResult
-from ..errors import InvalidRequest
 from ..recovery import SweepResult, sweep
-from ..requests import check_context, parse_abort, parse_start
+from ..requests import parse_abort, parse_start
 from .memory import FakeClock, InMemoryStore, RecordingDispatcher, SentAttempt
 
 if TYPE_CHECKING:
@@ -84,6 +78,10 @@ class SagaTestHarness:
     ) -> None:
         self.definition = definition
         self.limits = limits if limits is not None else Limits()
+        # What a worker with these limits checks contexts and step outputs against.
+        self._settings = replace(
+            _SETTINGS, default_step_timeout_seconds=self.limits.default_step_timeout_seconds
+        )
         self.clock = clock if clock is not None else FakeClock()
         self.store = InMemoryStore(redactor)
         self.dispatcher = RecordingDispatcher()
@@ -119,7 +117,9 @@ class SagaTestHarness:
         for key, value in (("saga_id", saga_id), ("user_id", user_id), ("ip_address", ip_address)):
             if value is not None:
                 kwargs[key] = value
-        request = parse_start((), kwargs, _SETTINGS, f"{self.definition.saga_type}-{uuid.uuid4()}")
+        request = parse_start(
+            (), kwargs, self._settings, f"{self.definition.saga_type}-{uuid.uuid4()}"
+        )
         result = self.engine.start(request)
         self.saga_id = result.saga_id
         return result
@@ -161,7 +161,7 @@ class SagaTestHarness:
         """Deliver success of the pending attempt of `step_name` (its action or compensation)."""
         sent = self._take(step_name)
         command = sent.command
-        problem = _output_problem(output)
+        problem = output_problem(output, self._settings)
         event: StepSucceeded | StepFailed = (
             StepSucceeded(
                 command.step_index, command.direction, command.attempt, dict(output or {})
@@ -313,67 +313,18 @@ class SagaTestHarness:
         command = sent.command
         saga_id = command.saga_id
         loaded = self.store.load_for_step(saga_id)
-        pending = None if loaded is None else loaded.saga.pending
-        if pending is None or pending.key() != sent.key:
+        if loaded is None or not loaded.saga.awaits(*sent.key):
             # A redelivered or superseded attempt: a worker skips it without running it.
             return StepRun(sent, ran=False)
-        definition = self.definition
-        step = definition.steps[command.step_index]
-        function = step.target(command.direction)
-        assert callable(function), f"{step.name} has no local {command.direction.value} function"
-        timeout = definition.timeout(
-            command.step_index, command.direction, self.limits.default_step_timeout_seconds
-        )
-        call = StepInput(
-            saga_id=saga_id,
-            saga_type=definition.saga_type,
-            step_name=step.name,
-            direction=command.direction,
-            attempt=command.attempt,
-            idempotency_key=idempotency_key(saga_id, step.name, command.direction),
+        run = run_attempt(
+            self.definition,
+            saga_id,
+            command.step_index,
+            command.direction,
+            command.attempt,
             # The context travels as JSON in the message: the step gets its own copy.
-            context=json.loads(json.dumps(dict(sent.saga.context))),
+            json.loads(json.dumps(dict(sent.saga.context))),
+            self._settings,
         )
-        args = (command.step_index, command.direction, command.attempt)
-        error: Exception | None = None
-        event: StepSucceeded | StepFailed
-        started = time.monotonic()
-        try:
-            output = function(call)
-            elapsed_ms = (time.monotonic() - started) * 1000
-            problem = _output_problem(output)
-            if elapsed_ms > timeout * 1000:
-                event = StepFailed(
-                    *args,
-                    error_type="StepTimeout",
-                    message=f"attempt ran {elapsed_ms / 1000:.1f}s, past its {timeout:g}s timeout",
-                    timed_out=True,
-                    duration_ms=elapsed_ms,
-                )
-            elif problem is not None:
-                event = StepFailed(*args, "StepOutputError", problem, duration_ms=elapsed_ms)
-            else:
-                event = StepSucceeded(*args, dict(output or {}), elapsed_ms)
-        except Exception as exc:
-            error = exc
-            event = StepFailed(
-                *args,
-                error_type=type(exc).__name__,
-                message=storable_text(str(exc) or type(exc).__name__, MAX_ERROR_CHARS),
-                stack_trace=storable_text(traceback.format_exc(), MAX_TRACE_CHARS, keep_end=True),
-                retryable=not any(named_non_retryable(c.__name__) for c in type(exc).__mro__),
-                duration_ms=(time.monotonic() - started) * 1000,
-            )
-        decision = self._handle(saga_id, event, loaded=loaded)
-        return StepRun(sent, True, event, decision, error)
-
-
-def _output_problem(output: Any) -> str | None:
-    """Why a step's output cannot be merged into the context, as the worker words it."""
-    if output is None:
-        return None
-    try:
-        check_context(output, _SETTINGS, "step output")
-    except InvalidRequest as exc:
-        return f"{exc} (a step must return a JSON object or None)"
-    return None
+        decision = self._handle(saga_id, run.event, loaded=loaded)
+        return StepRun(sent, True, run.event, decision, run.error)

@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..core.failure import MAX_ERROR_CHARS, storable_text
+from ..attempt import describe
 from ..core.model import Direction
 from ..errors import InvalidRequest
-from ..requests import check_context, valid_saga_id
+from ..requests import valid_saga_id
 
 ADVANCE_FIELDS = frozenset(
     {
@@ -51,24 +51,6 @@ def parse_attempt_ref(kwargs: Mapping[str, Any], *, extra: frozenset[str]) -> At
     except ValueError:
         raise InvalidRequest("direction", "must be 'forward' or 'compensate'") from None
     return saga_id, step_index, direction, attempt
-
-
-def output_problem(output: Any, settings: Any) -> str | None:
-    if output is None:
-        return None
-    try:
-        check_context(output, settings, "step output")
-    except InvalidRequest as exc:
-        return f"{exc} (a step must return a JSON object or None)"
-    return None
-
-
-def describe(exc: BaseException) -> str:
-    try:
-        text = str(exc)
-    except Exception:
-        text = f"<{type(exc).__name__} whose message cannot be rendered>"
-    return storable_text(text or type(exc).__name__, MAX_ERROR_CHARS)
 
 
 def short(exc: BaseException) -> str:

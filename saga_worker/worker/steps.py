@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-import traceback
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, NoReturn
@@ -18,18 +17,18 @@ from celery.exceptions import Retry, SoftTimeLimitExceeded
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from .. import registry
+from ..attempt import run_attempt
 from ..audit.redaction import Redactor
 from ..core.decision import Decision, next_attempt
-from ..core.definition import SagaDefinition, StepInput, idempotency_key
+from ..core.definition import SagaDefinition
 from ..core.events import StepFailed, StepSucceeded
-from ..core.failure import MAX_TRACE_CHARS, named_non_retryable, storable_text
 from ..core.model import Direction
 from ..errors import InvalidRequest, SagaError
 from ..store.connect import retry_transient
 from ..tokens import token_valid
 from . import snapshot
 from .dispatch import shown_kwargs
-from .messages import STEP_FIELDS, describe, output_problem, parse_attempt_ref, short
+from .messages import STEP_FIELDS, parse_attempt_ref, short
 from .runtime import RuntimeFactory
 from .tasks import DB_OUTAGE_RETRY, audit_refusal
 
@@ -152,50 +151,16 @@ def _step_task(app: Any, runtimes: RuntimeFactory, task_name: str) -> Any:
                 None if held is None else (held.step_index, held.direction.value, held.number),
             )
             return {"ran": False, "reason": "not pending"}
-        step = definition.steps[step_index]
-        timeout = definition.timeout(step_index, dir_, rt.settings.default_step_timeout_seconds)
-        function = step.target(dir_)
-        assert callable(function)
-        call = StepInput(
-            saga_id=saga_id,
-            saga_type=saga_type,
-            step_name=step.name,
-            direction=dir_,
-            attempt=attempt,
-            idempotency_key=idempotency_key(saga_id, step.name, dir_),
-            context=dict(context),
-        )
-        started = time.monotonic()
-        event: StepSucceeded | StepFailed
-        try:
-            output = function(call)
-            elapsed_ms = (time.monotonic() - started) * 1000
-            problem = output_problem(output, rt.settings)
-            if elapsed_ms > timeout * 1000:
-                event = _timed_out(step_index, dir_, attempt, timeout, elapsed_ms)
-            elif problem is not None:
-                event = StepFailed(
-                    step_index, dir_, attempt, "StepOutputError", problem, duration_ms=elapsed_ms
-                )
-            else:
-                event = StepSucceeded(step_index, dir_, attempt, dict(output or {}), elapsed_ms)
-        except SoftTimeLimitExceeded:
-            elapsed_ms = (time.monotonic() - started) * 1000
-            event = _timed_out(step_index, dir_, attempt, timeout, elapsed_ms)
-        except Exception as exc:
-            elapsed_ms = (time.monotonic() - started) * 1000
-            event = StepFailed(
-                step_index,
-                dir_,
-                attempt,
-                error_type=type(exc).__name__,
-                message=describe(exc),
-                stack_trace=storable_text(traceback.format_exc(), MAX_TRACE_CHARS, keep_end=True),
-                # saga_worker's NonRetryableStepError, or any class of that name: the
-                # convention remote services follow without importing saga_worker.
-                retryable=not any(named_non_retryable(c.__name__) for c in type(exc).__mro__),
-                duration_ms=elapsed_ms,
-            )
+        event = run_attempt(
+            definition,
+            saga_id,
+            step_index,
+            dir_,
+            attempt,
+            context,
+            rt.settings,
+            timeout_errors=(SoftTimeLimitExceeded,),
+        ).event
         decision: Decision | None = None
         try:
             decision = rt.engine.handle(saga_id, event, loaded=loaded).decision
@@ -250,17 +215,3 @@ def _result_kwargs(event: StepSucceeded | StepFailed, saga_id: str, token: str) 
         "retryable": event.retryable,
         "timed_out": event.timed_out,
     }
-
-
-def _timed_out(
-    step_index: int, direction: Direction, attempt: int, timeout: float, elapsed_ms: float
-) -> StepFailed:
-    return StepFailed(
-        step_index,
-        direction,
-        attempt,
-        error_type="StepTimeout",
-        message=f"attempt ran {elapsed_ms / 1000:.1f}s, past its {timeout:g}s timeout",
-        timed_out=True,
-        duration_ms=elapsed_ms,
-    )

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from .. import registry
+from ..attempt import output_problem
 from ..core.events import ResultRejected, StepFailed, StepSucceeded
 from ..core.failure import (
     MAX_ERROR_CHARS,
@@ -19,7 +20,7 @@ from ..core.failure import (
 from ..errors import InvalidRequest, SagaError, SagaNotFound
 from ..requests import check_context, parse_abort, parse_start, start_saga_id, valid_saga_id
 from ..tokens import token_valid
-from .messages import ADVANCE_FIELDS, AttemptRef, output_problem, parse_attempt_ref, short
+from .messages import ADVANCE_FIELDS, AttemptRef, parse_attempt_ref, short
 from .runtime import RuntimeFactory
 
 log = logging.getLogger(__name__)
