@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from saga_worker.core.definition import Remote, SagaDefinition, Step, StepInput
+from saga_worker.core.events import StepFailed
 from saga_worker.testing import HarnessError, SagaTestHarness
 
 
@@ -30,3 +31,22 @@ def test_retry_of_a_live_attempt_is_not_silently_refused() -> None:
         return  # refused loudly: what the docs promise for a call the saga cannot take
     assert decision.ignored is None, decision.ignored
     assert len(h.sent) == sent_before + 1  # re-sent now, as the docstring says
+
+
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("__str__ failed")
+
+
+def _raises_unprintable(call: StepInput) -> Mapping[str, Any]:
+    raise _Unprintable()
+
+
+def test_a_step_whose_exception_cannot_be_rendered_fails_as_on_a_worker() -> None:
+    # The worker's step task describes the exception with worker/messages.describe, which
+    # records "<_Unprintable whose message cannot be rendered>" and goes on. The harness
+    # calls str(exc) itself, inside its except block: the test run dies with RuntimeError.
+    h = SagaTestHarness(SagaDefinition("unprintable", [Step("one", _raises_unprintable)]))
+    h.start({})
+    run = h.run_next()
+    assert isinstance(run.event, StepFailed) and "cannot be rendered" in run.event.message
