@@ -1,0 +1,52 @@
+"""Review of issue 13: what the recovery sweep reports for a saga it cannot recover.
+
+A deploy removed (or renamed away) the step a live saga's pending attempt is of. The core
+now ignores every event for it (`transition`: "deploy the definition the saga started
+with"), and `core/recovery.recovery_outcome` turns any unchanged decision into SKIPPED,
+which the sweep documents as "another sweep held or had just recovered" it. The saga is
+examined by every sweep, forever, counted as skipped, and nothing above INFO says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+import pytest
+
+from saga_worker.core.decision import Limits
+from saga_worker.core.definition import Remote, SagaDefinition, Step
+from saga_worker.core.events import StartRequested, StepSucceeded
+from saga_worker.core.model import Direction
+from saga_worker.engine import SagaEngine
+from saga_worker.recovery import sweep
+from saga_worker.testing import FakeClock, InMemoryStore, RecordingDispatcher
+
+TWO = SagaDefinition(
+    "shrunk", [Step("one", Remote("r.one", "q")), Step("two", Remote("r.two", "q"))]
+)
+ONE = SagaDefinition("shrunk", [Step("one", Remote("r.one", "q"))])
+
+
+def test_a_saga_whose_pending_step_was_removed_is_not_reported_as_skipped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    deployed = {"shrunk": TWO}
+    clock = FakeClock()
+    store = InMemoryStore()
+    engine = SagaEngine(
+        store, RecordingDispatcher(), Limits(), clock=clock, definitions=deployed.__getitem__
+    )
+    engine.start(StartRequested("s-1", "shrunk", {}))
+    engine.handle("s-1", StepSucceeded(0, Direction.FORWARD, 1, {}))
+    deployed["shrunk"] = ONE  # the new deploy has no step 1
+    clock.advance(3600)  # far past the pending attempt's deadline
+
+    with caplog.at_level(logging.INFO):
+        first = sweep(store, engine, clock())
+        second = sweep(store, engine, clock() + timedelta(hours=1))
+    assert first.examined == second.examined == 1  # found by every sweep
+    # What happened: nothing could be done for it. What the sweep says: a race was lost.
+    assert first.skipped == 0, first
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING and "s-1" in r.getMessage()]
+    assert loud, [r.getMessage() for r in caplog.records]
