@@ -12,6 +12,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -20,7 +21,7 @@ from .audit.chain import iso_utc
 from .audit.redaction import Redactor
 from .config import Settings, check_broker_url
 from .core.definition import SagaDefinition
-from .core.events import Event, RetryRequested
+from .core.events import Event
 from .core.model import Attempt, Saga, SagaState
 from .engine import Dispatcher, EngineHooks, SagaEngine, utcnow
 from .errors import (
@@ -30,7 +31,7 @@ from .errors import (
     SagaNotFound,
     UnknownSagaType,
 )
-from .requests import check_time_range, parse_abort, valid_saga_id
+from .requests import check_time_range, parse_abort, parse_retry, valid_saga_id
 from .store.connect import create_db_engine
 from .store.failures import database_errors, first_line, masked_url
 from .store.queries import SagaQuery
@@ -291,9 +292,9 @@ class SagaClient:
         attempt is re-sent now (`saga_recovered` naming the operator). A live attempt that
         has not passed its deadline is left alone unless `force`.
         """
-        event = RetryRequested(
-            user_id=user_id, reason=f"{reason} (from {socket.gethostname()})", force=force
-        )
+        event = parse_retry(user_id, reason, force=force)
+        # Where the operator acted from, beside who (validated first: the suffix is ours).
+        event = replace(event, reason=f"{event.reason} (from {socket.gethostname()})")
         return self._operate("retry", saga_id, event)
 
     def _operate(self, action: str, saga_id: str, event: Event) -> OperatorResult:

@@ -39,7 +39,8 @@ class SweepResult:
 
     `recovered`: stalled attempts re-sent; `due`: held retries sent; `gave_up`: attempts
     failed after max_recoveries; `skipped`: sagas another sweep held or had just recovered;
-    `failed`: sagas whose recovery raised (retried by the next sweep).
+    `failed`: sagas whose recovery raised, or that cannot be recovered (the next sweep
+    tries again; each is logged as an error).
     """
 
     examined: int
@@ -125,5 +126,13 @@ def _recover_one(
             pending.deadline.isoformat(),
             pending.recoveries + 1,
         )
+    elif result is RecoveryOutcome.STUCK:
+        log.error(
+            "saga %s: %s is overdue but cannot be recovered: %s",
+            saga_id,
+            where,
+            outcome.ignored,
+        )
+        return None  # counted as failed: the next sweep finds it again
     # SKIPPED: another sweep recovered it first, or a result arrived since the scan.
     return result

@@ -13,13 +13,14 @@ from typing import Any
 
 from .audit.chain import iso_utc
 from .config import Settings
-from .core.events import AbortRequested, StartRequested
+from .core.events import AbortRequested, RetryRequested, StartRequested
 from .errors import InvalidFilter, InvalidRequest
 
 SAGA_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,255}")
 START_FIELDS = frozenset({"saga_type", "context", "saga_id", "user_id", "ip_address"})
 ABORT_FIELDS = frozenset({"saga_id", "reason", "user_id", "ip_address"})
 MAX_TEXT = 255
+MAX_REASON = 2000
 # JSON can escape a lone UTF-16 surrogate ("\ud800"), which Python decodes into a str that
 # neither UTF-8 nor the database can hold: refused where it arrives, naming the field.
 NOT_UTF8 = "is not valid Unicode text: it cannot be encoded as UTF-8 (a lone surrogate?)"
@@ -93,17 +94,33 @@ def parse_abort(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[str, 
     saga_id = kwargs.get("saga_id")
     if not valid_saga_id(saga_id):
         raise InvalidRequest("saga_id", "is required: 1-255 characters of A-Z a-z 0-9 . _ : -")
-    reason = kwargs.get("reason", "")
-    if not isinstance(reason, str) or len(reason) > 2000:
-        raise InvalidRequest("reason", "must be a string of at most 2000 characters")
-    if not encodable(reason):
-        raise InvalidRequest("reason", NOT_UTF8)
+    reason = _reason(kwargs.get("reason", ""))
     assert isinstance(saga_id, str)
     return saga_id, AbortRequested(
         reason=reason or "abort requested",
         user_id=_optional_text(kwargs, "user_id"),
         ip_address=_optional_ip(kwargs),
     )
+
+
+def parse_retry(user_id: object, reason: object, *, force: bool = False) -> RetryRequested:
+    """An operator's RetryRequested, its fields checked as saga.abort's are."""
+    who = _optional_text({"user_id": user_id}, "user_id")
+    if who is None:
+        raise InvalidRequest("user_id", f"is required: 1-{MAX_TEXT} characters")
+    return RetryRequested(user_id=who, reason=_reason(reason) or "operator retry", force=force)
+
+
+def _reason(value: object) -> str:
+    # Tabs and line breaks are text; other control characters (NUL above all, which
+    # PostgreSQL cannot store) are not.
+    if not isinstance(value, str) or len(value) > MAX_REASON:
+        raise InvalidRequest("reason", f"must be a string of at most {MAX_REASON} characters")
+    if any(ord(ch) < 32 and ch not in "\t\n\r" for ch in value):
+        raise InvalidRequest("reason", "must not contain control characters but tab and newline")
+    if not encodable(value):
+        raise InvalidRequest("reason", NOT_UTF8)
+    return value
 
 
 def check_context(value: object, settings: Settings, field: str) -> None:

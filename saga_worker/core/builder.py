@@ -45,12 +45,15 @@ class Builder:
         )
         fields.setdefault("user_id", self.saga.user_id)
         fields.setdefault("ip_address", self.saga.ip_address)
+        if "step_name" not in fields:
+            fields["step_name"] = (
+                None if step_index is None else self.definition.steps[step_index].name
+            )
         self.events.append(
             AuditEvent(
                 event_type=event_type,
                 state_before=before,
                 state_after=self.saga.state,
-                step_name=None if step_index is None else self.definition.steps[step_index].name,
                 step_index=step_index,
                 **fields,
             )

@@ -20,6 +20,9 @@ class RecoveryOutcome(StrEnum):
     GAVE_UP = "gave_up"
     #: Nothing to do: another sweep or a result got there first.
     SKIPPED = "skipped"
+    #: The attempt is still pending as the scan saw it, yet the transition refused to recover
+    #: it (e.g. a deploy removed its step): every sweep will find it again until someone acts.
+    STUCK = "stuck"
 
 
 def recovery_event(pending: Attempt) -> AttemptDue | AttemptStalled:
@@ -36,7 +39,9 @@ def recovery_event(pending: Attempt) -> AttemptDue | AttemptStalled:
 def recovery_outcome(pending: Attempt, decision: Decision, limits: Limits) -> RecoveryOutcome:
     """Classify the decision `transition` made for `recovery_event(pending)`."""
     if not decision.changed:
-        return RecoveryOutcome.SKIPPED
+        # Unchanged since the scan: nobody got there first, the transition itself refused.
+        stuck = decision.saga.pending == pending
+        return RecoveryOutcome.STUCK if stuck else RecoveryOutcome.SKIPPED
     if pending.held:
         return RecoveryOutcome.DUE
     if pending.recoveries_exhausted(limits.max_recoveries):

@@ -264,6 +264,7 @@ def _rollback_from(b: Builder, index: int) -> None:
         if step.name in completed and step.name not in done and step.compensate is not None:
             b.run(candidate, Direction.COMPENSATE, 1, b.now)
             return
+    _fail_lost_compensations(b, done)
     last = max(index, 0)
     if b.saga.failed_compensations:
         failed = ", ".join(b.saga.failed_compensations)
@@ -273,6 +274,33 @@ def _rollback_from(b: Builder, index: int) -> None:
         _finish(b, SagaState.ABORTED, "saga_aborted", last)
     else:
         _finish(b, SagaState.COMPENSATED, "saga_compensated", last)
+
+
+def _fail_lost_compensations(b: Builder, done: set[str]) -> None:
+    """Completed steps the deployed definition no longer has cannot be compensated here.
+
+    A deploy renamed or removed them while the saga ran. Each is recorded as a failed
+    compensation, so the rollback ends FAILED (an operator must act) instead of claiming
+    COMPENSATED with a completed step never undone.
+    """
+    lost = [
+        name
+        for name in b.saga.completed_steps
+        if name not in b.definition.step_names and name not in done
+    ]
+    for name in lost:
+        b.update(failed_compensations=(*b.saga.failed_compensations, name))
+        b.audit(
+            "compensation_failed",
+            None,
+            step_name=name,
+            event_data={"not_in_definition": True},
+            error_message=(
+                f"step {name!r} completed, but {b.definition.saga_type} as deployed has no "
+                f"step {name!r}: its compensation cannot run; compensate it by hand, or deploy "
+                "the definition the saga started with and retry"
+            ),
+        )
 
 
 def _finish(b: Builder, state: SagaState, event_type: str, step_index: int) -> None:

@@ -12,7 +12,10 @@ writes as a `Write` and hands it to `execute`, which has one implementation per 
 The guards make a write all-or-nothing without a prior read: a new saga is inserted only
 where no checkpoint exists and the audit chain's head is the one its rows were chained from;
 an update only where the version is the one decided on; rejection rows only where no
-checkpoint exists.
+checkpoint exists. The version guard holds against concurrent writers (the UPDATE waits for
+the row). The other two read the statement's snapshot: a start and a refused start of one
+new saga_id committing at the same instant can both pass them and fork that chain
+(tests/integration/test_write_races.py, until the database itself refuses such a row).
 """
 
 from __future__ import annotations

@@ -199,13 +199,20 @@ class SagaTestHarness:
         )
         return self._handle(saga_id, event)
 
-    def retry(self, reason: str = "operator retry", *, user_id: str = "operator") -> Decision:
-        """An operator's retry through the engine (`saga-worker retry`).
+    def retry(
+        self, reason: str = "operator retry", *, user_id: str = "operator", force: bool = False
+    ) -> Decision:
+        """An operator's retry through the engine, as `saga-worker retry [--force]`.
 
         A FAILED saga re-runs its failed compensations; a live one has its pending attempt
-        re-sent now (the CLI asks for --force while that attempt has not stalled; this does not).
+        re-sent now when it has stalled, is held, or `force` is given. A retry the engine
+        refuses raises HarnessError with its reason, as the CLI refuses it.
         """
-        return self._handle(self._current(), RetryRequested(user_id=user_id, reason=reason))
+        event = RetryRequested(user_id=user_id, reason=reason, force=force)
+        decision = self._handle(self._current(), event)
+        if decision.ignored is not None:
+            raise HarnessError(f"retry of saga {self._current()} refused: {decision.ignored}")
+        return decision
 
     def advance_clock(self, seconds: float) -> datetime:
         """Let time pass (for held retries and stall deadlines); returns the new time."""

@@ -42,6 +42,13 @@ def _start(store: SagaStore) -> Any:
     return store.create(_started("w-1"), NOW)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "known since 0.1, not fixed by the one write path: issue 14 makes the database refuse a "
+        "row whose prev_hash is not the saga's latest hash (DESIGN.md, audit tables)"
+    ),
+)
 @pytest.mark.parametrize(
     ("slow_when", "first", "second"),
     [
