@@ -46,7 +46,7 @@ def _start(store: SagaStore) -> Any:
     strict=True,
     reason=(
         "known since 0.1, not fixed by the one write path: issue 14 makes the database refuse a "
-        "row whose prev_hash is not the saga's latest hash (DESIGN.md, audit tables)"
+        "row whose prev_hash is not the saga's latest hash"
     ),
 )
 @pytest.mark.parametrize(
