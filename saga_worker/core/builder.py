@@ -133,13 +133,18 @@ def resend(
         },
         **who,
     )
+    send_now(b, pending, recoveries=pending.recoveries + 1, user_id=user_id)
+
+
+def send_now(b: Builder, pending: Attempt, *, recoveries: int, user_id: str | None = None) -> None:
+    """Send the pending attempt (same number, same run) now, with a fresh deadline."""
     b.run(
         pending.step_index,
         pending.direction,
         pending.number,
         b.now,
         first=pending.first,
-        recoveries=pending.recoveries + 1,
+        recoveries=recoveries,
         retry_count=retry_ordinal(pending) or None,
         user_id=user_id,
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any, assert_never
 
-from .builder import Builder, resend, retry_ordinal
+from .builder import Builder, resend, retry_ordinal, send_now
 from .decision import DEFAULT_LIMITS, Decision, Limits
 from .definition import SagaDefinition
 from .events import (
@@ -111,15 +111,7 @@ def transition(
 
 
 def _send_held(b: Builder, pending: Attempt) -> Decision:
-    b.run(
-        pending.step_index,
-        pending.direction,
-        pending.number,
-        b.now,
-        first=pending.first,
-        recoveries=pending.recoveries,
-        retry_count=retry_ordinal(pending) or None,
-    )
+    send_now(b, pending, recoveries=pending.recoveries)
     return b.decision()
 
 
