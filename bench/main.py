@@ -139,10 +139,15 @@ def prepare_databases(ctx: Context) -> None:
             conn.execute(text(f'CREATE DATABASE "{name}"'))
     admin.dispose()
     # Migrate with the saga_worker under test (the installed one or --saga-src).
+    # create_db_engine moved to store.connect after 0.2.0; older checkouts are A/B'd too.
     code = (
-        "import sys; from saga_worker.store.migrate import upgrade; "
-        "from saga_worker.store.connect import create_db_engine; "
-        "upgrade(create_db_engine(sys.argv[1], pool=False))"
+        "import sys\n"
+        "from saga_worker.store.migrate import upgrade\n"
+        "try:\n"
+        "    from saga_worker.store.connect import create_db_engine\n"
+        "except ImportError:\n"
+        "    from saga_worker.store.repository import create_db_engine\n"
+        "upgrade(create_db_engine(sys.argv[1], pool=False))\n"
     )
     subprocess.run(
         [sys.executable, "-c", code, ctx.db_url("bench_saga")],

@@ -245,7 +245,7 @@ def _timed(operation: Any) -> float:
 
 def _plan_of_scan(engine: Engine, now: datetime, batch: int) -> list[str]:
     try:
-        from saga_worker.store.repository import stalled_query
+        from saga_worker.store.queries import stalled_query
     except ImportError:
         return ["(stalled_query not importable in this version)"]
     with engine.connect() as conn:
