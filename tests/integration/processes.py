@@ -34,6 +34,7 @@ from saga_worker.store.codec import saga_from_row
 from saga_worker.store.repository import SagaStore, create_db_engine
 from saga_worker.store.tables import audit_logs, checkpoints
 from tests.requirements import unavailable
+from tests.waiting import read_logs, unfinished_tasks, wait_for, wait_for_tasks
 
 from .conftest import WorkerProcess, start_worker
 
@@ -382,6 +383,23 @@ class Rig:
 
     def worker_logs(self) -> list[Path]:
         return [w.log_path for w in self.workers]
+
+    def settle(self, timeout: float = 30) -> None:
+        """Wait until the current worker has run everything sent to the queue before now.
+
+        A saga.recover sent now comes after every message already queued (the queue is
+        FIFO): once it has run and every task the worker received has ended, a message sent
+        earlier has had its effect, and counts of what the worker did are final."""
+        sentinel = uuid.uuid4().hex
+        self.producer.send_task("saga.recover", queue=self.queue, task_id=sentinel)
+        log = self.worker.log_path
+        wait_for_tasks(log, [sentinel], timeout)
+        wait_for(
+            lambda: not unfinished_tasks(read_logs(log)),
+            timeout,
+            "every task the worker received to end",
+            details=lambda: f"{sorted(unfinished_tasks(read_logs(log)))}\n{tail(log)}",
+        )
 
     def wait_all(self, saga_ids: Iterable[str], timeout: float) -> dict[str, Saga]:
         """Wait until every saga is terminal; fail with the stragglers and the logs' tails."""

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -22,6 +21,7 @@ from click.testing import CliRunner, Result
 from saga_worker.cli import main
 from saga_worker.client import SagaClient
 from saga_worker.config import Settings
+from tests.waiting import wait_for
 
 from .conftest import REPO, WORKER_IMPORTS, Stack, fresh_postgres_database, fresh_sqlite_database
 from .test_audit_trail import Driver, RecordingDispatcher
@@ -427,11 +427,7 @@ def test_abort_from_the_cli_rolls_back_on_a_real_worker(stack: Stack) -> None:
     saga_id = stack.start(
         "backtest_workflow", {"strategy_id": 4, "slow_step": {"step": "run_strategy", "seconds": 2}}
     )
-    stack.wait(saga_id, states=("RUNNING",), timeout=30)
-    deadline = time.monotonic() + 30
-    while stack.store.load(saga_id).current_step_index < 1:  # type: ignore[union-attr]
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    stack.wait_for_step(saga_id, 1)
     result = _run(["abort", saga_id, "--reason", "risk limit", "--user", "ops"], _stack_env(stack))
     assert result.returncode == 0, result.stderr
     assert "abort_requested" in result.stdout
@@ -486,10 +482,12 @@ def test_worker_and_beat_wrappers_start_celery(
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 60
-        while b" ready." not in log.read_bytes():
-            assert worker.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
+        wait_for(
+            lambda: worker.poll() is None and b" ready." in log.read_bytes(),
+            60,
+            "the worker to be ready",
+            details=log.read_text,
+        )
         producer = Celery("it-cli", broker=broker_url, set_as_current=False)
         producer.send_task(
             "saga.start",
@@ -505,9 +503,12 @@ def test_worker_and_beat_wrappers_start_celery(
         final = client.wait_terminal(["via-wrapper"], timeout=60)["via-wrapper"]
         client.close()
         assert final is not None and final.state.value == "COMPLETED"
-        while b"saga-recover" not in beat_log.read_bytes():
-            assert beat.poll() is None and time.monotonic() < deadline + 30, beat_log.read_text()
-            time.sleep(0.2)
+        wait_for(
+            lambda: beat.poll() is None and b"saga-recover" in beat_log.read_bytes(),
+            30,
+            "the beat to send saga.recover",
+            details=beat_log.read_text,
+        )
         assert (tmp_path / "celerybeat-schedule").exists() or any(
             p.name.startswith("celerybeat-schedule") for p in tmp_path.iterdir()
         )
