@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
@@ -119,9 +120,18 @@ def wait_for_tasks(
 
 
 _TASK_RECEIVED = re.compile(r"Task [\w.]+\[(?P<id>[\w-]+)\] received")
+# The end of one run of a task: besides the ends above, a retry (the next run, if any, is
+# received again) and a message discarded unrun (revoked, or expired as the beat's sweeps do).
+_RUN_END = re.compile(
+    r"Task [\w.]+\[(?P<id>[\w-]+)\] "
+    r"(?:succeeded in|raised expected|raised unexpected|INTERNAL ERROR|ignored|retry:)"
+    r"|Discarding revoked task: [\w.]+\[(?P<discarded>[\w-]+)\]"
+)
 
 
 def unfinished_tasks(text: str) -> set[str]:
-    """Ids of the tasks a worker logged as received but not (yet) as ended in `text`."""
-    received = {m.group("id") for m in _TASK_RECEIVED.finditer(text)}
-    return received - finished_tasks(text).keys()
+    """Ids of the tasks a worker logged as received more often than it logged a run of them
+    ending in `text`: what it is running or holding."""
+    received = Counter(m.group("id") for m in _TASK_RECEIVED.finditer(text))
+    ended = Counter(m.group("id") or m.group("discarded") for m in _RUN_END.finditer(text))
+    return {task_id for task_id, runs in received.items() if runs > ended[task_id]}
