@@ -119,7 +119,7 @@ def kill_group(process: subprocess.Popen[bytes]) -> None:
 
 def children(pid: int) -> list[int]:
     """Process ids whose parent is `pid` (a prefork worker's pool children), from /proc."""
-    found = []
+    found: list[int] = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -146,7 +146,7 @@ def count_lines(paths: Iterable[Path], needle: str) -> int:
 
 
 def lines_with(paths: Iterable[Path], needle: str) -> list[str]:
-    found = []
+    found: list[str] = []
     for path in paths:
         try:
             text = path.read_text(errors="replace")

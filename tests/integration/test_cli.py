@@ -90,7 +90,7 @@ def cli(states_url: str) -> Cli:
     return Cli(states_url)
 
 
-def _driver_saga(url: str, build: Callable[[Driver, str], None]) -> str:
+def _driver_saga(url: str, build: Callable[[Driver, str], object]) -> str:
     saga_id = f"x-{uuid.uuid4().hex[:10]}"
     driver = Driver(url)
     try:
@@ -292,7 +292,7 @@ def test_retry_of_a_held_attempt_sends_it_now(states_url: str) -> None:
 
 def test_retry_force_resends_a_live_attempt(states_url: str) -> None:
     cli = Cli(states_url)
-    saga_id = _driver_saga(states_url, lambda d, s: d.start(s) and None)
+    saga_id = _driver_saga(states_url, lambda d, s: d.start(s))
     assert cli("retry", saga_id).exit_code == 4
     assert cli("retry", saga_id, "--force", "--user", "carol").exit_code == 0
     assert _events(states_url, saga_id)[-2]["user_id"] == "carol"
@@ -329,7 +329,7 @@ def test_retry_of_a_failed_saga_reruns_its_failed_compensations(states_url: str)
 
 def test_abort_records_the_request_and_rolls_back(states_url: str) -> None:
     cli = Cli(states_url)
-    saga_id = _driver_saga(states_url, lambda d, s: d.start(s) and None)
+    saga_id = _driver_saga(states_url, lambda d, s: d.start(s))
     data = cli.json("abort", saga_id, "--reason", "client cancel", "--user", "erin")
     assert data["audit_events"] == ["abort_requested"]
     assert data["state_after"] == "RUNNING"  # the attempt in flight reports first
@@ -407,10 +407,12 @@ def _stack_env(stack: Stack) -> dict[str, str]:
 
 @pytest.mark.parametrize("stack", ["postgres"], indirect=True)
 def test_retry_resends_a_lost_attempt_to_a_real_worker(stack: Stack) -> None:
-    saga_id = _driver_saga(
-        stack.database_url,
-        lambda d, s: setattr(d, "now", datetime.now(UTC) - timedelta(minutes=10)) or d.start(s),
-    )
+
+    def started_long_ago(driver: Driver, saga_id: str) -> None:
+        driver.now = datetime.now(UTC) - timedelta(minutes=10)
+        driver.start(saga_id)
+
+    saga_id = _driver_saga(stack.database_url, started_long_ago)
     result = _run(["retry", saga_id, "--user", "oncall", "--json"], _stack_env(stack))
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["sent"] == ["saga.backtest_workflow.create_backtest"]

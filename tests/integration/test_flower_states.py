@@ -242,11 +242,12 @@ def test_flower_shows_failed_and_retried_attempts(watched: Watched) -> None:
         return Tally((t["name"], t["state"]) for t in watched.flower_tasks(sagas[name]))
 
     for name, expected in expected_states.items():
+        # Called within this iteration only: the closures see this iteration's values.
         wait_for(
             f"Flower's states for {name}",
-            lambda name=name, expected=expected: shown(name) == expected,
+            lambda: shown(name) == expected,  # noqa: B023
             30,
-            lambda name=name: f"{name}: {shown(name)}\n{watched.logs()}",
+            lambda: f"{name}: {shown(name)}\n{watched.logs()}",  # noqa: B023
         )
         saga = watched.store.load(sagas[name])
         assert saga is not None and saga.state.value == final[name]

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
-from kombu import Connection
+from kombu.connection import Connection
 
 import tests.fixtures.recovery_sagas as fixtures
 from saga_worker.config import Settings
