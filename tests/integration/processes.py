@@ -267,15 +267,12 @@ def _stop_started_redis() -> None:
 
 
 def _wait_port(port: int, *, open_: bool, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def in_state() -> bool:
         with socket.socket() as sock:
             sock.settimeout(0.2)
-            is_open = sock.connect_ex(("127.0.0.1", port)) == 0
-        if is_open == open_:
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"port {port} still {'closed' if open_ else 'open'} after {timeout}s")
+            return (sock.connect_ex(("127.0.0.1", port)) == 0) == open_
+
+    wait_for(in_state, timeout, f"port {port} to be {'open' if open_ else 'closed'}")
 
 
 def restartable_servers() -> Servers:
@@ -403,22 +400,24 @@ class Rig:
 
     def wait_all(self, saga_ids: Iterable[str], timeout: float) -> dict[str, Saga]:
         """Wait until every saga is terminal; fail with the stragglers and the logs' tails."""
-        deadline = time.monotonic() + timeout
         waiting = set(saga_ids)
         found: dict[str, Saga] = {}
-        while waiting and time.monotonic() < deadline:
+
+        def all_terminal() -> bool:
             for saga in self.load_many(waiting):
                 if saga.state.is_terminal:
                     found[saga.saga_id] = saga
                     waiting.discard(saga.saga_id)
-            if waiting:
-                time.sleep(0.25)
-        if waiting:
+            return not waiting
+
+        def stragglers() -> str:
             stuck = [self.store.load(s) for s in sorted(waiting)[:3]]
             logs = "\n---\n".join(tail(p, 30) for p in self.worker_logs()[-1:])
-            raise AssertionError(
-                f"{len(waiting)} sagas not terminal after {timeout}s, e.g. {stuck}\n{logs}"
-            )
+            return f"{len(waiting)} not terminal, e.g. {stuck}\n{logs}"
+
+        wait_for(
+            all_terminal, timeout, "every saga to be terminal", interval=0.25, details=stragglers
+        )
         return found
 
     def load_many(self, saga_ids: Iterable[str]) -> list[Saga]:
