@@ -17,7 +17,16 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
+from saga_worker.audit import Redactor
+
 T = TypeVar("T")
+_CARDS_ONLY = Redactor([])
+
+
+def as_logged(text: str) -> str:
+    """`text` as the workers log it: their logs mask card numbers, which a task id or a
+    saga_id made of a Luhn-valid run of 13 to 19 digits (dashes allowed) looks like."""
+    return _CARDS_ONLY.text(text) or text
 
 
 def wait_for(
@@ -72,8 +81,9 @@ def wait_for_log(
 ) -> str:
     """Wait until `needle` occurs `count` times in the logs; returns their text."""
     files = [paths] if isinstance(paths, Path) else list(paths)
+    logged = as_logged(needle)
     return wait_for(
-        lambda: text if (text := read_logs(files)).count(needle) >= count else None,
+        lambda: text if (text := read_logs(files)).count(logged) >= count else None,
         timeout,
         f"{needle!r} logged {count} time(s)",
         interval=0.1,
@@ -85,15 +95,15 @@ def wait_for_log(
 # function returned: after anything the task wrote. "raised expected" is an exception the task
 # declares (a failed step attempt, reported as such); a retry is not an end: it runs again.
 _TASK_END = re.compile(
-    r"Task [\w.]+\[(?P<id>[\w-]+)\] "
+    r"Task [\w.]+\[(?P<id>[\w*-]+)\] "
     r"(?P<end>succeeded in|raised expected|raised unexpected|INTERNAL ERROR|ignored)"
 )
 _TASK_FAILED = ("raised unexpected", "INTERNAL ERROR")
 
 
 def finished_tasks(text: str) -> dict[str, str]:
-    """How each task whose end Celery logged in `text` ended, by task id ("succeeded in",
-    "raised unexpected", ...)."""
+    """How each task whose end Celery logged in `text` ended, by task id as logged
+    (`as_logged`): "succeeded in", "raised unexpected", ..."""
     return {m.group("id"): m.group("end") for m in _TASK_END.finditer(text)}
 
 
@@ -103,7 +113,7 @@ def wait_for_tasks(
     """Wait until Celery logged the end of every task in `task_ids` (run, not merely
     received), then fail if any of them raised an exception it does not declare."""
     files = [paths] if isinstance(paths, Path) else list(paths)
-    wanted = set(task_ids)
+    wanted = {as_logged(task_id) for task_id in task_ids}
 
     def ended() -> dict[str, str]:
         return {i: e for i, e in finished_tasks(read_logs(files)).items() if i in wanted}
@@ -119,13 +129,13 @@ def wait_for_tasks(
     assert not failed, f"tasks did not succeed: {failed}\n{log_tails(files)}"
 
 
-_TASK_RECEIVED = re.compile(r"Task [\w.]+\[(?P<id>[\w-]+)\] received")
+_TASK_RECEIVED = re.compile(r"Task [\w.]+\[(?P<id>[\w*-]+)\] received")
 # The end of one run of a task: besides the ends above, a retry (the next run, if any, is
 # received again) and a message discarded unrun (revoked, or expired as the beat's sweeps do).
 _RUN_END = re.compile(
-    r"Task [\w.]+\[(?P<id>[\w-]+)\] "
+    r"Task [\w.]+\[(?P<id>[\w*-]+)\] "
     r"(?:succeeded in|raised expected|raised unexpected|INTERNAL ERROR|ignored|retry:)"
-    r"|Discarding revoked task: [\w.]+\[(?P<discarded>[\w-]+)\]"
+    r"|Discarding revoked task: [\w.]+\[(?P<discarded>[\w*-]+)\]"
 )
 
 

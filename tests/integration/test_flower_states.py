@@ -21,6 +21,7 @@ from celery import Celery
 
 from saga_worker.audit import Redactor
 from saga_worker.store.repository import SagaStore, create_db_engine
+from tests.waiting import as_logged
 
 from .conftest import WorkerProcess, fresh_postgres_database, start_worker
 from .test_metrics import FLOWER_AUTH, Service, free_port, http_get, spawn, wait_for
@@ -274,7 +275,7 @@ def test_flower_shows_failed_and_retried_attempts(watched: Watched) -> None:
         ids = {t["uuid"] for t in watched.flower_tasks(sagas[name])}
         assert len(ids) == sum(expected.values())
         for task_id in ids:
-            assert log.count(f"[{task_id}] received") == 1, task_id
+            assert log.count(f"[{as_logged(task_id)}] received") == 1, task_id
     # Acked, not left for redelivery: kombu's Redis transport keeps a message it delivered
     # in the `unacked` hash until the worker acks it.
     failed_ids = [

@@ -14,7 +14,7 @@ from kombu.connection import Connection
 from kombu.entity import Queue
 
 from saga_worker.tokens import attempt_token
-from tests.waiting import wait_for, wait_for_tasks
+from tests.waiting import as_logged, wait_for, wait_for_tasks
 
 from .conftest import Stack
 
@@ -186,7 +186,7 @@ def test_malformed_broker_messages_are_refused_and_the_queue_keeps_moving(stack:
     log = worker.log_path.read_text(errors="replace")
     # The pickle was refused (logged) before it could become a task: it never ran.
     assert "ContentDisallowed" in log or "Refusing to deserialize" in log
-    assert f"[{pickled}] received" not in log
+    assert f"[{as_logged(pickled)}] received" not in log
     assert stack.store.load(marker) is None
     assert "no.such.task" in log
 
@@ -300,7 +300,7 @@ def test_headers_celery_reads_later_and_compression_bombs_are_refused(stack: Sta
             if "compression" in extra:
                 compressed += 1
             else:
-                named.append(message_id)
+                named.append(as_logged(message_id))
             kwargs = {"saga_type": SAGA_TYPE, "context": {"strategy_id": 1}, "saga_id": marker}
             producer.publish(
                 body or json.dumps([[], kwargs, {}]).encode(),
