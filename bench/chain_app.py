@@ -63,7 +63,7 @@ def record(data: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-@signals.worker_ready.connect
+@signals.worker_ready.connect  # type: ignore[untyped-decorator]
 def _announce_ready(**_: Any) -> None:
     key = os.environ.get("BENCH_READY_KEY")
     if key:

@@ -100,8 +100,9 @@ class DoneList:
         return _parse(item[1])
 
 
-def _parse(raw: bytes) -> tuple[str, float]:
-    unit_id, finished = raw.decode().rsplit(" ", 1)
+def _parse(raw: bytes | str) -> tuple[str, float]:
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    unit_id, finished = text.rsplit(" ", 1)
     return unit_id, float(finished)
 
 

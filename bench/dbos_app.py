@@ -46,24 +46,24 @@ _redis = redis_client() if os.environ.get("BENCH_REDIS_URL") else None
 DONE_KEY = os.environ.get("BENCH_DONE_KEY", "bench:done:dbos")
 
 
-@DBOS.step()
+@DBOS.step()  # type: ignore[untyped-decorator, unused-ignore]
 def reserve(n: int) -> int:
     return n + 1
 
 
-@DBOS.step()
+@DBOS.step()  # type: ignore[untyped-decorator, unused-ignore]
 def compute(a: int) -> int:
     return a * 2
 
 
-@DBOS.step()
+@DBOS.step()  # type: ignore[untyped-decorator, unused-ignore]
 def record(b: int) -> int:
     return b + 3
 
 
-@DBOS.workflow(name=WORKFLOW)
+@DBOS.workflow(name=WORKFLOW)  # type: ignore[untyped-decorator, unused-ignore]
 def bench_workflow(unit_id: str, n: int) -> int:
-    result = record(compute(reserve(n)))
+    result: int = record(compute(reserve(n)))
     if _redis is not None:
         _redis.rpush(DONE_KEY, f"{unit_id} {time.time():.6f}")
     return result

@@ -69,14 +69,14 @@ class BenchHook:
             self.redis.rpush(self.done_key, f"{decision.saga.saga_id} {time.time():.6f}")
 
 
-@signals.worker_ready.connect
+@signals.worker_ready.connect  # type: ignore[untyped-decorator]
 def _announce_ready(**_: Any) -> None:
     key = os.environ.get("BENCH_READY_KEY")
     if key and os.environ.get("BENCH_REDIS_URL"):
         redis.Redis.from_url(os.environ["BENCH_REDIS_URL"]).rpush(key, str(os.getpid()))
 
 
-@signals.worker_process_init.connect
+@signals.worker_process_init.connect  # type: ignore[untyped-decorator]
 def _install_hook(**_: Any) -> None:
     if not (os.environ.get("BENCH_TIMING_DIR") or os.environ.get("BENCH_REDIS_URL")):
         return

@@ -22,8 +22,8 @@ from sqlalchemy import Engine, text
 from sqlalchemy.schema import CreateIndex, DropIndex
 
 from saga_worker.audit.redaction import Redactor
-from saga_worker.store.migrate import upgrade
 from saga_worker.store.connect import create_db_engine
+from saga_worker.store.migrate import upgrade
 from saga_worker.store.repository import SagaStore
 from saga_worker.store.tables import audit_logs, checkpoints
 

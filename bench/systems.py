@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from celery import Celery, chain
 
@@ -414,7 +414,17 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-SYSTEMS = {
+class System(Protocol):
+    """What bench/main.py runs: start, measure a plan, stop."""
+
+    def start(self) -> None: ...
+
+    def measure(self, plan: Plan, tag: str) -> dict[str, Any]: ...
+
+    def stop(self) -> None: ...
+
+
+SYSTEMS: dict[str, Callable[[Context], System]] = {
     "saga_worker": SagaWorker,
     "saga_worker_events": SagaWorkerWithEvents,
     "celery_chain": CeleryChain,

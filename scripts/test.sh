@@ -136,17 +136,16 @@ fi
 
 # ----------------------------------------------------------------- checks ---
 
-lint_targets=()
-for d in saga_worker tests; do [[ -d $d ]] && lint_targets+=("$d"); done
-if (( ${#lint_targets[@]} )); then
-    phase "ruff check ${lint_targets[*]}"
-    .venv/bin/ruff check "${lint_targets[@]}"
+# The package, its tests and the benchmark: linted and type-checked alike (mypy --strict,
+# configured in pyproject.toml).
+check_targets=()
+for d in saga_worker tests bench; do [[ -d $d ]] && check_targets+=("$d"); done
+if (( ${#check_targets[@]} )); then
+    phase "ruff check ${check_targets[*]}"
+    .venv/bin/ruff check "${check_targets[@]}"
     phase_done
-fi
-
-if [[ -d saga_worker ]]; then
-    phase "mypy saga_worker"
-    .venv/bin/mypy saga_worker
+    phase "mypy ${check_targets[*]}"
+    .venv/bin/mypy "${check_targets[@]}"
     phase_done
 fi
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.requirements import unavailable
+
 REPO = Path(__file__).resolve().parents[2]
 # A file outside the repository (split so that this line does not name it).
 OUTSIDE = re.compile("|".join(re.escape(p) for p in (".." + "/shared", "shared" + "/DESIGN")))
@@ -87,7 +89,7 @@ def test_a_plain_install_runs_the_cli_the_app_and_the_demo(
 def test_the_readme_demo_command_runs_on_a_fresh_clone(tmp_path: Path) -> None:
     """`bash scripts/demo.sh` exactly as the README says, in a new clone of this commit."""
     if not (REPO / ".git").exists():
-        pytest.skip("not a git checkout")
+        unavailable(f"{REPO} is not a git checkout: this test clones it")
     clone = tmp_path / "clone"
     env = {
         k: v

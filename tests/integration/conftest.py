@@ -30,6 +30,7 @@ from saga_worker.store.connect import create_db_engine
 from saga_worker.store.migrate import upgrade
 from saga_worker.store.repository import SagaStore
 from tests.requirements import unavailable
+from tests.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER_IMPORTS = "saga_worker.examples,tests.fixtures.sagas"
@@ -209,37 +210,62 @@ class Stack:
         )
         return saga_id
 
-    def send(self, name: str, kwargs: dict[str, Any]) -> None:
-        self.producer.send_task(name, kwargs=kwargs, queue=self.queue)
+    def send(self, name: str, kwargs: dict[str, Any]) -> str:
+        """Send task `name` to the saga worker; returns the message's task id."""
+        task_id = uuid.uuid4().hex
+        self.producer.send_task(name, kwargs=kwargs, queue=self.queue, task_id=task_id)
+        return task_id
+
+    def worker_logs(self) -> list[Path]:
+        return [w.log_path for w in self.workers]
 
     def wait(self, saga_id: str, timeout: float = 60, states: tuple[str, ...] = ()) -> Saga:
         """Wait until the saga is terminal (or in one of `states`)."""
-        deadline = time.monotonic() + timeout
-        saga = None
-        while time.monotonic() < deadline:
+
+        def settled() -> Saga | None:
             saga = self.store.load(saga_id)
-            if saga is not None and (
-                saga.state.value in states if states else saga.state.is_terminal
-            ):
-                return saga
-            time.sleep(0.05)
-        logs = "\n---\n".join(w.log_tail(40) for w in self.workers)
-        raise AssertionError(f"saga {saga_id} not settled in {timeout}s: {saga}\n{logs}")
+            if saga is None:
+                return None
+            done = saga.state.value in states if states else saga.state.is_terminal
+            return saga if done else None
+
+        return wait_for(
+            settled,
+            timeout,
+            f"saga {saga_id} to be {' or '.join(states) or 'terminal'}",
+            details=lambda: f"{self.store.load(saga_id)}\n{self.logs()}",
+        )
+
+    def wait_for_step(self, saga_id: str, index: int, timeout: float = 30) -> Saga:
+        """Wait until the saga's checkpoint is at step `index` or later."""
+
+        def at_step() -> Saga | None:
+            saga = self.store.load(saga_id)
+            return saga if saga is not None and saga.current_step_index >= index else None
+
+        return wait_for(at_step, timeout, f"{saga_id} to reach step {index}", details=self.logs)
+
+    def logs(self) -> str:
+        return "\n---\n".join(w.log_tail(40) for w in self.workers)
 
     def wait_all(self, saga_ids: list[str], timeout: float = 180) -> dict[str, Saga]:
-        deadline = time.monotonic() + timeout
-        pending = set(saga_ids)
+        """Wait until every saga is terminal; returns them by id."""
+        wanted = set(saga_ids)
         found: dict[str, Saga] = {}
-        while pending and time.monotonic() < deadline:
-            for saga_id in list(pending):
+
+        def all_terminal() -> bool:
+            for saga_id in wanted - found.keys():
                 saga = self.store.load(saga_id)
                 if saga is not None and saga.state.is_terminal:
                     found[saga_id] = saga
-                    pending.discard(saga_id)
-            if pending:
-                time.sleep(0.25)
-        assert not pending, (
-            f"{len(pending)} sagas not terminal after {timeout}s: {sorted(pending)[:5]}"
+            return found.keys() == wanted
+
+        wait_for(
+            all_terminal,
+            timeout,
+            f"{len(wanted)} sagas to be terminal",
+            interval=0.25,
+            details=lambda: f"not terminal: {sorted(wanted - found.keys())[:5]}",
         )
         return found
 

@@ -35,6 +35,7 @@ from saga_worker.store.connect import create_db_engine
 from saga_worker.store.repository import SagaStore
 from saga_worker.store.tables import audit_logs, checkpoints
 from tests.requirements import unavailable
+from tests.waiting import read_logs, unfinished_tasks, wait_for, wait_for_tasks
 
 from .conftest import WorkerProcess, start_worker
 
@@ -119,7 +120,7 @@ def kill_group(process: subprocess.Popen[bytes]) -> None:
 
 def children(pid: int) -> list[int]:
     """Process ids whose parent is `pid` (a prefork worker's pool children), from /proc."""
-    found = []
+    found: list[int] = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -146,7 +147,7 @@ def count_lines(paths: Iterable[Path], needle: str) -> int:
 
 
 def lines_with(paths: Iterable[Path], needle: str) -> list[str]:
-    found = []
+    found: list[str] = []
     for path in paths:
         try:
             text = path.read_text(errors="replace")
@@ -267,15 +268,12 @@ def _stop_started_redis() -> None:
 
 
 def _wait_port(port: int, *, open_: bool, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def in_state() -> bool:
         with socket.socket() as sock:
             sock.settimeout(0.2)
-            is_open = sock.connect_ex(("127.0.0.1", port)) == 0
-        if is_open == open_:
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"port {port} still {'closed' if open_ else 'open'} after {timeout}s")
+            return (sock.connect_ex(("127.0.0.1", port)) == 0) == open_
+
+    wait_for(in_state, timeout, f"port {port} to be {'open' if open_ else 'closed'}")
 
 
 def restartable_servers() -> Servers:
@@ -384,24 +382,43 @@ class Rig:
     def worker_logs(self) -> list[Path]:
         return [w.log_path for w in self.workers]
 
+    def settle(self, timeout: float = 30) -> None:
+        """Wait until the current worker has run everything sent to the queue before now.
+
+        A saga.recover sent now comes after every message already queued (the queue is
+        FIFO): once it has run and every task the worker received has ended, a message sent
+        earlier has had its effect, and counts of what the worker did are final."""
+        sentinel = uuid.uuid4().hex
+        self.producer.send_task("saga.recover", queue=self.queue, task_id=sentinel)
+        log = self.worker.log_path
+        wait_for_tasks(log, [sentinel], timeout)
+        wait_for(
+            lambda: not unfinished_tasks(read_logs(log)),
+            timeout,
+            "every task the worker received to end",
+            details=lambda: f"{sorted(unfinished_tasks(read_logs(log)))}\n{tail(log)}",
+        )
+
     def wait_all(self, saga_ids: Iterable[str], timeout: float) -> dict[str, Saga]:
         """Wait until every saga is terminal; fail with the stragglers and the logs' tails."""
-        deadline = time.monotonic() + timeout
         waiting = set(saga_ids)
         found: dict[str, Saga] = {}
-        while waiting and time.monotonic() < deadline:
+
+        def all_terminal() -> bool:
             for saga in self.load_many(waiting):
                 if saga.state.is_terminal:
                     found[saga.saga_id] = saga
                     waiting.discard(saga.saga_id)
-            if waiting:
-                time.sleep(0.25)
-        if waiting:
+            return not waiting
+
+        def stragglers() -> str:
             stuck = [self.store.load(s) for s in sorted(waiting)[:3]]
             logs = "\n---\n".join(tail(p, 30) for p in self.worker_logs()[-1:])
-            raise AssertionError(
-                f"{len(waiting)} sagas not terminal after {timeout}s, e.g. {stuck}\n{logs}"
-            )
+            return f"{len(waiting)} not terminal, e.g. {stuck}\n{logs}"
+
+        wait_for(
+            all_terminal, timeout, "every saga to be terminal", interval=0.25, details=stragglers
+        )
         return found
 
     def load_many(self, saga_ids: Iterable[str]) -> list[Saga]:

@@ -37,6 +37,7 @@ from saga_worker.recovery import sweep
 from saga_worker.store.codec import saga_to_row
 from saga_worker.store.connect import create_db_engine
 from saga_worker.store.repository import SagaStore
+from tests.waiting import wait_for
 
 from .conftest import WORKER_IMPORTS, Stack, fresh_postgres_database, fresh_sqlite_database
 
@@ -157,13 +158,7 @@ def _rows(stack: Stack, saga_id: str) -> list[dict[str, Any]]:
 
 
 def _wait_rows(stack: Stack, saga_id: str, timeout: float = 20) -> list[dict[str, Any]]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        rows = _rows(stack, saga_id)
-        if rows:
-            return rows
-        time.sleep(0.1)
-    raise AssertionError(f"no audit rows for {saga_id}")
+    return wait_for(lambda: _rows(stack, saga_id), timeout, f"audit rows of {saga_id}")
 
 
 def test_every_event_type_is_written_with_its_fields(stack: Stack) -> None:
@@ -195,11 +190,7 @@ def test_every_event_type_is_written_with_its_fields(stack: Stack) -> None:
     stalled = driver.start(f"{stack.backend}-stalled-{uuid.uuid4().hex[:8]}")
     driver.close()
 
-    stack.wait(aborted, states=("RUNNING",), timeout=30)
-    deadline = time.monotonic() + 30
-    while stack.store.load(aborted).current_step_index < 1:  # type: ignore[union-attr]
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    stack.wait_for_step(aborted, 1)
     stack.send("saga.abort", {"saga_id": aborted, "reason": "client cancel", "user_id": "ops"})
 
     settings = Settings.from_env(

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import uuid
+from typing import cast
 
 from kombu.connection import Connection
 from kombu.simple import SimpleQueue
+from kombu.transport import redis as kombu_redis
 
 from saga_worker.worker.broker import TRANSPORT_PATH
 
@@ -43,7 +45,7 @@ def test_messages_round_trip_and_are_acked_through_the_shared_client(broker_url:
                 got.append(message.payload["i"])
                 message.ack()
             assert got == list(range(20))
-            channel = queue.channel
+            channel = cast(kombu_redis.Channel, queue.channel)
             with channel.conn_or_acquire() as client:
                 # Every ack removed its message from the unacked bookkeeping.
                 assert client.hlen(channel.unacked_key) == 0

@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -23,6 +22,7 @@ from click.testing import CliRunner, Result
 from saga_worker.cli import main
 from saga_worker.client import SagaClient
 from saga_worker.config import Settings
+from tests.waiting import wait_for
 
 from .conftest import REPO, WORKER_IMPORTS, Stack, fresh_postgres_database, fresh_sqlite_database
 from .test_audit_trail import Driver, RecordingDispatcher
@@ -91,7 +91,7 @@ def cli(states_url: str) -> Cli:
     return Cli(states_url)
 
 
-def _driver_saga(url: str, build: Callable[[Driver, str], None]) -> str:
+def _driver_saga(url: str, build: Callable[[Driver, str], object]) -> str:
     saga_id = f"x-{uuid.uuid4().hex[:10]}"
     driver = Driver(url)
     try:
@@ -293,7 +293,7 @@ def test_retry_of_a_held_attempt_sends_it_now(states_url: str) -> None:
 
 def test_retry_force_resends_a_live_attempt(states_url: str) -> None:
     cli = Cli(states_url)
-    saga_id = _driver_saga(states_url, lambda d, s: d.start(s) and None)
+    saga_id = _driver_saga(states_url, lambda d, s: d.start(s))
     assert cli("retry", saga_id).exit_code == 4
     assert cli("retry", saga_id, "--force", "--user", "carol").exit_code == 0
     assert _events(states_url, saga_id)[-2]["user_id"] == "carol"
@@ -331,7 +331,7 @@ def test_retry_of_a_failed_saga_reruns_its_failed_compensations(states_url: str)
 
 def test_abort_records_the_request_and_rolls_back(states_url: str) -> None:
     cli = Cli(states_url)
-    saga_id = _driver_saga(states_url, lambda d, s: d.start(s) and None)
+    saga_id = _driver_saga(states_url, lambda d, s: d.start(s))
     data = cli.json("abort", saga_id, "--reason", "client cancel", "--user", "erin")
     assert data["audit_events"] == ["abort_requested"]
     assert data["state_after"] == "RUNNING"  # the attempt in flight reports first
@@ -409,10 +409,12 @@ def _stack_env(stack: Stack) -> dict[str, str]:
 
 @pytest.mark.parametrize("stack", ["postgres"], indirect=True)
 def test_retry_resends_a_lost_attempt_to_a_real_worker(stack: Stack) -> None:
-    saga_id = _driver_saga(
-        stack.database_url,
-        lambda d, s: setattr(d, "now", datetime.now(UTC) - timedelta(minutes=10)) or d.start(s),
-    )
+
+    def started_long_ago(driver: Driver, saga_id: str) -> None:
+        driver.now = datetime.now(UTC) - timedelta(minutes=10)
+        driver.start(saga_id)
+
+    saga_id = _driver_saga(stack.database_url, started_long_ago)
     result = _run(["retry", saga_id, "--user", "oncall", "--json"], _stack_env(stack))
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["sent"] == ["saga.backtest_workflow.create_backtest"]
@@ -429,11 +431,7 @@ def test_abort_from_the_cli_rolls_back_on_a_real_worker(stack: Stack) -> None:
     saga_id = stack.start(
         "backtest_workflow", {"strategy_id": 4, "slow_step": {"step": "run_strategy", "seconds": 2}}
     )
-    stack.wait(saga_id, states=("RUNNING",), timeout=30)
-    deadline = time.monotonic() + 30
-    while stack.store.load(saga_id).current_step_index < 1:  # type: ignore[union-attr]
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    stack.wait_for_step(saga_id, 1)
     result = _run(["abort", saga_id, "--reason", "risk limit", "--user", "ops"], _stack_env(stack))
     assert result.returncode == 0, result.stderr
     assert "abort_requested" in result.stdout
@@ -488,10 +486,12 @@ def test_worker_and_beat_wrappers_start_celery(
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 60
-        while b" ready." not in log.read_bytes():
-            assert worker.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
+        wait_for(
+            lambda: worker.poll() is None and b" ready." in log.read_bytes(),
+            60,
+            "the worker to be ready",
+            details=log.read_text,
+        )
         producer = Celery("it-cli", broker=broker_url, set_as_current=False)
         producer.send_task(
             "saga.start",
@@ -507,9 +507,12 @@ def test_worker_and_beat_wrappers_start_celery(
         final = client.wait_terminal(["via-wrapper"], timeout=60)["via-wrapper"]
         client.close()
         assert final is not None and final.state.value == "COMPLETED"
-        while b"saga-recover" not in beat_log.read_bytes():
-            assert beat.poll() is None and time.monotonic() < deadline + 30, beat_log.read_text()
-            time.sleep(0.2)
+        wait_for(
+            lambda: beat.poll() is None and b"saga-recover" in beat_log.read_bytes(),
+            30,
+            "the beat to send saga.recover",
+            details=beat_log.read_text,
+        )
         assert (tmp_path / "celerybeat-schedule").exists() or any(
             p.name.startswith("celerybeat-schedule") for p in tmp_path.iterdir()
         )

@@ -5,7 +5,6 @@ Real Celery worker and beat processes, real Redis and PostgreSQL.
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ from saga_worker.store.connect import create_db_engine
 from saga_worker.store.migrate import upgrade
 from saga_worker.store.repository import SagaStore
 from saga_worker.store.tables import checkpoints
+from tests.waiting import wait_for, wait_for_log
 
 from .conftest import (
     empty_postgres_database,
@@ -132,10 +132,7 @@ def test_all_saga_traffic_stays_on_the_saga_queue_and_start_ids_are_task_ids(
         assert _wait_terminal(store, done.id) == "COMPLETED"
         assert _wait_terminal(store, slow.id) == "ABORTED"
         # The beat's saga.recover ran on `saga` too: the worker logged receiving it.
-        deadline = time.monotonic() + 30
-        while "saga.recover[" not in worker.log_path.read_text() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert "saga.recover[" in worker.log_path.read_text()
+        wait_for_log(worker.log_path, "saga.recover[")
         # Nothing was ever left on Celery's default queue (no one here consumes it).
         assert client.llen("celery") == 0
         assert not client.exists("celery")
@@ -179,11 +176,7 @@ def test_a_start_redelivered_after_its_commit_starts_one_saga_under_its_task_id(
         assert _wait_terminal(store, result.id) == "COMPLETED"
         assert marker.exists(), "the pool child was never killed: the test proved nothing"
         # The redelivered message ran again and was recognised as the same saga.
-        deadline = time.monotonic() + 30
-        needle = f"saga {result.id} already exists: duplicate start ignored"
-        while needle not in worker.log_path.read_text() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert needle in worker.log_path.read_text(), worker.log_tail()
+        wait_for_log(worker.log_path, f"saga {result.id} already exists: duplicate start ignored")
         with store.engine.connect() as conn:
             count = conn.execute(select(func.count()).select_from(checkpoints)).scalar_one()
         assert count == 1
@@ -196,20 +189,19 @@ def test_a_start_redelivered_after_its_commit_starts_one_saga_under_its_task_id(
 
 
 def _wait_state(store: SagaStore, saga_id: str, state: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        saga = store.load(saga_id)
-        if saga is not None and saga.state.value == state:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{saga_id} never reached {state}: {store.load(saga_id)}")
+    wait_for(
+        lambda: (saga := store.load(saga_id)) is not None and saga.state.value == state,
+        timeout,
+        f"{saga_id} to reach {state}",
+        details=lambda: store.load(saga_id),
+    )
 
 
 def _wait_terminal(store: SagaStore, saga_id: str, timeout: float = 60) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        saga = store.load(saga_id)
-        if saga is not None and saga.state.is_terminal:
-            return saga.state.value
-        time.sleep(0.1)
-    raise AssertionError(f"{saga_id} not terminal after {timeout}s: {store.load(saga_id)}")
+    saga = wait_for(
+        lambda: saga if (saga := store.load(saga_id)) and saga.state.is_terminal else None,
+        timeout,
+        f"{saga_id} to be terminal",
+        details=lambda: store.load(saga_id),
+    )
+    return saga.state.value

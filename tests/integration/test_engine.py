@@ -15,6 +15,7 @@ from saga_worker.examples.backtest import simulate
 from saga_worker.store.port import Loaded
 from saga_worker.tokens import attempt_token
 from saga_worker.worker import snapshot
+from tests.waiting import read_logs, wait_for, wait_for_log, wait_for_tasks
 
 from .conftest import Stack
 
@@ -143,9 +144,9 @@ def test_duplicate_start_never_starts_a_second_saga(stack: Stack) -> None:
     )
     stack.start("no_such_saga", {}, saga_id=saga_id)
     # Both late starts were handled (each logs that it is a duplicate), not merely waited for.
-    _wait_for_log(stack, f"saga {saga_id} already exists: duplicate start ignored")
-    _wait_for_log(stack, f"saga.start for existing {saga_id} is a duplicate")
-    assert _worker_log(stack).count(f"saga {saga_id} already exists") == 3
+    wait_for_log(stack.worker_logs(), f"saga {saga_id} already exists: duplicate start ignored")
+    wait_for_log(stack.worker_logs(), f"saga.start for existing {saga_id} is a duplicate")
+    assert read_logs(stack.worker_logs()).count(f"saga {saga_id} already exists") == 3
     now = stack.store.load(saga_id)
     assert now is not None and now.state.value == "COMPLETED"
     kinds = stack.events(saga_id)
@@ -160,11 +161,7 @@ def test_abort_mid_run_compensates_and_ends_aborted(stack: Stack) -> None:
         "backtest_workflow",
         {"strategy_id": 5, "slow_step": {"step": "run_strategy", "seconds": 2}},
     )
-    stack.wait(saga_id, states=("RUNNING",), timeout=20)
-    deadline = time.monotonic() + 20
-    while stack.store.load(saga_id).current_step_index < 1:  # type: ignore[union-attr]
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    stack.wait_for_step(saga_id, 1)
     stack.send("saga.abort", {"saga_id": saga_id, "reason": "operator test", "user_id": "ops"})
     saga = stack.wait(saga_id, timeout=30)
     assert saga.state.value == "ABORTED"
@@ -236,49 +233,33 @@ def test_replayed_step_message_changes_nothing(stack: Stack) -> None:
     saga = stack.wait(saga_id)
     before = stack.store.audit_trail(saga_id)
     key = stack.store.signing_key()
+    messages: list[tuple[str, dict[str, Any]]] = []
     for index, name in enumerate(("create_backtest", "run_strategy", "save_results")):
-        stack.send(
-            f"saga.backtest_workflow.{name}",
-            {
-                "saga_id": saga_id,
-                "saga_type": "backtest_workflow",
-                "step_index": index,
-                "direction": "forward",
-                "attempt": 1,
-                "token": attempt_token(key, saga_id, index, "forward", 1),
-                "context": dict(saga.context),
-            },
-        )
-        stack.send(
-            "saga.advance",
-            {
-                "saga_id": saga_id,
-                "step_index": index,
-                "direction": "forward",
-                "attempt": 1,
-                "token": attempt_token(key, saga_id, index, "forward", 1),
-                "outcome": "success",
-                "output": {"forged": True},
-            },
-        )
-    # a forged result with a wrong token for a live-looking attempt
-    stack.send(
-        "saga.advance",
-        {
+        attempt = {
             "saga_id": saga_id,
-            "step_index": 0,
+            "step_index": index,
             "direction": "forward",
             "attempt": 1,
-            "token": "0" * 64,
-            "outcome": "failure",
-        },
-    )
-    # 3 replayed results and 1 forged one are audited; replayed step messages are not run
-    deadline = time.monotonic() + 20
-    while len(stack.store.audit_trail(saga_id)) < len(before) + 4:
-        assert time.monotonic() < deadline, stack.events(saga_id)
-        time.sleep(0.1)
-    time.sleep(1)
+            "token": attempt_token(key, saga_id, index, "forward", 1),
+        }
+        step = {**attempt, "saga_type": "backtest_workflow", "context": dict(saga.context)}
+        messages.append((f"saga.backtest_workflow.{name}", step))
+        result = {**attempt, "outcome": "success", "output": {"forged": True}}
+        messages.append(("saga.advance", result))
+    # a forged result with a wrong token for a live-looking attempt
+    forged = {
+        "saga_id": saga_id,
+        "step_index": 0,
+        "direction": "forward",
+        "attempt": 1,
+        "token": "0" * 64,
+        "outcome": "failure",
+    }
+    messages.append(("saga.advance", forged))
+    sent = [stack.send(name, kwargs) for name, kwargs in messages]
+    # Every message ran to its end: 3 replayed results and 1 forged one are audited, the
+    # replayed step messages are not run.
+    wait_for_tasks(stack.worker_logs(), sent)
     after = stack.store.audit_trail(saga_id)
     assert after[: len(before)] == before
     extra = after[len(before) :]
@@ -303,11 +284,7 @@ def test_replayed_step_message_changes_nothing(stack: Stack) -> None:
 def test_unknown_saga_type_is_rejected_and_audited(stack: Stack) -> None:
     saga_id = f"rej-{uuid.uuid4().hex[:10]}"
     stack.start("no_such_saga", {"x": 1}, saga_id=saga_id, user_id="u1")
-    deadline = time.monotonic() + 20
-    while not stack.store.audit_trail(saga_id):
-        assert time.monotonic() < deadline, "no saga_rejected row"
-        time.sleep(0.1)
-    rows = stack.store.audit_trail(saga_id)
+    rows = wait_for(lambda: stack.store.audit_trail(saga_id), 20, f"the rejection of {saga_id}")
     assert [r["event_type"] for r in rows] == ["saga_rejected"]
     assert "unknown saga_type 'no_such_saga'" in rows[0]["error_message"]
     assert rows[0]["user_id"] == "u1"
@@ -363,10 +340,11 @@ def test_two_hundred_concurrent_sagas_settle_consistently(stack: Stack) -> None:
             assert row is None
 
 
-def _send_first_step(stack: Stack, saga_id: str, context: dict[str, Any], **extra: Any) -> None:
-    """A validly signed message for attempt 1 of create_backtest, plus `extra` kwargs."""
+def _send_first_step(stack: Stack, saga_id: str, context: dict[str, Any], **extra: Any) -> str:
+    """A validly signed message for attempt 1 of create_backtest, plus `extra` kwargs; returns
+    its task id."""
     key = stack.store.signing_key()
-    stack.send(
+    return stack.send(
         "saga.backtest_workflow.create_backtest",
         {
             "saga_id": saga_id,
@@ -379,17 +357,6 @@ def _send_first_step(stack: Stack, saga_id: str, context: dict[str, Any], **extr
             **extra,
         },
     )
-
-
-def _worker_log(stack: Stack) -> str:
-    return "\n".join(w.log_path.read_text(errors="replace") for w in stack.workers)
-
-
-def _wait_for_log(stack: Stack, needle: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while needle not in _worker_log(stack):
-        assert time.monotonic() < deadline, f"{needle!r} not logged:\n{_worker_log(stack)[-3000:]}"
-        time.sleep(0.1)
 
 
 def test_carried_checkpoint_is_trusted_only_when_genuine_and_fresh(stack: Stack) -> None:
@@ -411,26 +378,24 @@ def test_carried_checkpoint_is_trusted_only_when_genuine_and_fresh(stack: Stack)
         pending=Attempt(0, Direction.FORWARD, 1, final.started_at, final.started_at),
     )
 
-    def step0(signing_key: str, sent_at: float, tag: str) -> None:
+    def step0(signing_key: str, sent_at: float, tag: str) -> str:
         context = {"strategy_id": 23, "tag": tag}
         old = Loaded(replace(as_started, context=context), trail[1]["hash"])
-        _send_first_step(
+        return _send_first_step(
             stack, saga_id, context, checkpoint=snapshot.encode(signing_key, old, sent_at)
         )
 
     # Forged (another key) and stale (sent an hour ago): not trusted, read, not pending.
-    step0("not-the-key", time.time(), "forged")
-    step0(key, time.time() - 3600, "stale")
+    wait_for_tasks(
+        stack.worker_logs(),
+        [step0("not-the-key", time.time(), "forged"), step0(key, time.time() - 3600, "stale")],
+    )
     skipped = f"for {saga_id}: attempt 1 is not pending"
-    deadline = time.monotonic() + 20
-    while _worker_log(stack).count(skipped) < 2:
-        assert time.monotonic() < deadline, _worker_log(stack)[-3000:]
-        time.sleep(0.1)
+    assert read_logs(stack.worker_logs()).count(skipped) == 2
     # Genuine and fresh: trusted, so the action runs; its write meets a newer version and
     # the reloaded checkpoint has no such pending attempt: ignored, nothing written.
-    step0(key, time.time(), "genuine")
-    _wait_for_log(stack, f"saga {saga_id}: StepSucceeded ignored")
-    time.sleep(0.5)
+    wait_for_tasks(stack.worker_logs(), [step0(key, time.time(), "genuine")])
+    assert f"saga {saga_id}: StepSucceeded ignored" in read_logs(stack.worker_logs())
     assert stack.store.audit_trail(saga_id) == trail
     assert stack.store.load(saga_id) == final
     assert stack.example_row(saga_id) == row  # the step's effect is keyed: ran, changed nothing
@@ -441,10 +406,9 @@ def test_a_saga_id_rejected_once_can_start_and_its_chain_continues(stack: Stack)
     wrote rows under the saga_id, it reads the chain's head and writes after it."""
     saga_id = f"{stack.backend}-rej-then-ok-{uuid.uuid4().hex[:8]}"
     stack.start("no_such_saga", {"strategy_id": 1}, saga_id=saga_id)
-    deadline = time.monotonic() + 20
-    while stack.events(saga_id) != ["saga_rejected"]:
-        assert time.monotonic() < deadline, stack.events(saga_id)
-        time.sleep(0.05)
+    assert wait_for(lambda: stack.events(saga_id), 20, f"the rejection of {saga_id}") == [
+        "saga_rejected"
+    ]
     assert stack.store.load(saga_id) is None
     stack.start("backtest_workflow", {"strategy_id": 2}, saga_id=saga_id)
     assert stack.wait(saga_id).state is SagaState.COMPLETED
@@ -462,7 +426,10 @@ def test_a_step_message_with_a_task_kwarg_is_refused_like_any_unknown_argument(
     """The step wrapper is a bound task; its own parameter must not swallow a kwarg."""
     saga_id = f"{stack.backend}-taskkw-{uuid.uuid4().hex[:8]}"
     _send_first_step(stack, saga_id, {"strategy_id": 1}, task="hijack")
-    _wait_for_log(stack, "saga.backtest_workflow.create_backtest refused: task: unknown argument")
+    wait_for_log(
+        stack.worker_logs(),
+        "saga.backtest_workflow.create_backtest refused: task: unknown argument",
+    )
     ok = stack.start("backtest_workflow", {"strategy_id": 3})
     assert stack.wait(ok).state is SagaState.COMPLETED
 
@@ -542,11 +509,8 @@ def test_forged_remote_failure_writes_nothing_of_its_own(stack: Stack) -> None:
         queue=stack.queue,
         task_id=task_id,
     )
-    deadline = time.monotonic() + 20
     # Celery logs a task's end after its return, so after anything it wrote.
-    while f"saga.advance[{task_id}] succeeded" not in stack.workers[0].log_tail(400):
-        assert time.monotonic() < deadline, stack.workers[0].log_tail()
-        time.sleep(0.05)
+    wait_for_tasks(stack.worker_logs(), [task_id])
     after = stack.store.audit_trail(saga_id)
     assert after[: len(before)] == before
     assert all(
@@ -578,10 +542,6 @@ def test_local_step_error_with_control_characters_is_recorded(stack: Stack) -> N
     assert "hunter2" not in failed["error_stack_trace"]
     # The saga worker logs the failure after the commit the wait saw: poll for it. (The
     # remote service's worker logs its own exceptions unredacted: not ours to check.)
-    saga_log = stack.workers[0].log_path
-    deadline = time.monotonic() + 20
-    while "x00byte" not in saga_log.read_text(errors="replace"):
-        assert time.monotonic() < deadline, "the failed attempt was never logged"
-        time.sleep(0.1)
-    assert "hunter2" not in saga_log.read_text(errors="replace")
+    saga_log = wait_for_log(stack.workers[0].log_path, "x00byte")
+    assert "hunter2" not in saga_log
     stack.assert_chain_ok(saga_id)

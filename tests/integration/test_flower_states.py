@@ -22,6 +22,7 @@ from celery import Celery
 from saga_worker.audit.redaction import Redactor
 from saga_worker.store.connect import create_db_engine
 from saga_worker.store.repository import SagaStore
+from tests.waiting import as_logged
 
 from .conftest import WorkerProcess, fresh_postgres_database, start_worker
 from .test_metrics import FLOWER_AUTH, Service, free_port, http_get, spawn, wait_for
@@ -243,11 +244,12 @@ def test_flower_shows_failed_and_retried_attempts(watched: Watched) -> None:
         return Tally((t["name"], t["state"]) for t in watched.flower_tasks(sagas[name]))
 
     for name, expected in expected_states.items():
+        # Called within this iteration only: the closures see this iteration's values.
         wait_for(
             f"Flower's states for {name}",
-            lambda name=name, expected=expected: shown(name) == expected,
+            lambda: shown(name) == expected,  # noqa: B023
             30,
-            lambda name=name: f"{name}: {shown(name)}\n{watched.logs()}",
+            lambda: f"{name}: {shown(name)}\n{watched.logs()}",  # noqa: B023
         )
         saga = watched.store.load(sagas[name])
         assert saga is not None and saga.state.value == final[name]
@@ -274,7 +276,7 @@ def test_flower_shows_failed_and_retried_attempts(watched: Watched) -> None:
         ids = {t["uuid"] for t in watched.flower_tasks(sagas[name])}
         assert len(ids) == sum(expected.values())
         for task_id in ids:
-            assert log.count(f"[{task_id}] received") == 1, task_id
+            assert log.count(f"[{as_logged(task_id)}] received") == 1, task_id
     # Acked, not left for redelivery: kombu's Redis transport keeps a message it delivered
     # in the `unacked` hash until the worker acks it.
     failed_ids = [

@@ -49,6 +49,7 @@ from saga_worker.metrics.multiprocess import MultiProcessCollector, compact, ena
 from saga_worker.store.connect import create_db_engine
 from saga_worker.store.repository import SagaStore
 from saga_worker.store.tables import audit_logs
+from tests import waiting
 from tests.requirements import require_binary
 
 from .conftest import (
@@ -158,12 +159,14 @@ def test_state_gauges_come_from_the_checkpoint_table(tmp_path: Path) -> None:
 # -- pure: compaction of dead processes' files -----------------------------------------------
 
 
-def _count_in_child(directory: str, amount: int, hold: Any = None) -> None:
+def _count_in_child(directory: str, amount: int, counted: Any = None, hold: Any = None) -> None:
     enable_multiprocess(directory)
     m = SagaMetrics()
     for _ in range(amount):
         m.started.labels("compacted").inc()
         m.checkpoint_save_duration.labels("compacted").observe(0.003)
+    if counted is not None:
+        counted.set()
     if hold is not None:
         hold.wait(30)
 
@@ -178,16 +181,16 @@ def test_compaction_keeps_totals_exact(tmp_path: Path) -> None:
     """Files of exited processes fold into the archive; a live process's file stays."""
     ctx = multiprocessing.get_context("fork")
     directory = str(tmp_path)
-    hold = ctx.Event()
-    live = ctx.Process(target=_count_in_child, args=(directory, 1, hold))
+    counted, hold = ctx.Event(), ctx.Event()
+    live = ctx.Process(target=_count_in_child, args=(directory, 1, counted, hold))
     live.start()
     for amount in (2, 3, 4):
         child = ctx.Process(target=_count_in_child, args=(directory, amount))
         child.start()
         child.join()
-    deadline = time.monotonic() + 10
-    while len(glob.glob(f"{directory}/counter_*.db")) < 4 and time.monotonic() < deadline:
-        time.sleep(0.05)
+        assert child.exitcode == 0
+    assert counted.wait(30), "the live process never counted"
+    assert len(glob.glob(f"{directory}/counter_*.db")) == 4
     before = _totals(directory)
     assert before[("saga_started_total", (("saga_type", "compacted"),))] == 10
     assert compact(directory) == 6  # 3 dead processes x (counter, histogram)
@@ -200,6 +203,7 @@ def test_compaction_keeps_totals_exact(tmp_path: Path) -> None:
     child.join()
     hold.set()
     live.join()
+    assert child.exitcode == 0 and live.exitcode == 0
     assert compact(directory) == 4
     after = _totals(directory)
     assert after[("saga_started_total", (("saga_type", "compacted"),))] == 15
@@ -231,18 +235,9 @@ def http_get(url: str, auth: str | None = None, timeout: float = 5) -> bytes:
 
 
 def wait_for(what: str, probe: Callable[[], Any], timeout: float, logs: Callable[[], str]) -> Any:
-    """Poll `probe` until it returns something truthy without raising."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = probe()
-            if last:
-                return last
-        except Exception as exc:
-            last = exc
-        time.sleep(0.2)
-    raise AssertionError(f"{what} not within {timeout}s (last: {last!r})\n{logs()}")
+    """Poll `probe` until it returns something truthy without raising (a server that is still
+    starting raises)."""
+    return waiting.wait_for(probe, timeout, what, interval=0.2, details=logs, ignore=(Exception,))
 
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

@@ -24,6 +24,7 @@ from saga_worker.audit.redaction import Redactor
 from saga_worker.store.connect import create_db_engine
 from saga_worker.store.migrate import head_revision
 from saga_worker.store.repository import SagaStore
+from tests.waiting import wait_for, wait_for_tasks
 
 from .conftest import REPO, Stack, WorkerProcess, fresh_postgres_database, start_worker
 
@@ -275,23 +276,26 @@ def test_operator_abort_and_the_recovery_sweep_run_as_the_runtime_role(
     assert sent.returncode == 0, sent.stderr
     store = SagaStore(create_db_engine(runtime.owner_url, pool=False), Redactor([]))
     try:
-        deadline = time.monotonic() + 30
-        while "run_strategy" not in {
-            r["step_name"] for r in store.audit_trail(saga_id) if r["event_type"] == "step_start"
-        }:
-            assert time.monotonic() < deadline, runtime.worker.log_tail()
-            time.sleep(0.05)
+        wait_for(
+            lambda: any(
+                r["event_type"] == "step_start" and r["step_name"] == "run_strategy"
+                for r in store.audit_trail(saga_id)
+            ),
+            30,
+            "run_strategy to start",
+            details=runtime.worker.log_tail,
+        )
         aborted = cli(
             ["abort", saga_id, "--reason", "ops test", "--user", "ops_2", "--json"], runtime.env
         )
         assert aborted.returncode == 0, aborted.stderr
-        final = cli(["status", saga_id, "--json"], runtime.env)
-        deadline = time.monotonic() + 60
-        while json.loads(final.stdout)["state"] not in ("ABORTED", "FAILED", "COMPENSATED"):
-            assert time.monotonic() < deadline, runtime.worker.log_tail()
-            time.sleep(0.2)
-            final = cli(["status", saga_id, "--json"], runtime.env)
-        assert json.loads(final.stdout)["state"] == "ABORTED", runtime.worker.log_tail()
+
+        def settled_state() -> str | None:
+            state = str(json.loads(cli(["status", saga_id, "--json"], runtime.env).stdout)["state"])
+            return state if state in ("ABORTED", "FAILED", "COMPENSATED") else None
+
+        state = wait_for(settled_state, 60, "the aborted saga to settle", interval=0.2)
+        assert state == "ABORTED", runtime.worker.log_tail()
         # The beat's job, as the workers run it: reads and updates checkpoints as the role.
         producer = Celery("it-ops", broker=broker_url, set_as_current=False)
         producer.conf.update(task_serializer="json", accept_content=["json"])
@@ -299,10 +303,7 @@ def test_operator_abort_and_the_recovery_sweep_run_as_the_runtime_role(
             result = producer.send_task("saga.recover", queue=runtime.env["SAGA_QUEUE"])
         finally:
             producer.close()
-        deadline = time.monotonic() + 30
-        while f"saga.recover[{result.id}] succeeded" not in runtime.worker.log_tail(400):
-            assert time.monotonic() < deadline, runtime.worker.log_tail()
-            time.sleep(0.1)
+        wait_for_tasks(runtime.worker.log_path, [result.id])
     finally:
         store.engine.dispose()
 
@@ -404,42 +405,46 @@ def test_warm_shutdown_lets_the_running_step_finish(
         "SAGA_DATABASE_URL": url,
         "SAGA_BROKER_URL": broker_url,
         "SAGA_QUEUE": f"it-stop-{uuid.uuid4().hex[:8]}",
-        "SAGA_IMPORTS": "saga_worker.examples",
+        "SAGA_IMPORTS": "saga_worker.examples,tests.fixtures.recovery_sagas",
         "SAGA_HOME": str(tmp_path),
     }
+    markers = tmp_path / "markers"
+    markers.mkdir()
     store = SagaStore(create_db_engine(url, pool=False), Redactor([]))
     first = start_worker("saga_worker.app", env, env["SAGA_QUEUE"], tmp_path / "w1.log")
     second = None
     try:
         saga_id = f"stop-{uuid.uuid4().hex[:8]}"
-        context = {"strategy_id": 5, "slow_step": {"step": "create_backtest", "seconds": 4}}
+        # Its first step writes a marker in the pool process, then sleeps 4 s.
+        context = {"marker_dir": str(markers), "hold_seconds": 4}
         sent = cli(
-            ["start", "backtest_workflow", "--context", json.dumps(context), "--saga-id", saga_id],
+            ["start", "rec_hold_first", "--context", json.dumps(context), "--saga-id", saga_id],
             env,
         )
         assert sent.returncode == 0, sent.stderr
-        deadline = time.monotonic() + 30
-        while not any(r["event_type"] == "step_start" for r in store.audit_trail(saga_id)):
-            assert time.monotonic() < deadline, first.log_tail()
-            time.sleep(0.05)
-        time.sleep(1)  # well inside the 4 s step
+        started = markers / f"{saga_id}.started"
+        wait_for(started.exists, 30, "the first step to start running", details=first.log_tail)
         signalled = time.monotonic()
         os.kill(first.process.pid, signal.SIGTERM)
         assert first.process.wait(timeout=60) == 0, first.log_tail()
         assert time.monotonic() - signalled >= 2.5, "the worker left before its step ended"
+        # The step finished under the first worker, before it exited.
+        assert ("step_complete", "hold") in [
+            (r["event_type"], r["step_name"]) for r in store.audit_trail(saga_id)
+        ]
         second = start_worker("saga_worker.app", env, env["SAGA_QUEUE"], tmp_path / "w2.log")
-        deadline = time.monotonic() + 90
-        while True:
-            saga = store.load(saga_id)
-            if saga is not None and saga.state.is_terminal:
-                break
-            assert time.monotonic() < deadline, second.log_tail()
-            time.sleep(0.1)
+        saga = wait_for(
+            lambda: saga if (saga := store.load(saga_id)) and saga.state.is_terminal else None,
+            90,
+            f"{saga_id} to be terminal",
+            details=second.log_tail,
+        )
         assert saga.state.value == "COMPLETED", saga
+        assert saga.context["held_runs"] == 1, "the interrupted step ran again"
         starts = [
             r
             for r in store.audit_trail(saga_id)
-            if r["event_type"] == "step_start" and r["step_name"] == "create_backtest"
+            if r["event_type"] == "step_start" and r["step_name"] == "hold"
         ]
         assert len(starts) == 1, "the interrupted step ran again"
     finally:

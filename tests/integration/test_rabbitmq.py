@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kombu import Connection
+from kombu.connection import Connection
 from sqlalchemy import func, select
 
 from saga_worker.config import Settings
@@ -75,7 +75,7 @@ def test_remote_step_failure_retries_then_compensates(stack: Stack) -> None:
 
 @ON_RABBITMQ
 def test_audit_chains_of_concurrent_sagas_verify(stack: Stack) -> None:
-    contexts = [
+    contexts: list[dict[str, Any]] = [
         {"strategy_id": 1},
         {"strategy_id": 2, "fail_step": "run_strategy"},
         {"strategy_id": 3, "flaky_step": {"step": "save_results", "failures": 1}},

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
-from kombu import Connection
+from kombu.connection import Connection
 
 import tests.fixtures.recovery_sagas as fixtures
 from saga_worker.config import Settings
@@ -29,10 +29,11 @@ from saga_worker.core.commands import RunAttempt
 from saga_worker.core.decision import Limits
 from saga_worker.core.definition import SagaDefinition
 from saga_worker.core.events import StartRequested
-from saga_worker.core.model import Direction, Saga
+from saga_worker.core.model import Attempt, Direction, Saga
 from saga_worker.engine import SagaEngine, utcnow
 from saga_worker.recovery import SweepResult, sweep
 from saga_worker.worker.dispatch import CeleryDispatcher
+from tests.waiting import wait_for, wait_for_tasks
 
 from .conftest import fresh_postgres_database
 from .processes import Rig, count_lines, kill_group, lines_with, restartable_servers, unique
@@ -155,6 +156,9 @@ def test_commit_without_enqueue_is_recovered_once_under_two_beats(rig: Rig) -> N
     began = time.monotonic()
     sagas = rig.wait_all(saga_ids, timeout=90)
     drained = time.monotonic() - began
+    # A second send of some attempt would arrive after its saga completed: wait until
+    # everything queued by now has run, so that the counts below are final.
+    rig.settle()
 
     assert {s.state.value for s in sagas.values()} == {"COMPLETED"}
     recovered = recovered_rows(rig, saga_ids)
@@ -228,10 +232,7 @@ def test_worker_killed_mid_step_is_recovered_after_its_deadline(
         "rec_kill", {"marker_dir": str(marker_dir), "hold_seconds": 60}, unique("kill")
     )
     started = marker_dir / f"{saga_id}.started"
-    deadline = time.monotonic() + 30
-    while not started.exists():
-        assert time.monotonic() < deadline, rig.worker.log_tail()
-        time.sleep(0.05)
+    wait_for(started.exists, 30, "the step to start", details=rig.worker.log_tail)
     killed_pid = int(started.read_text())
     kill_group(rig.worker.process)  # main process and pool children, mid-step
     killed_at = utcnow()
@@ -276,12 +277,16 @@ def test_worker_killed_mid_step_is_recovered_after_its_deadline(
     tag = orphans[0]["properties"]["delivery_tag"]
     with Connection(broker_url) as connection:
         connection.default_channel.qos.restore_by_tag(tag)
-    deadline = time.monotonic() + 30
-    while count_lines([rig.worker.log_path], "is not pending") == 0:
-        assert time.monotonic() < deadline, rig.worker.log_tail()
-        time.sleep(0.1)
+    # The new worker ran the redelivered message to its end and skipped it.
+    wait_for_tasks(rig.worker.log_path, [orphans[0]["headers"]["id"]])
+    assert count_lines([rig.worker.log_path], "is not pending") == 1
     assert [r["id"] for r in rig.audit_rows([saga_id])[saga_id]] == [r["id"] for r in rows]
-    assert messages_about(broker, saga_id, rig.queue) == []
+    # ...and acknowledged it (after the task ended): gone from the queue and from unacked.
+    wait_for(
+        lambda: messages_about(broker, saga_id, rig.queue) == [],
+        30,
+        "the redelivered message to be acknowledged",
+    )
 
 
 # -- (c) messages lost by the broker ---------------------------------------------------------
@@ -304,6 +309,7 @@ def test_messages_lost_by_the_broker_are_recovered(rig: Rig, broker: redis.Redis
     rig.start_worker()
     rig.start_beat()
     sagas = rig.wait_all(saga_ids, timeout=60)
+    rig.settle()  # a duplicate send would arrive after its saga completed
     assert {s.state.value for s in sagas.values()} == {"COMPLETED"}
     recovered = recovered_rows(rig, saga_ids)
     assert all(len(rows) == 1 for rows in recovered.values())
@@ -320,19 +326,19 @@ def test_held_retry_is_sent_by_the_sweep_when_due(rig: Rig, broker: redis.Redis)
     rig.start_worker()
     rig.start_beat()
     saga_id = rig.start_saga("rec_held", {}, unique("held"))
-    deadline = time.monotonic() + 30
-    while True:
+
+    def held_retry() -> Attempt | None:
         saga = rig.store.load(saga_id)
-        if saga is not None and saga.pending is not None and saga.pending.held:
-            break
-        assert time.monotonic() < deadline, (saga, rig.worker.log_tail())
-        time.sleep(0.05)
-    held = saga.pending
+        pending = None if saga is None else saga.pending
+        return pending if pending is not None and pending.held else None
+
+    held = wait_for(held_retry, 30, "the retry held in the database", details=rig.worker.log_tail)
     assert held.number == 2 and held.deadline == held.not_before
     # The retry is in the database only: no message of this saga in the queue or in flight.
     assert messages_about(broker, saga_id, rig.queue) == []
 
     saga = rig.wait_all([saga_id], timeout=60)[saga_id]
+    rig.settle()  # a second send of the held retry would come later
     assert saga.state.value == "COMPLETED" and saga.context["succeeded_on"] == 2
     rows = rig.audit_rows([saga_id])[saga_id]
     assert [r["event_type"] for r in rows] == [
@@ -405,10 +411,8 @@ def test_worker_survives_a_redis_restart_with_a_step_in_flight(rig: Rig) -> None
     first = rig.start_saga(
         "rec_kill", {"marker_dir": str(marker_dir), "hold_seconds": 3}, unique("blip")
     )
-    deadline = time.monotonic() + 30
-    while not (marker_dir / f"{first}.started").exists():
-        assert time.monotonic() < deadline, rig.worker.log_tail()
-        time.sleep(0.05)
+    started = marker_dir / f"{first}.started"
+    wait_for(started.exists, 30, "the step to start", details=rig.worker.log_tail)
     servers.restart_redis()  # the running step's message is unacknowledged right now
     assert rig.wait_all([first], timeout=30)[first].state.value == "COMPLETED"
     # The same worker goes on consuming: a saga started after the restart completes too.

@@ -39,12 +39,12 @@ class Explain(Executable, ClauseElement):
 
     def __init__(self, statement: Any, options: str) -> None:
         self.statement = statement
-        self.options = options
+        self.explain_options = options
 
 
 @compiles(Explain, "postgresql")
 def _explain(element: Explain, compiler: SQLCompiler, **kw: Any) -> str:
-    return f"EXPLAIN ({element.options}) {compiler.process(element.statement, **kw)}"
+    return f"EXPLAIN ({element.explain_options}) {compiler.process(element.statement, **kw)}"
 
 
 INSERT = """

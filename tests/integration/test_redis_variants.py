@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from saga_worker.audit.redaction import Redactor
 from saga_worker.store.connect import create_db_engine
 from saga_worker.store.repository import SagaStore
 from tests.requirements import unavailable
+from tests.waiting import wait_for
 
 from .conftest import fresh_postgres_database, start_worker
 
@@ -49,15 +49,11 @@ def _redis_server() -> str:
 
 
 def _wait_ready(client: redis.Redis, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
+    def ready() -> bool:
         assert process.poll() is None, log.read_text()
-        try:
-            if client.ping():
-                return
-        except redis.RedisError:
-            time.sleep(0.1)
-    raise AssertionError(f"server not ready:\n{log.read_text()}")
+        return bool(client.ping())
+
+    wait_for(ready, 20, "the Redis server", ignore=(redis.RedisError,), details=log.read_text)
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -238,11 +234,10 @@ def test_the_worker_drops_queue_items_that_are_not_messages_and_keeps_serving(
 
 
 def _wait_completed(store: SagaStore, saga_id: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        saga = store.load(saga_id)
-        if saga is not None and saga.state.is_terminal:
-            assert saga.state.value == "COMPLETED", saga
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{saga_id} not terminal after {timeout}s: {store.load(saga_id)}")
+    saga = wait_for(
+        lambda: saga if (saga := store.load(saga_id)) and saga.state.is_terminal else None,
+        timeout,
+        f"{saga_id} to be terminal",
+        details=lambda: store.load(saga_id),
+    )
+    assert saga.state.value == "COMPLETED", saga

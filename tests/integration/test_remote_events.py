@@ -18,9 +18,11 @@ from celery import Celery
 from sqlalchemy import text
 
 from saga_worker.audit.redaction import Redactor
+from saga_worker.core.model import Saga
 from saga_worker.store.connect import create_db_engine
 from saga_worker.store.repository import SagaStore
 from saga_worker.tokens import attempt_token
+from tests.waiting import wait_for
 
 from .conftest import WORKER_IMPORTS, WorkerProcess, fresh_postgres_database, start_worker
 
@@ -49,16 +51,13 @@ class Remote:
         )
         return saga_id
 
-    def wait(self, saga_id: str, timeout: float = 60) -> Any:
-        deadline = time.monotonic() + timeout
-        saga = None
-        while time.monotonic() < deadline:
-            saga = self.store.load(saga_id)
-            if saga is not None and saga.state.is_terminal:
-                return saga
-            time.sleep(0.1)
-        logs = "\n---\n".join(w.log_tail(40) for w in self.workers)
-        raise AssertionError(f"saga {saga_id} not settled in {timeout}s: {saga}\n{logs}")
+    def wait(self, saga_id: str, timeout: float = 60) -> Saga:
+        return wait_for(
+            lambda: saga if (saga := self.store.load(saga_id)) and saga.state.is_terminal else None,
+            timeout,
+            f"saga {saga_id} to settle",
+            details=lambda: "\n---\n".join(w.log_tail(40) for w in self.workers),
+        )
 
     def allow_connections(self, allow: bool) -> None:
         """Take the saga database away from everyone (or give it back)."""
@@ -93,7 +92,23 @@ def _receive(app: Celery, events: list[dict[str, Any]], stop: threading.Event) -
             except Exception:
                 if stop.is_set():
                     return
-                time.sleep(0.2)
+                time.sleep(0.2)  # a broker hiccup: back off, then capture again
+
+
+def _wait_until_receiving(app: Celery, events: list[dict[str, Any]]) -> None:
+    """Send probe events until the receiver records one: its queue is bound from then on."""
+    probe = uuid.uuid4().hex
+    with app.connection_for_write() as conn:
+        dispatcher = app.events.Dispatcher(conn, enabled=True)
+        try:
+
+            def received() -> bool:
+                dispatcher.send("test-probe", probe=probe)
+                return any(e.get("probe") == probe for e in list(events))
+
+            wait_for(received, 30, "the event receiver to record a probe event", interval=0.2)
+        finally:
+            dispatcher.close()
 
 
 @pytest.fixture(scope="module", params=["json", "pickle"])
@@ -127,8 +142,9 @@ def remote(
     stop = threading.Event()
     thread = threading.Thread(target=_receive, args=(listener, result.events, stop), daemon=True)
     thread.start()
-    time.sleep(1)  # the receiver's queue is bound before the workers send anything
     try:
+        # The receiver's queue is bound before the workers send anything.
+        _wait_until_receiving(listener, result.events)
         result.workers.append(
             start_worker("saga_worker.app", env, queue, folder / "worker.log", extra_args=("-E",))
         )
@@ -158,23 +174,30 @@ def _tokens(saga_id: str, attempts: int) -> list[str]:
     return [attempt_token(SIGNING_KEY, saga_id, 1, "forward", n) for n in range(1, attempts + 1)]
 
 
-def _advance_events(remote: Remote, saga_id: str) -> list[dict[str, Any]]:
-    """The task events of the saga.advance messages that carried this saga's remote results."""
-    deadline = time.monotonic() + 10
-    while True:
+def _advance_events(remote: Remote, saga_id: str, messages: int) -> list[dict[str, Any]]:
+    """The task events of the `messages` saga.advance messages that carried this saga's
+    results, once each of them was received and succeeded."""
+
+    def complete() -> list[dict[str, Any]] | None:
+        events = list(remote.events)
         ids = {
             e["uuid"]
-            for e in list(remote.events)
+            for e in events
             if e.get("type") == "task-received"
             and e.get("name") == "saga.advance"
             and saga_id in str(e.get("kwargs"))
         }
-        found = [e for e in list(remote.events) if e.get("uuid") in ids]
-        if (ids and any(e["type"] == "task-succeeded" for e in found)) or (
-            time.monotonic() > deadline
-        ):
-            return found
-        time.sleep(0.2)
+        found = [e for e in events if e.get("uuid") in ids]
+        succeeded = {e["uuid"] for e in found if e["type"] == "task-succeeded"}
+        return found if len(ids) == messages and succeeded == ids else None
+
+    return wait_for(
+        complete,
+        30,
+        f"the events of {messages} saga.advance message(s) of {saga_id}",
+        interval=0.2,
+        details=lambda: remote.events[-20:],
+    )
 
 
 @pytest.mark.parametrize("remote", ["json"], indirect=True)
@@ -185,8 +208,7 @@ def test_remote_results_show_no_token_or_secret_in_task_events(remote: Remote) -
     assert remote.wait(failed).state.value == "COMPENSATED"
 
     for saga_id, attempts in ((ok, 1), (failed, 2)):
-        advance = _advance_events(remote, saga_id)
-        assert [e for e in advance if e["type"] == "task-received"], remote.events[-20:]
+        advance = _advance_events(remote, saga_id, attempts)
         shown = repr(advance)
         for secret in SECRETS:
             assert secret not in shown, shown
@@ -230,39 +252,40 @@ def test_remote_service_defaulting_to_pickle_still_reaches_the_saga(remote: Remo
 def test_result_deferred_while_database_is_down_shows_no_token_or_secret(remote: Remote) -> None:
     ok = remote.start({"sleep": 3}, saga_type="it_deferred")
     failed = remote.start({"sleep": 3, "fail": True}, saga_type="it_deferred")
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        started = {
-            saga_id
+    wait_for(
+        lambda: all(
+            "step_start" in [r["event_type"] for r in remote.store.audit_trail(saga_id)]
             for saga_id in (ok, failed)
-            if "step_start" in [r["event_type"] for r in remote.store.audit_trail(saga_id)]
-        }
-        if started == {ok, failed}:
-            break
-        time.sleep(0.1)
+        ),
+        30,
+        "both steps to start",
+    )
     remote.store.engine.dispose()
     remote.allow_connections(False)
     try:
         # Both steps finish while the database is away: after the engine's own retries (60 s)
         # their results go to saga.advance.
-        deadline = time.monotonic() + 100
-        while time.monotonic() < deadline:
+        def deferred() -> bool:
             received = [
                 e
                 for e in list(remote.events)
                 if e.get("type") == "task-received" and e.get("name") == "saga.advance"
             ]
-            if all(any(s in str(e.get("kwargs")) for e in received) for s in (ok, failed)):
-                break
-            time.sleep(0.2)
-        else:
-            raise AssertionError(remote.workers[0].log_tail(60))
+            return all(any(s in str(e.get("kwargs")) for e in received) for s in (ok, failed))
+
+        wait_for(
+            deferred,
+            100,
+            "both results to be deferred to saga.advance",
+            interval=0.2,
+            details=lambda: remote.workers[0].log_tail(60),
+        )
     finally:
         remote.allow_connections(True)
     assert remote.wait(ok).state.value == "COMPLETED"
     assert remote.wait(failed).state.value == "COMPENSATED"
     for saga_id in (ok, failed):
-        advance = _advance_events(remote, saga_id)
+        advance = _advance_events(remote, saga_id, 1)
         shown = repr(advance)
         assert "outcome" in shown, remote.events[-20:]
         for secret in SECRETS:

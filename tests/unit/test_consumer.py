@@ -68,11 +68,12 @@ def test_headers_read_after_the_handler_must_have_their_type(
 def test_redis_envelopes_with_a_compression_header_are_refused_before_decoding() -> None:
     from saga_worker.worker.broker import envelope_problem
 
+    headers = {**GOOD, "compression": "application/x-gzip"}
     envelope = {
         "body": "eJw=",
-        "headers": {**GOOD, "compression": "application/x-gzip"},
+        "headers": headers,
         "properties": {"delivery_tag": "t", "body_encoding": "base64"},
     }
     assert envelope_problem(envelope) == "compressed message refused: saga_worker sends none"
-    del envelope["headers"]["compression"]
+    del headers["compression"]
     assert envelope_problem(envelope) is None

@@ -96,6 +96,7 @@ def test_the_message_fields_it_does_not_repeat_are_signed_too() -> None:
 def test_old_or_future_or_malformed_is_refused() -> None:
     assert decode(wire(snapshot.encode(KEY, checkpoint(), NOW - 31))) is None
     assert decode(wire(snapshot.encode(KEY, checkpoint(), NOW + 5))) is None
+    bad: object
     for bad in (None, "x", [], {}, {"mac": 1}, {"mac": "0" * 64}):
         assert decode(bad) is None
 

@@ -277,7 +277,8 @@ def test_compensation_failure_ends_failed_and_an_operator_retry_finishes_the_rol
     fresh = h.saga.pending
     assert fresh is not None and fresh.number == fresh.first == h.saga.version
     h.run_until_settled()
-    assert h.saga.state is SagaState.COMPENSATED
+    settled = h.saga  # read again: the steps above moved it on
+    assert settled.state is SagaState.COMPENSATED
     assert h.audit_events()[-3:] == [
         "compensation_start",
         "compensation_complete",
@@ -298,7 +299,8 @@ def test_abort_mid_flight_waits_for_the_running_step_then_rolls_back() -> None:
     assert h.saga.state is SagaState.RUNNING  # charge is in flight and cannot be recalled
     h.run_until_settled()
     assert script.ran() == [("reserve", 1), ("charge", 1), ("charge_undo", 1), ("reserve_undo", 1)]
-    assert h.saga.state is SagaState.ABORTED
+    settled = h.saga  # read again: the steps above moved it on
+    assert settled.state is SagaState.ABORTED
     assert h.audit_events() == [
         "saga_start",
         "step_start",
@@ -452,7 +454,8 @@ def test_remote_steps_wait_for_a_result_the_test_delivers() -> None:
     h.start({})
     h.run_until_settled()
     h.succeed("book", {"trade_id": 42})
-    assert h.saga.state is SagaState.COMPLETED and h.saga.context["trade_id"] == 42
+    settled = h.saga  # read again: the steps above moved it on
+    assert settled.state is SagaState.COMPLETED and settled.context["trade_id"] == 42
 
 
 def test_succeed_refuses_an_output_that_is_not_a_json_object() -> None:

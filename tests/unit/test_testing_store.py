@@ -136,7 +136,7 @@ def test_loads_are_copies_as_from_a_json_column() -> None:
     store.create(started("s1", {"nested": {"xs": (1, 2)}}), T0)
     saga = store.load("s1")
     assert saga is not None and saga.context == {"nested": {"xs": [1, 2]}}
-    saga.context["nested"]["xs"].append(3)  # type: ignore[index]
+    saga.context["nested"]["xs"].append(3)
     store.audit_trail("s1")[0]["event_data"]["saga_type"] = "changed"
     assert store.load("s1").context == {"nested": {"xs": [1, 2]}}  # type: ignore[union-attr]
     assert store.verify_audit() == []
@@ -197,7 +197,7 @@ def test_concurrent_recoveries_of_one_stalled_attempt_commit_once() -> None:
     store, dispatcher = InMemoryStore(), RecordingDispatcher()
     clock = FakeClock(at(100))
     registry.register(DEF)
-    engine = SagaEngine(store, dispatcher, LIMITS, clock=clock)  # type: ignore[arg-type]
+    engine = SagaEngine(store, dispatcher, LIMITS, clock=clock)
     store.create(started("s1"), T0)
     barrier = threading.Barrier(8)
     ignored: list[str | None] = []
