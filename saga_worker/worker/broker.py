@@ -36,9 +36,20 @@ def envelope_problem(message: Any) -> str | None:
         # kombu would decompress it in the worker's main process (a 1 MB gzip body can hold
         # 1 GB); saga_worker never compresses its messages.
         return "compressed message refused: saga_worker sends none"
-    if not isinstance(properties.get("delivery_info", {}), dict):
-        return "envelope delivery_info is not an object"
-    if properties.get("body_encoding") == "base64":
+    tag = properties["delivery_tag"]
+    if not isinstance(tag, str) or not tag:
+        # kombu keys its unacked hash by the tag: a list or an object cannot be one.
+        return "envelope properties.delivery_tag is not a string"
+    delivery_info = properties.get("delivery_info")
+    if not isinstance(delivery_info, dict) or not all(
+        isinstance(delivery_info.get(key), str) for key in ("exchange", "routing_key")
+    ):
+        # kombu's QoS reads both to put the message back after a restart.
+        return "envelope delivery_info has no exchange and routing_key strings"
+    encoding = properties.get("body_encoding")
+    if encoding not in (None, "base64"):
+        return f"envelope body_encoding {str(encoding)[:40]!r} is not one kombu knows"
+    if encoding == "base64":
         try:
             binascii.a2b_base64(message.get("body") or "")
         except (binascii.Error, ValueError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -72,8 +73,43 @@ def test_redis_envelopes_with_a_compression_header_are_refused_before_decoding()
     envelope = {
         "body": "eJw=",
         "headers": headers,
-        "properties": {"delivery_tag": "t", "body_encoding": "base64"},
+        "properties": {
+            "delivery_tag": "t",
+            "body_encoding": "base64",
+            "delivery_info": {"exchange": "", "routing_key": "saga"},
+        },
     }
     assert envelope_problem(envelope) == "compressed message refused: saga_worker sends none"
     del headers["compression"]
     assert envelope_problem(envelope) is None
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        (lambda p: p.pop("delivery_info"), "delivery_info has no exchange and routing_key"),
+        (lambda p: p.update(delivery_info={"exchange": ""}), "delivery_info has no exchange"),
+        (lambda p: p.update(delivery_info=[]), "delivery_info has no exchange"),
+        (lambda p: p.update(delivery_tag=[]), "delivery_tag is not a string"),
+        (lambda p: p.update(delivery_tag=""), "delivery_tag is not a string"),
+        (lambda p: p.update(body_encoding="rot13"), "body_encoding 'rot13' is not one kombu"),
+        (lambda p: p.update(body_encoding=5), "body_encoding '5' is not one kombu"),
+    ],
+)
+def test_redis_envelopes_kombu_would_crash_on_are_refused(
+    change: Callable[[dict[str, Any]], object], problem: str
+) -> None:
+    """Each of these raised inside kombu's Redis channel (KeyError in QoS.append, an
+    unhashable tag, no codec for the encoding) and stopped the worker."""
+    from saga_worker.worker.broker import envelope_problem
+
+    properties: dict[str, Any] = {
+        "delivery_tag": "t",
+        "body_encoding": "base64",
+        "delivery_info": {"exchange": "", "routing_key": "saga"},
+    }
+    envelope = {"body": "W10=", "headers": dict(GOOD), "properties": properties}
+    assert envelope_problem(envelope) is None
+    change(properties)
+    found = envelope_problem(envelope)
+    assert found is not None and problem in found, found
