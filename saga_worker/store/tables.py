@@ -113,6 +113,8 @@ audit_logs = Table(
     Column("prev_hash", String(64), nullable=False),
     Column("hash", String(64), nullable=False),
     Index("ix_saga_audit_logs_saga_id", "saga_id"),
+    # The chain's head (latest row of a saga): the write path and the chain trigger read it.
+    Index("ix_saga_audit_logs_saga_id_id", "saga_id", "id"),
     Index("ix_saga_audit_logs_event_type", "event_type"),
     Index("ix_saga_audit_logs_step_name", "step_name"),
     Index("ix_saga_audit_logs_timestamp", "timestamp"),
