@@ -124,6 +124,19 @@ audit_logs = Table(
     Index("ix_saga_audit_logs_user_id_timestamp", "user_id", "timestamp"),
 )
 
+#: Digests of every saga's chain head (`saga-worker audit anchor`), chained, append-only.
+anchors_table = Table(
+    "saga_audit_anchors",
+    metadata,
+    Column("id", _BigId, primary_key=True, autoincrement=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("sagas", Integer, nullable=False),
+    Column("rows", BigInteger, nullable=False),
+    Column("root", String(64), nullable=False),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+)
+
 settings_table = Table(
     "saga_settings",
     metadata,

@@ -59,6 +59,10 @@ REFUSED: tuple[tuple[str, str], ...] = (
     ("SET session_replication_role = replica", "permission denied"),
     # A chain restarted from 64 zeros for a saga that has rows: the chain trigger.
     ("RESTART", "saga_audit_logs chain"),
+    ("UPDATE saga_audit_anchors SET rows = 0", "permission denied"),
+    ("DELETE FROM saga_audit_anchors", "permission denied"),
+    ("TRUNCATE saga_audit_anchors", "permission denied"),
+    ("ALTER TABLE saga_audit_anchors DISABLE TRIGGER ALL", "must be owner"),
     ("UPDATE saga_settings SET value = 'x'", "permission denied"),
     ("DELETE FROM saga_checkpoints", "permission denied"),
     ("TRUNCATE saga_checkpoints", "permission denied"),
