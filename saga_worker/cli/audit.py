@@ -1,4 +1,4 @@
-"""audit show / export / verify: read, hand over and check the hash-chained audit trail."""
+"""audit show / export / verify / anchor: read, hand over, check and anchor the audit trail."""
 
 from __future__ import annotations
 
@@ -141,6 +141,38 @@ def export(
             Output().line(f"manifest: {result.manifest}")
 
 
+@audit.command("anchor")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the anchor (JSON, heads included) to this file instead of stdout.",
+)
+@click.pass_context
+def anchor(ctx: click.Context, output: Path | None) -> None:
+    """Append a digest of every saga's chain head to saga_audit_anchors and print it.
+
+    The anchor (a Merkle root over each saga's row count and last hash, with the counts)
+    is JSON; keep it outside the database, on write-once storage: `audit verify --anchor
+    FILE` then reports any saga or row missing since.
+    """
+    import json
+
+    from ..audit.anchor import make_anchor
+    from . import client_from
+
+    client = client_from(ctx, False)
+    made = make_anchor(client.store.engine, client.clock())
+    text = json.dumps(made.as_dict(), ensure_ascii=False, indent=1) + "\n"
+    if output is not None:
+        output.write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text)
+    click.echo(
+        f"anchor {made.id}: {made.sagas} sagas, {made.rows} rows, root {made.root}", err=True
+    )
+
+
 @audit.command("verify")
 @click.option("--saga-id", help="Verify this saga only.")
 @click.option(
@@ -149,17 +181,34 @@ def export(
     type=click.Path(dir_okay=False, path_type=Path),
     help="Verify an export file offline instead of the database.",
 )
+@click.option(
+    "--anchor",
+    "anchor_file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Report every saga or row missing since this anchor (from `audit anchor`).",
+)
 @JSON_OPTION
 @click.pass_context
-def verify(ctx: click.Context, saga_id: str | None, file: Path | None, json_mode: bool) -> None:
+def verify(
+    ctx: click.Context,
+    saga_id: str | None,
+    file: Path | None,
+    anchor_file: Path | None,
+    json_mode: bool,
+) -> None:
     """Recompute every hash and link; report each modified, deleted, inserted or moved row.
 
     Against the database, each saga's last row is also compared with the head its
-    checkpoint recorded (a deleted last row leaves no broken link). Exits 1 when anything
-    is wrong.
+    checkpoint recorded (a deleted last row leaves no broken link). With --anchor, each
+    saga and row the anchor recorded must still be there. Exits 1 when anything is wrong.
     """
     if file is not None and saga_id is not None:
         raise click.UsageError("give --saga-id or --file, not both")
+    if anchor_file is not None:
+        if file is not None or saga_id is not None:
+            raise click.UsageError("give --anchor alone")
+        _verify_anchor(ctx, anchor_file, json_mode)
+        return
     with progress_bar("verifying audit rows", stderr_is_terminal() and saga_id is None) as bar:
         if file is not None:
             ctx.find_root().meta["saga_json"] = json_mode
@@ -191,6 +240,48 @@ def verify(ctx: click.Context, saga_id: str | None, file: Path | None, json_mode
                 style="bold red",
             )
     if not report.ok:
+        raise click.exceptions.Exit(EXIT_PROBLEMS)
+
+
+def _verify_anchor(ctx: click.Context, path: Path, json_mode: bool) -> None:
+    import json
+
+    from ..audit.anchor import AnchorFileError, parse_anchor, verify_anchor
+    from . import client_from
+
+    try:
+        anchored = parse_anchor(json.loads(path.read_text(encoding="utf-8")))
+    except (AnchorFileError, ValueError) as exc:
+        raise click.UsageError(f"--anchor {path}: {exc}") from exc
+    client = client_from(ctx, json_mode)
+    problems = verify_anchor(client.store.engine, anchored)
+    out = Output(json_mode)
+    if json_mode:
+        out.json(
+            {
+                "ok": not problems,
+                "anchor": anchored.hash,
+                "sagas": anchored.sagas,
+                "rows": anchored.rows,
+                "problems": [p.as_dict() for p in problems],
+            }
+        )
+    else:
+        for p in problems:
+            out.line(f"{p.kind}: {p.problem}", style="red")
+        if problems:
+            out.line(
+                f"MISSING: {len(problems)} problems against anchor {anchored.id} "
+                f"({anchored.sagas} sagas, {anchored.rows} rows)",
+                style="bold red",
+            )
+        else:
+            out.line(
+                f"OK: all {anchored.rows} rows of {anchored.sagas} sagas of anchor "
+                f"{anchored.id} are there",
+                style="bold green",
+            )
+    if problems:
         raise click.exceptions.Exit(EXIT_PROBLEMS)
 
 

@@ -65,6 +65,8 @@ class AttemptStalled:
     direction: Direction
     attempt: int
     recoveries: int = 0
+    #: Who recovers it, for the audit rows (the sweep: `system:recovery`).
+    user_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,8 @@ class AttemptDue:
     step_index: int
     direction: Direction
     attempt: int
+    #: Who sends it, for the audit rows (the sweep: `system:recovery`).
+    user_id: str | None = None
 
 
 @dataclass(frozen=True)

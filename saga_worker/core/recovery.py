@@ -25,6 +25,10 @@ class RecoveryOutcome(StrEnum):
     STUCK = "stuck"
 
 
+#: The `user_id` of the audit rows the recovery sweep writes (DESIGN section 4).
+RECOVERY_USER = "system:recovery"
+
+
 def recovery_event(pending: Attempt) -> AttemptDue | AttemptStalled:
     """The event for an overdue pending attempt: a held retry is due, a sent one stalled.
 
@@ -32,8 +36,14 @@ def recovery_event(pending: Attempt) -> AttemptDue | AttemptStalled:
     recover it once.
     """
     if pending.held:
-        return AttemptDue(pending.step_index, pending.direction, pending.number)
-    return AttemptStalled(pending.step_index, pending.direction, pending.number, pending.recoveries)
+        return AttemptDue(pending.step_index, pending.direction, pending.number, RECOVERY_USER)
+    return AttemptStalled(
+        pending.step_index,
+        pending.direction,
+        pending.number,
+        pending.recoveries,
+        user_id=RECOVERY_USER,
+    )
 
 
 def recovery_outcome(pending: Attempt, decision: Decision, limits: Limits) -> RecoveryOutcome:

@@ -95,14 +95,14 @@ def transition(
     if isinstance(event, AttemptDue):
         if not pending.held:
             return Decision(saga, ignored="attempt was already sent")
-        return _send_held(b, pending)
+        return _send_held(b, pending, event.user_id)
     if isinstance(event, AttemptStalled) and pending.held:
         # A held attempt is not stalled, it waits for its due time (AttemptDue sends it).
         return Decision(saga, ignored="attempt is held until its not_before")
     if isinstance(event, AttemptStalled):
         if event.recoveries != pending.recoveries:
             return Decision(saga, ignored="attempt was already recovered by another scan")
-        return _recover(b, pending)
+        return _recover(b, pending, event.user_id)
     if isinstance(event, StepSucceeded):
         return _succeeded(b, event)
     if isinstance(event, StepFailed):
@@ -110,8 +110,8 @@ def transition(
     assert_never(event)
 
 
-def _send_held(b: Builder, pending: Attempt) -> Decision:
-    send_now(b, pending, recoveries=pending.recoveries)
+def _send_held(b: Builder, pending: Attempt, user_id: str | None) -> Decision:
+    send_now(b, pending, recoveries=pending.recoveries, user_id=user_id)
     return b.decision()
 
 
@@ -315,7 +315,7 @@ def _finish(b: Builder, state: SagaState, event_type: str, step_index: int) -> N
     )
 
 
-def _recover(b: Builder, pending: Attempt) -> Decision:
+def _recover(b: Builder, pending: Attempt, user_id: str | None) -> Decision:
     """Re-send a stalled attempt unchanged, or fail it after too many recoveries."""
     if pending.recoveries_exhausted(b.limits.max_recoveries):
         return _failed(
@@ -333,7 +333,7 @@ def _recover(b: Builder, pending: Attempt) -> Decision:
                 timed_out=True,
             ),
         )
-    resend(b, pending, {})
+    resend(b, pending, {}, user_id=user_id)
     return b.decision()
 
 

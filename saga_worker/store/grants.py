@@ -23,6 +23,8 @@ from .migrate import VERSION_TABLE
 RUNTIME_GRANTS: dict[str, tuple[str, ...]] = {
     "saga_checkpoints": ("SELECT", "INSERT", "UPDATE"),
     "saga_audit_logs": ("SELECT", "INSERT"),
+    # `audit anchor` (CLI or beat) appends; nothing rewrites an anchor.
+    "saga_audit_anchors": ("SELECT", "INSERT"),
     # The shared signing key (or its fingerprint): read, and created once by the first process.
     "saga_settings": ("SELECT", "INSERT"),
     # Read only, so that `saga-worker db current` works as the run-time role.

@@ -113,6 +113,8 @@ audit_logs = Table(
     Column("prev_hash", String(64), nullable=False),
     Column("hash", String(64), nullable=False),
     Index("ix_saga_audit_logs_saga_id", "saga_id"),
+    # The chain's head (latest row of a saga): the write path and the chain trigger read it.
+    Index("ix_saga_audit_logs_saga_id_id", "saga_id", "id"),
     Index("ix_saga_audit_logs_event_type", "event_type"),
     Index("ix_saga_audit_logs_step_name", "step_name"),
     Index("ix_saga_audit_logs_timestamp", "timestamp"),
@@ -120,6 +122,19 @@ audit_logs = Table(
     Index("ix_saga_audit_logs_saga_id_timestamp", "saga_id", "timestamp"),
     Index("ix_saga_audit_logs_event_type_timestamp", "event_type", "timestamp"),
     Index("ix_saga_audit_logs_user_id_timestamp", "user_id", "timestamp"),
+)
+
+#: Digests of every saga's chain head (`saga-worker audit anchor`), chained, append-only.
+anchors_table = Table(
+    "saga_audit_anchors",
+    metadata,
+    Column("id", _BigId, primary_key=True, autoincrement=True),
+    Column("created_at", UTCDateTime, nullable=False),
+    Column("sagas", Integer, nullable=False),
+    Column("rows", BigInteger, nullable=False),
+    Column("root", String(64), nullable=False),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
 )
 
 settings_table = Table(

@@ -13,9 +13,12 @@ The guards make a write all-or-nothing without a prior read: a new saga is inser
 where no checkpoint exists and the audit chain's head is the one its rows were chained from;
 an update only where the version is the one decided on; rejection rows only where no
 checkpoint exists. The version guard holds against concurrent writers (the UPDATE waits for
-the row). The other two read the statement's snapshot: a start and a refused start of one
-new saga_id committing at the same instant can both pass them and fork that chain
-(tests/integration/test_write_races.py, until the database itself refuses such a row).
+the row). The other two read the statement's snapshot, which cannot see a concurrent writer
+that has not committed yet: there the database's chain trigger (migration 0002) decides. It
+serializes the writers of one saga and refuses a row whose prev_hash is not the saga's
+latest hash with SQLSTATE CHAIN_SQLSTATE, which `execute` reports as HEAD_MOVED (a start or
+a rejection: read the head, build the rows again) or CONFLICT (an update: reload). It is
+never a transient error (tests/integration/test_write_races.py).
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ from sqlalchemy.exc import IntegrityError
 
 from ..audit.chain import GENESIS_HASH, iso_utc
 from .tables import UTCDateTime, audit_logs, checkpoints
+
+#: SQLSTATE of the chain trigger's refusal (class 23, integrity constraint violation: the
+#: driver raises IntegrityError, which no retry treats as transient).
+CHAIN_SQLSTATE = "23SW1"
 
 
 @dataclass(frozen=True)
@@ -232,7 +239,13 @@ def _execute_pg(conn: Connection, write: Write) -> Written:
                 params[column] = Json(params[column])
         if write.version is not None:
             params.update(version=write.version, new_version=write.version + 1)
-    matched, head_ok = conn.exec_driver_sql(_STATEMENTS[kind], params).one()
+    try:
+        matched, head_ok = conn.exec_driver_sql(_STATEMENTS[kind], params).one()
+    except IntegrityError as exc:
+        if getattr(exc.orig, "sqlstate", None) != CHAIN_SQLSTATE:
+            raise
+        # A concurrent writer's rows committed after this statement's snapshot was taken.
+        return Written.CONFLICT if kind == "update" else Written.HEAD_MOVED
     if matched:
         return Written.DONE
     return Written.CONFLICT if head_ok else Written.HEAD_MOVED

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -121,13 +123,38 @@ def audit_refusal(rt: Any, task: str, reason: str, ref: AttemptRef) -> None:
         log.warning("%s refused for unknown saga %s: %s", task, saga_id, reason)
 
 
+#: A refused start keeps at most this much of the submitted context (its canonical JSON):
+#: anyone who can write to the broker can send refused starts, and audit rows stay forever.
+MAX_REJECTED_SNAPSHOT_BYTES = 4096
+
+
 def _snapshot_if_valid(context: Any, settings: Any) -> Mapping[str, Any] | None:
-    """The submitted context for the rejection's snapshot, when it is a usable JSON object."""
+    """The submitted context for the rejection's snapshot, when it is a usable JSON object
+    of at most MAX_REJECTED_SNAPSHOT_BYTES (`submitted_digest` stands for a larger one)."""
     try:
         check_context(context, settings, "context")
     except InvalidRequest:
         return None  # too large, too deep or not an object: the reason says so instead
+    digest = submitted_digest(context)
+    if digest is None or digest["bytes"] > MAX_REJECTED_SNAPSHOT_BYTES:
+        return None
     return dict(context)
+
+
+def submitted_digest(context: Any) -> dict[str, Any] | None:
+    """SHA-256 and size in bytes of the submitted context's canonical JSON (sorted keys, no
+    whitespace, UTF-8), so a refused start's row identifies what was sent without keeping
+    it; None when nothing usable was sent."""
+    if context is None:
+        return None
+    try:
+        text = json.dumps(
+            context, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        )
+    except (TypeError, ValueError, RecursionError):
+        return None
+    raw = text.encode("utf-8", "surrogatepass")
+    return {"sha256": hashlib.sha256(raw).hexdigest(), "bytes": len(raw)}
 
 
 def _reject_start(
@@ -142,6 +169,7 @@ def _reject_start(
     data: dict[str, Any] = {
         "field": storable_text(field, 100) if isinstance(field, str) else None,
         "code": exc.code,
+        "submitted": submitted_digest(kwargs.get("context")),
     }
     # What the producer sent, recorded even when it is why the start was refused: as text
     # any database stores (controls and lone surrogates escaped).

@@ -103,6 +103,26 @@ def make_0_1_database(url: str) -> str:
     return head
 
 
+def runtime_role_url(owner_url: str) -> str:
+    """A new role given the run-time privileges (`saga-worker db grant`, plus the example
+    tables) on the database at `owner_url`; returns the URL that connects as it.
+
+    Workers of the PostgreSQL stacks connect with it, as in production: the tests then show
+    that nothing the workers do needs more (issue 14)."""
+    from sqlalchemy.engine import make_url
+
+    from saga_worker.examples.backtest import create_tables
+    from saga_worker.store.grants import grant_runtime
+
+    role = f"it_app_{uuid.uuid4().hex[:8]}"
+    engine = create_db_engine(owner_url, pool=False)
+    with engine.begin() as conn:
+        conn.execute(text(f'CREATE ROLE "{role}" LOGIN'))
+    grant_runtime(engine, role, create_tables(engine))
+    engine.dispose()
+    return make_url(owner_url).set(username=role, password=None).render_as_string(False)
+
+
 def fresh_sqlite_database(folder: Path) -> str:
     url = f"sqlite:///{folder / 'saga.sqlite3'}"
     engine = create_db_engine(url)
@@ -305,8 +325,10 @@ def stack(
         database_url = fresh_sqlite_database(folder)
     tag = uuid.uuid4().hex[:8]
     queue, remote_queue = f"it-{backend}-{tag}", f"it-remote-{backend}-{tag}"
+    # The workers connect as the run-time role; the test process (store) as the owner.
+    worker_database_url = database_url if backend == "sqlite" else runtime_role_url(database_url)
     env = {
-        "SAGA_DATABASE_URL": database_url,
+        "SAGA_DATABASE_URL": worker_database_url,
         "SAGA_BROKER_URL": broker_url,
         "SAGA_QUEUE": queue,
         "SAGA_IMPORTS": WORKER_IMPORTS,

@@ -1,4 +1,5 @@
-"""Review of issue 13: the insert-new guard of store/write.py under concurrent writers.
+"""Review of issue 13: the insert-new guard of store/write.py under concurrent writers (fixed
+in issue 14 by the database's chain trigger).
 
 The `prior` CTE compares the saga_id's last audit row (by id DESC) with the head the rows
 were chained from, and rejection rows check NOT EXISTS on the checkpoint. Both read the
@@ -42,13 +43,6 @@ def _start(store: SagaStore) -> Any:
     return store.create(_started("w-1"), NOW)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "known since 0.1, not fixed by the one write path: issue 14 makes the database refuse a "
-        "row whose prev_hash is not the saga's latest hash"
-    ),
-)
 @pytest.mark.parametrize(
     ("slow_when", "first", "second"),
     [
@@ -87,8 +81,8 @@ def test_concurrent_writes_under_a_new_saga_id_keep_one_chain(
     slow.join()
     trail = store.audit_trail("w-1")
     engine.dispose()
-    # Expected: the writes serialize; the second one either chains onto the first's rows or
-    # (a rejection under a saga that now exists) writes nothing. What happens: both commit
-    # from the genesis hash, and `saga-worker audit verify` reports the chain as tampered.
+    # The writes serialize: the chain trigger refuses the slow writer's rows (built on the
+    # genesis hash), which then rebuilds on the new head, or, a rejection under a saga that
+    # now exists, writes nothing.
     shown = [(r["id"], r["event_type"], r["prev_hash"][:8]) for r in trail]
     assert verify_chain(trail) == [], shown

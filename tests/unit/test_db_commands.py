@@ -30,7 +30,10 @@ def test_upgrade_sql_prints_postgresql_ddl_without_a_server(tmp_path: Path) -> N
     assert "CREATE TRIGGER saga_audit_logs_no_update_delete" in sql
     assert "CREATE TRIGGER saga_audit_logs_no_truncate" in sql
     assert f"CREATE TABLE {VERSION_TABLE} (" in sql
-    assert f"INSERT INTO {VERSION_TABLE} (version_num) VALUES ('{head_revision()}')" in sql
+    # The first revision is inserted, each later one updates it, ending at the head.
+    assert f"INSERT INTO {VERSION_TABLE} (version_num) VALUES ('0001')" in sql
+    assert f"SET version_num='{head_revision()}' WHERE" in sql.rsplit("UPDATE", 1)[-1]
+    assert "CREATE TRIGGER saga_audit_logs_check_chain" in sql
     assert sql.lstrip().startswith("BEGIN;") and sql.rstrip().endswith("COMMIT;")
     assert "pw" not in result.stderr
 
