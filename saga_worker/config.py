@@ -10,17 +10,19 @@ from pathlib import Path
 from .core.decision import Limits
 from .errors import ConfigurationError
 
+#: Compared without case or separators (audit/redaction.normalise_key): `api_key` also covers
+#: `api-key`, `X-Api-Key` and `apiKey`; a key containing one of these is sensitive.
 DEFAULT_REDACT_KEYS = (
     "password",
     "passwd",
+    "pwd",
     "secret",
     "token",
     "api_key",
-    "apikey",
     "authorization",
+    "credential",
     "private_key",
     "card_number",
-    "cardnumber",
     "cvv",
     "iban",
 )
