@@ -46,7 +46,9 @@ RFC_5869 = [
 
 
 @pytest.mark.parametrize(("ikm", "salt", "info", "length", "okm"), RFC_5869)
-def test_hkdf_sha256_matches_rfc_5869(ikm: str, salt: str, info: str, length: int, okm: str) -> None:
+def test_hkdf_sha256_matches_rfc_5869(
+    ikm: str, salt: str, info: str, length: int, okm: str
+) -> None:
     derived = hkdf_sha256(bytes.fromhex(ikm), bytes.fromhex(salt), bytes.fromhex(info), length)
     assert derived.hex() == okm
 
