@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from pathlib import Path
 
 import pytest
 
+from saga_worker.config import Settings
+from saga_worker.errors import ConfigurationError
 from saga_worker.keys import (
     PURPOSE_ATTEMPT_TOKEN,
     PURPOSE_STEP_CHECKPOINT,
@@ -80,3 +83,16 @@ def test_attempt_tokens_are_signed_with_the_token_subkey_not_the_raw_key() -> No
     assert token == derived
     assert token_valid(KEY, token, "s-1", 0, "forward", 1)
     assert not token_valid(KEY, raw, "s-1", 0, "forward", 1)
+
+
+@pytest.mark.parametrize("variable", ["SAGA_SIGNING_KEY", "SAGA_SIGNING_KEY_FILE"])
+def test_a_signing_key_shorter_than_32_bytes_is_refused(variable: str, tmp_path: Path) -> None:
+    short = "s" * 31
+    env = {variable: short}
+    if variable.endswith("_FILE"):
+        (tmp_path / "key").write_text(short + "\n", encoding="utf-8")
+        env = {variable: str(tmp_path / "key")}
+    with pytest.raises(ConfigurationError, match="at least 32 bytes") as raised:
+        Settings.from_env(env)
+    assert short not in str(raised.value)  # the message never repeats the key
+    assert Settings.from_env({"SAGA_SIGNING_KEY": "é" * 16}).signing_key == "é" * 16  # bytes
