@@ -10,17 +10,19 @@ from pathlib import Path
 from .core.decision import Limits
 from .errors import ConfigurationError
 
+#: Compared without case or separators (audit/redaction.normalise_key): `api_key` also covers
+#: `api-key`, `X-Api-Key` and `apiKey`; a key containing one of these is sensitive.
 DEFAULT_REDACT_KEYS = (
     "password",
     "passwd",
+    "pwd",
     "secret",
     "token",
     "api_key",
-    "apikey",
     "authorization",
+    "credential",
     "private_key",
     "card_number",
-    "cardnumber",
     "cvv",
     "iban",
 )
@@ -156,7 +158,7 @@ def _signing_key(env: Mapping[str, str]) -> str | None:
     if key and path:
         raise ConfigurationError("set SAGA_SIGNING_KEY or SAGA_SIGNING_KEY_FILE, not both")
     if path is None:
-        return key
+        return None if key is None else _long_enough(key, "SAGA_SIGNING_KEY")
     try:
         # A trailing newline is what `echo KEY > file` leaves, not part of the key.
         text = Path(path).read_text(encoding="utf-8").strip()
@@ -167,7 +169,21 @@ def _signing_key(env: Mapping[str, str]) -> str | None:
         ) from None
     if not text:
         raise ConfigurationError(f"SAGA_SIGNING_KEY_FILE={path!r} is empty")
-    return text
+    return _long_enough(text, f"SAGA_SIGNING_KEY_FILE={path!r}")
+
+
+#: Shortest signing key accepted, in UTF-8 bytes (DESIGN section 6).
+MIN_SIGNING_KEY_BYTES = 32
+
+
+def _long_enough(key: str, source: str) -> str:
+    size = len(key.encode("utf-8"))
+    if size < MIN_SIGNING_KEY_BYTES:
+        raise ConfigurationError(
+            f"{source}: the signing key must be at least {MIN_SIGNING_KEY_BYTES} bytes, got "
+            f"{size}; make one with python3 -c 'import secrets; print(secrets.token_hex(32))'"
+        )
+    return key
 
 
 def _metrics_dir(env: Mapping[str, str]) -> Path | None:

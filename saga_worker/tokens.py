@@ -5,11 +5,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 
+from .keys import PURPOSE_ATTEMPT_TOKEN, subkey
+
 
 def attempt_token(key: str, saga_id: str, step_index: int, direction: str, attempt: int) -> str:
-    """The token a step carries and must hand back with its result."""
+    """The token a step carries and must hand back with its result, signed with the
+    attempt-token subkey of the signing key `key` (keys.py)."""
     message = f"{saga_id}\x1f{step_index}\x1f{direction}\x1f{attempt}".encode()
-    return hmac.new(key.encode(), message, hashlib.sha256).hexdigest()
+    return hmac.new(subkey(key, PURPOSE_ATTEMPT_TOKEN), message, hashlib.sha256).hexdigest()
 
 
 def token_valid(

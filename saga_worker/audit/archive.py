@@ -23,7 +23,7 @@ from ..requests import check_time_range
 from ..store.failures import database_errors
 from ..store.queries import AuditQuery
 from ..store.repository import SagaStore
-from .chain import AUDIT_HASH_SPEC, iso_utc
+from .chain import AUDIT_HASH_SPEC, LEGACY_HASH_SPEC, iso_utc
 from .export import EXPORT_COLUMNS, EXPORT_FORMATS, ExportWriter, manifest_path, open_export
 from .verify import (
     FILE_MISMATCH,
@@ -79,6 +79,8 @@ class VerifyReport:
     sagas: int
     problems: list[ChainProblem]
     notes: list[str] = field(default_factory=list)
+    #: Rows hashed under v1 (`LEGACY_HASH_SPEC`), written before hash v2.
+    legacy_rows: int = 0
 
     @property
     def ok(self) -> bool:
@@ -92,6 +94,7 @@ class VerifyReport:
             "sagas": self.sagas,
             "problems": [p.as_dict() for p in self.problems],
             "notes": self.notes,
+            "legacy_rows": self.legacy_rows,
         }
 
 
@@ -194,6 +197,8 @@ class AuditArchive:
                         # Names the definition instead of pointing at a document, so the
                         # manifest stays meaningful wherever the export is archived.
                         "hash": AUDIT_HASH_SPEC,
+                        # Rows written before v2 keep their v1 hashes.
+                        "legacy_hash": LEGACY_HASH_SPEC,
                         "heads": heads,
                     },
                     indent=1,
@@ -249,7 +254,14 @@ class AuditArchive:
                     if p.kind in (MISSING_TAIL, MISSING_ROWS)
                 )
             problems = kept
-        return VerifyReport("database " + self.safe_url, verifier.rows, verifier.sagas, problems)
+        return VerifyReport(
+            "database " + self.safe_url,
+            verifier.rows,
+            verifier.sagas,
+            problems,
+            _legacy_note(verifier),
+            verifier.legacy_rows,
+        )
 
     def _verify_one(self, saga_id: str) -> VerifyReport:
         with database_errors(self.safe_url):
@@ -269,7 +281,18 @@ class AuditArchive:
             verifier.rows,
             verifier.sagas,
             verifier.problems,
+            _legacy_note(verifier),
+            verifier.legacy_rows,
         )
+
+
+def _legacy_note(verifier: ChainVerifier) -> list[str]:
+    if not verifier.legacy_rows:
+        return []
+    return [
+        f"{verifier.legacy_rows} row(s) written before audit hash v2 verified under "
+        "v1 (docs/audit.md, Hash definition)"
+    ]
 
 
 def verify_export_file(
@@ -341,4 +364,12 @@ def verify_export_file(
                 f"export starts at {manifest.get('since')}: each saga's first row in the file "
                 "is taken as the anchor of its chain"
             )
-    return VerifyReport(f"file {source}", verifier.rows, verifier.sagas, verifier.problems, notes)
+    notes.extend(_legacy_note(verifier))
+    return VerifyReport(
+        f"file {source}",
+        verifier.rows,
+        verifier.sagas,
+        verifier.problems,
+        notes,
+        verifier.legacy_rows,
+    )

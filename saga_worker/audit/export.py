@@ -20,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .chain import canonical_json, iso_utc, row_hash
+from .chain import hash_scheme, iso_utc, legacy_canonical_json
 
 #: Columns of an export file, in order: the row id, every hashed column, the hash.
 EXPORT_COLUMNS = (
@@ -117,7 +117,7 @@ def _csv_cell(column: str, value: Any) -> str:
     if value is None:
         return ""
     if column in _JSON_COLUMNS:
-        return canonical_json(value)
+        return legacy_canonical_json(value)  # exact: JCS would round integers past 2**53
     if column in _FLOAT_COLUMNS:
         return repr(float(value))
     return str(value)
@@ -242,11 +242,11 @@ def _csv_record(cells: Sequence[str]) -> dict[str, Any]:
             record[column] = float(cell)
         else:
             record[column] = cell
-    if empty_text and row_hash(record) != record["hash"]:
+    if empty_text and hash_scheme(record) is None:
         # CSV cannot tell NULL from an empty string; the hash says which one was written.
         for size in range(1, len(empty_text) + 1):
             for columns in itertools.combinations(empty_text, size):
                 candidate = {**record, **dict.fromkeys(columns, "")}
-                if row_hash(candidate) == record["hash"]:
+                if hash_scheme(candidate) is not None:
                     return candidate
     return record

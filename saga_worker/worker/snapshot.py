@@ -23,6 +23,7 @@ from typing import Any
 
 from ..audit.chain import canonical_json
 from ..core.model import Saga
+from ..keys import PURPOSE_STEP_CHECKPOINT, subkey
 from ..store.codec import saga_from_row, saga_to_row
 from ..store.port import Loaded
 
@@ -33,13 +34,14 @@ _TIMES = ("started_at", "updated_at")
 
 def _mac(key: str, fields: Mapping[str, Any], saga_id: str, saga_type: str, context: Any) -> str:
     signed = {
-        "purpose": "step checkpoint",  # the same key signs attempt tokens
+        "purpose": PURPOSE_STEP_CHECKPOINT,  # also the subkey's: kept as a label inside too
         "checkpoint": fields,
         "saga_id": saga_id,
         "saga_type": saga_type,
         "context": context,
     }
-    return hmac.new(key.encode(), canonical_json(signed).encode(), hashlib.sha256).hexdigest()
+    mac_key = subkey(key, PURPOSE_STEP_CHECKPOINT)
+    return hmac.new(mac_key, canonical_json(signed).encode(), hashlib.sha256).hexdigest()
 
 
 def encode(key: str, checkpoint: Loaded, sent_at: float) -> dict[str, Any]:

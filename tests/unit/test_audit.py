@@ -6,13 +6,13 @@ import copy
 import hashlib
 import io
 import itertools
-import json
 import logging
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
+import rfc8785
 
 from saga_worker.audit.chain import GENESIS_HASH, build_rows, row_hash
 from saga_worker.audit.export import EXPORT_COLUMNS, ExportWriter, export_record, open_export
@@ -80,11 +80,11 @@ def sample_row(**changes: Any) -> dict[str, Any]:
 
 
 def independent_hash(row: dict[str, Any], timestamp_text: str) -> str:
-    """The hash recomputed from docs/audit.md (Hash definition) alone, without saga_worker."""
+    """The hash recomputed from docs/audit.md (Hash definition) alone, without saga_worker:
+    an independent RFC 8785 library."""
     payload = {k: row[k] for k in row if k not in ("id", "hash")}
     payload["timestamp"] = timestamp_text
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return hashlib.sha256(rfc8785.dumps(payload)).hexdigest()
 
 
 # --------------------------------------------------------------- row_hash ---

@@ -106,7 +106,7 @@ def test_markdown_anchors_name_existing_headings() -> None:
 
 def test_export_manifest_names_the_hash_definition_not_a_file() -> None:
     # The manifest carries AUDIT_HASH_SPEC; docs/audit.md defines the hash under that name.
-    name = "saga_worker audit hash v1"
+    name = "saga_worker audit hash v2"
     assert AUDIT_HASH_SPEC.startswith(name)
     assert name in (REPO / "docs" / "audit.md").read_text(encoding="utf-8")
     assert not FORBIDDEN.search(AUDIT_HASH_SPEC)
