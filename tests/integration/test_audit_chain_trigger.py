@@ -176,3 +176,21 @@ def test_ids_follow_the_chain_when_a_writer_drew_its_id_before_waiting(pg: Engin
     trail = SagaStore(pg, REDACTOR).audit_trail("p-2")
     assert [r["error_message"] for r in trail] == ["fast", "slow"]
     assert verify_chain(trail) == []
+
+
+@pytest.mark.parametrize("isolation", ["REPEATABLE READ", "SERIALIZABLE"])
+def test_an_append_outside_read_committed_is_refused(pg: Engine, isolation: str) -> None:
+    """Such a transaction reads with the snapshot it took before waiting on the saga's lock,
+    so it would miss a row committed meanwhile and fork the chain."""
+    with pg.begin() as conn:
+        _append(conn, _rows("iso-1", GENESIS_HASH, "first"))
+    with pytest.raises(DBAPIError) as caught, pg.connect() as raw:
+        conn = raw.execution_options(isolation_level=isolation)
+        with conn.begin():
+            head = conn.execute(
+                text("SELECT hash FROM saga_audit_logs WHERE saga_id = 'iso-1'")
+            ).scalar_one()
+            _append(conn, _rows("iso-1", str(head), "second"))
+    assert getattr(caught.value.orig, "sqlstate", None) == CHAIN_SQLSTATE
+    assert "READ COMMITTED" in str(caught.value.orig)
+    assert len(SagaStore(pg, REDACTOR).audit_trail("iso-1")) == 1
