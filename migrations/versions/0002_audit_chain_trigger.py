@@ -39,6 +39,12 @@ CREATE FUNCTION saga_audit_logs_check_chain() RETURNS trigger AS $$
 DECLARE
     head text;
 BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        -- Its snapshot predates the lock below: a row committed meanwhile would be missed.
+        RAISE EXCEPTION 'saga_audit_logs chain: audit rows are appended in READ COMMITTED '
+            'transactions only, not %', upper(current_setting('transaction_isolation'))
+            USING ERRCODE = '23SW1';
+    END IF;
     PERFORM pg_advisory_xact_lock({LOCK_SPACE}, hashtext(NEW.saga_id));
     -- A new statement, so a new snapshot: it sees what the previous holder committed, and the
     -- rows this statement inserted before this one.

@@ -66,6 +66,13 @@ def upgrade() -> None:
             DECLARE
                 head text;
             BEGIN
+                IF current_setting('transaction_isolation') <> 'read committed' THEN
+                    -- Its snapshot predates the lock below: it would miss a row committed
+                    -- meanwhile.
+                    RAISE EXCEPTION 'saga_audit_anchors chain: anchors are appended in '
+                        'READ COMMITTED transactions only, not %',
+                        upper(current_setting('transaction_isolation')) USING ERRCODE = '23SW1';
+                END IF;
                 PERFORM pg_advisory_xact_lock({LOCK_KEY});
                 SELECT a.hash INTO head FROM saga_audit_anchors a ORDER BY a.id DESC LIMIT 1;
                 IF NEW.prev_hash IS DISTINCT FROM coalesce(head, '{GENESIS}') THEN
