@@ -183,6 +183,8 @@ class SagaWorker:
             "SAGA_BROKER_URL": self.ctx.redis_url,
             "SAGA_QUEUE": self.queue,
             "SAGA_IMPORTS": "bench.sagas",
+            # Required with PostgreSQL (a checkout from before 0.2 ignores it).
+            "SAGA_SIGNING_KEY": "saga-worker-benchmark-signing-key-0001",
             "SAGA_HOME": str(self.ctx.work_dir / "saga-home"),
             "SAGA_METRICS_PORT": str(self.metrics_port),
             "BENCH_TIMING_DIR": str(self.timing_dir),

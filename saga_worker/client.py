@@ -34,6 +34,7 @@ from .errors import (
 from .requests import check_time_range, parse_abort, parse_retry, valid_saga_id
 from .store.connect import create_db_engine
 from .store.failures import database_errors, first_line, masked_url
+from .store.keyring import signing_key_for
 from .store.queries import SagaQuery
 from .store.repository import SagaStore
 from .views import OperatorResult, SagaPage, SagaStatus, SagaSummary
@@ -89,7 +90,7 @@ class SagaClient:
             from .worker.dispatch import CeleryDispatcher
 
             with self._database():
-                key = self.settings.signing_key or self.store.signing_key()
+                key = signing_key_for(self.settings, self.store)
             self._dispatcher = CeleryDispatcher(self.app, self.settings, key)
         return self._dispatcher
 

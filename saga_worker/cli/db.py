@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import click
@@ -18,7 +19,7 @@ def register(main: click.Group) -> None:
 
 @click.group()
 def db() -> None:
-    """Database schema commands: upgrade, current, history, grant."""
+    """Database schema commands: upgrade, current, history, grant, move-key."""
 
 
 @contextmanager
@@ -242,3 +243,33 @@ def db_grant(
         click.echo(f"warning: {role} can still use {line}", err=True)
     if report.excess:
         raise click.exceptions.Exit(EXIT_PROBLEMS)
+
+
+@db.command("move-key")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@JSON_OPTION
+def db_move_key(path: Path, json_mode: bool) -> None:
+    """Move the signing key an earlier saga_worker kept in the database into PATH.
+
+    saga_worker 0.2 and earlier generated the key into saga_settings, where the run-time
+    role can read it. This writes it to PATH (mode 600; an existing file is refused), keeps
+    only its fingerprint in the database and deletes the key. Run it once as the tables'
+    owner, then give every worker, beat and CLI SAGA_SIGNING_KEY_FILE=PATH.
+    """
+    from ..audit.redaction import Redactor
+    from ..store.keyring import move_stored_key
+    from ..store.repository import SagaStore
+
+    _json_errors(json_mode)
+    engine, safe_url = _engine()
+    with _database(safe_url):
+        fingerprint = move_stored_key(SagaStore(engine, Redactor(())), path)
+    engine.dispose()
+    out = Output(json_mode)
+    if json_mode:
+        out.json({"path": str(path), "fingerprint": fingerprint})
+    else:
+        click.echo(
+            f"moved the signing key to {path} (fingerprint {fingerprint[:12]}...); "
+            f"set SAGA_SIGNING_KEY_FILE={path} for every worker, beat and CLI"
+        )

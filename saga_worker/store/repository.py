@@ -7,14 +7,13 @@ rejections alike.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Engine, insert, select
+from sqlalchemy import Connection, Engine, delete, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from ..audit.chain import GENESIS_HASH, build_rows
@@ -223,19 +222,27 @@ class SagaStore(OperatorQueries):
             ).mappings()
             return [dict(r) for r in rows]
 
-    def signing_key(self) -> str:
-        """The HMAC key shared by every worker of this database, created on first use."""
-        query = select(settings_table.c.value).where(settings_table.c.key == "signing_key")
+    def setting(self, name: str) -> str | None:
+        """A value of saga_settings, or None."""
         with self.engine.connect() as conn:
-            key = conn.execute(query).scalar()
-        if key is not None:
-            return str(key)
+            value = conn.execute(
+                select(settings_table.c.value).where(settings_table.c.key == name)
+            ).scalar()
+        return None if value is None else str(value)
+
+    def add_setting(self, name: str, value: str) -> str:
+        """Store `value` under `name` unless one is there already; returns what is stored."""
         try:
             with self.engine.begin() as conn:
-                conn.execute(
-                    insert(settings_table).values(key="signing_key", value=secrets.token_hex(32))
-                )
+                conn.execute(insert(settings_table).values(key=name, value=value))
         except IntegrityError:
-            pass  # another process created it first; read theirs
-        with self.engine.connect() as conn:
-            return str(conn.execute(query).scalar_one())
+            pass  # another process stored one first; theirs stands
+        stored = self.setting(name)
+        assert stored is not None
+        return stored
+
+    def remove_setting(self, name: str) -> bool:
+        """Delete a saga_settings row (the table owner's privilege); False if there was none."""
+        with self.engine.begin() as conn:
+            result = conn.execute(delete(settings_table).where(settings_table.c.key == name))
+        return bool(result.rowcount)

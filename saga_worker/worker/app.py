@@ -11,7 +11,13 @@ from typing import Any
 from celery import Celery
 from celery.app.defaults import _TO_NEW_KEY as OLD_SETTING_NAMES
 from celery.app.defaults import DEFAULTS as CELERY_SETTINGS
-from celery.signals import after_setup_logger, after_setup_task_logger, worker_process_init
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    beat_init,
+    worker_init,
+    worker_process_init,
+)
 
 from .. import registry
 from ..audit.redaction import Redactor, install_log_redaction
@@ -29,6 +35,8 @@ from .steps import register_step_tasks
 from .tasks import register_core_tasks
 
 log = logging.getLogger(__name__)
+#: Exit code of a configuration error, as the CLI gives it.
+EXIT_CONFIG = 6
 
 
 def broker_options(settings: Settings) -> dict[str, Any]:
@@ -224,6 +232,21 @@ def create_app(settings: Settings | None = None) -> Celery:
         rt = runtimes.get()
         result = sweep(rt.store, rt.engine, utcnow())
         return {"examined": result.examined, "recovered": result.recovered, "failed": result.failed}
+
+    def _check_signing_key(sender: Any = None, **_: Any) -> None:
+        # In the main process, before any task: a worker or beat with a missing or wrong
+        # key would sign messages every other process refuses. SystemExit passes through
+        # Celery's signal dispatch (it catches Exception only) and ends the start-up.
+        if getattr(sender, "app", None) is not app:
+            return
+        try:
+            runtimes.check_signing_key()
+        except ConfigurationError as exc:
+            log.critical("%s", exc)
+            raise SystemExit(EXIT_CONFIG) from None
+
+    worker_init.connect(_check_signing_key, weak=False)
+    beat_init.connect(_check_signing_key, weak=False)
 
     registry.on_register(lambda definition: register_step_tasks(app, runtimes, definition))
     for module in settings.imports:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from dataclasses import dataclass, field
@@ -11,8 +12,11 @@ from ..audit.redaction import Redactor
 from ..config import Settings
 from ..engine import EngineHooks, SagaEngine
 from ..store.connect import create_db_engine
+from ..store.keyring import signing_key_for
 from ..store.repository import SagaStore
 from .dispatch import CeleryDispatcher
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,7 +54,30 @@ class RuntimeFactory:
     def _build(self) -> Runtime:
         settings = self.settings
         store = SagaStore(create_db_engine(settings.database_url), Redactor(settings.redact_keys))
-        key = settings.signing_key or store.signing_key()
+        key = signing_key_for(settings, store)
         dispatcher = CeleryDispatcher(self.app, settings, key)
         engine = SagaEngine(store, dispatcher, settings.limits(), hooks=self.hooks)
         return Runtime(settings, store, engine, dispatcher, key)
+
+    def check_signing_key(self) -> None:
+        """Refuse to run with a missing key, or one the database was not set up with.
+
+        ConfigurationError when the key is wrong or missing; a database that cannot be
+        reached now is left to the first task (which checks again).
+        """
+        from sqlalchemy.exc import DBAPIError
+
+        store = SagaStore(
+            create_db_engine(self.settings.database_url, pool=False),
+            Redactor(self.settings.redact_keys),
+        )
+        try:
+            signing_key_for(self.settings, store)
+        except DBAPIError as exc:
+            log.warning(
+                "cannot check the signing key against the database now (%s); the first task "
+                "checks it again",
+                type(exc.orig).__name__,
+            )
+        finally:
+            store.engine.dispose()

@@ -33,6 +33,9 @@ from tests.requirements import unavailable
 from tests.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
+#: The signing key of every worker, beat and CLI the integration tests start (required with
+#: PostgreSQL); subprocesses inherit it from this process's environment.
+SIGNING_KEY = os.environ.setdefault("SAGA_SIGNING_KEY", "saga-worker-integration-tests-key-0001")
 WORKER_IMPORTS = "saga_worker.examples,tests.fixtures.sagas"
 
 

@@ -17,7 +17,7 @@ from saga_worker.tokens import attempt_token
 from saga_worker.worker import snapshot
 from tests.waiting import read_logs, wait_for, wait_for_log, wait_for_tasks
 
-from .conftest import Stack
+from .conftest import SIGNING_KEY, Stack
 
 pytestmark = pytest.mark.integration
 
@@ -232,7 +232,7 @@ def test_replayed_step_message_changes_nothing(stack: Stack) -> None:
     saga_id = stack.start("backtest_workflow", {"strategy_id": 21})
     saga = stack.wait(saga_id)
     before = stack.store.audit_trail(saga_id)
-    key = stack.store.signing_key()
+    key = SIGNING_KEY
     messages: list[tuple[str, dict[str, Any]]] = []
     for index, name in enumerate(("create_backtest", "run_strategy", "save_results")):
         attempt = {
@@ -343,7 +343,7 @@ def test_two_hundred_concurrent_sagas_settle_consistently(stack: Stack) -> None:
 def _send_first_step(stack: Stack, saga_id: str, context: dict[str, Any], **extra: Any) -> str:
     """A validly signed message for attempt 1 of create_backtest, plus `extra` kwargs; returns
     its task id."""
-    key = stack.store.signing_key()
+    key = SIGNING_KEY
     return stack.send(
         "saga.backtest_workflow.create_backtest",
         {
@@ -367,7 +367,7 @@ def test_carried_checkpoint_is_trusted_only_when_genuine_and_fresh(stack: Stack)
     assert final.state.value == "COMPLETED"
     trail = stack.store.audit_trail(saga_id)
     row = stack.example_row(saga_id)
-    key = stack.store.signing_key()
+    key = SIGNING_KEY
     # The checkpoint as it was when step 0 was sent: version 1, step 0 pending.
     as_started = replace(
         final,

@@ -16,7 +16,7 @@ from kombu.entity import Queue
 from saga_worker.tokens import attempt_token
 from tests.waiting import as_logged, wait_for, wait_for_tasks
 
-from .conftest import Stack
+from .conftest import SIGNING_KEY, Stack
 
 pytestmark = [
     pytest.mark.integration,
@@ -230,7 +230,7 @@ def test_forged_advance_changes_nothing_and_is_audited(stack: Stack) -> None:
     other = stack.start(SAGA_TYPE, {"strategy_id": 4})
     stack.wait(other)
     stack.wait_for_step(victim, 1)
-    key = stack.store.signing_key()
+    key = SIGNING_KEY
     base = {
         "saga_id": victim,
         "direction": "forward",
@@ -390,7 +390,7 @@ def _parked_remote_sagas(stack: Stack, count: int) -> list[str]:
 
 
 def _advance(stack: Stack, saga_id: str, **fields: Any) -> None:
-    key = stack.store.signing_key()
+    key = SIGNING_KEY
     body = {
         "saga_id": saga_id,
         "step_index": 1,

@@ -35,7 +35,7 @@ from saga_worker.recovery import SweepResult, sweep
 from saga_worker.worker.dispatch import CeleryDispatcher
 from tests.waiting import wait_for, wait_for_tasks
 
-from .conftest import fresh_postgres_database
+from .conftest import SIGNING_KEY, fresh_postgres_database
 from .processes import Rig, count_lines, kill_group, lines_with, restartable_servers, unique
 
 pytestmark = pytest.mark.integration
@@ -296,7 +296,7 @@ def test_messages_lost_by_the_broker_are_recovered(rig: Rig, broker: redis.Redis
     producer = Celery("rec-dispatch", broker=rig.env["SAGA_BROKER_URL"], set_as_current=False)
     producer.conf.update(task_serializer="json", accept_content=["json"])
     settings = Settings.from_env(rig.env)
-    dispatcher = CeleryDispatcher(producer, settings, rig.store.signing_key())
+    dispatcher = CeleryDispatcher(producer, settings, SIGNING_KEY)
     try:
         saga_ids = start_in_process(engine_for(rig, dispatcher), "rec_quick", 40)
     finally:
