@@ -28,14 +28,16 @@ def _count(registry: CollectorRegistry, reason: str) -> float:
     return value or 0.0
 
 
-PERMANENT = [
+PERMANENT: list[DataError | IntegrityError] = [
     DataError("INSERT ...", {}, psycopg.DataError("PostgreSQL text fields cannot contain NUL")),
     IntegrityError("INSERT ...", {}, psycopg.IntegrityError("duplicate key value\nDETAIL: x")),
 ]
 
 
 @pytest.mark.parametrize("error", PERMANENT, ids=["DataError", "IntegrityError"])
-def test_a_permanent_database_error_is_settled_once_and_counted(error: Exception) -> None:
+def test_a_permanent_database_error_is_settled_once_and_counted(
+    error: DataError | IntegrityError,
+) -> None:
     runtimes, registry = _runtimes()
     runs: list[int] = []
 
