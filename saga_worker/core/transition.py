@@ -18,7 +18,6 @@ from .events import (
     AttemptDue,
     AttemptStalled,
     Event,
-    ResultRejected,
     RetryRequested,
     StartRequested,
     StepFailed,
@@ -26,7 +25,6 @@ from .events import (
 )
 from .model import Attempt, Direction, Saga, SagaState
 from .operator import operator_retry
-from .rejection import rejected_result
 from .retry import backoff_seconds
 
 
@@ -64,8 +62,6 @@ def transition(
     limits: Limits = DEFAULT_LIMITS,
 ) -> Decision:
     """Apply one event to a saga and say what to persist and what to send next."""
-    if isinstance(event, ResultRejected):
-        return Decision(saga, (rejected_result(definition, saga, event),))
     pending = saga.pending
     if pending is not None and not 0 <= pending.step_index < len(definition.steps):
         return Decision(

@@ -45,7 +45,6 @@ _EVENT_TYPES: dict[str, type[Any]] = {
         core_events.AttemptStalled,
         core_events.AttemptDue,
         core_events.RetryRequested,
-        core_events.ResultRejected,
     )
 }
 
