@@ -90,11 +90,4 @@ class RetryRequested:
     force: bool = False
 
 
-Event = (
-    StepSucceeded
-    | StepFailed
-    | AbortRequested
-    | AttemptStalled
-    | AttemptDue
-    | RetryRequested
-)
+Event = StepSucceeded | StepFailed | AbortRequested | AttemptStalled | AttemptDue | RetryRequested

@@ -157,6 +157,7 @@ def test_stalled_is_ordered_by_deadline_then_saga_id_and_pages() -> None:
     rest = store.stalled(later, 2, after=(page[-1][2], page[-1][0]))
     assert [row[0] for row in rest] == ["b", "c"]
     assert rest[0][1] == {
+        "attempt_seq": 1,  # the saga's highest attempt number, kept beside its pending attempt
         "step_index": 0,
         "direction": "forward",
         "number": 1,
