@@ -64,6 +64,23 @@ class InvalidRequest(SagaError):
         super().__init__(f"{field}: {rule}")
 
 
+class UnstorableRequest(SagaError):
+    """The database refused a value of a message for good (a DataError or IntegrityError).
+
+    Validation should have refused it first; this names what the database said, so that
+    the message is refused once instead of being retried for ever.
+    """
+
+    code = "unstorable"
+
+    def __init__(self, detail: str) -> None:
+        self.field = None
+        super().__init__(
+            f"the database refused a value of this message ({detail}); it is not retried: "
+            "send text without control characters, within the documented lengths"
+        )
+
+
 class SagaNotFound(SagaError):
     """No checkpoint exists for this saga_id."""
 

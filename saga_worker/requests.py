@@ -24,10 +24,25 @@ MAX_REASON = 2000
 # JSON can escape a lone UTF-16 surrogate ("\ud800"), which Python decodes into a str that
 # neither UTF-8 nor the database can hold: refused where it arrives, naming the field.
 NOT_UTF8 = "is not valid Unicode text: it cannot be encoded as UTF-8 (a lone surrogate?)"
+#: The width of the ip_address columns (IPv6 with an IPv4 tail is 45 characters).
+MAX_IP = 45
+# C0 controls and DEL: PostgreSQL refuses NUL in text, and the others garble the terminals
+# and log viewers that show an audit row. Prose (a reason, a context string) may keep tabs
+# and line breaks; names and ids (saga_type, user_id, context keys) may not.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_BUT_WHITESPACE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+NO_CONTROLS = "must not contain control characters"
+NO_CONTROLS_BUT_WHITESPACE = "must not contain control characters but tab and line breaks"
 
 
 def valid_saga_id(value: object) -> bool:
     return isinstance(value, str) and SAGA_ID_RE.fullmatch(value) is not None
+
+
+def has_controls(text: str, *, allow_whitespace: bool = False) -> bool:
+    """Whether `text` holds a control character (tab, CR and LF allowed with the flag)."""
+    pattern = _CONTROL_BUT_WHITESPACE if allow_whitespace else _CONTROL
+    return pattern.search(text) is not None
 
 
 def encodable(text: str) -> bool:
@@ -72,6 +87,8 @@ def parse_start(
     saga_type = kwargs.get("saga_type")
     if not isinstance(saga_type, str) or not saga_type:
         raise InvalidRequest("saga_type", "is required and must be a non-empty string")
+    if has_controls(saga_type):
+        raise InvalidRequest("saga_type", NO_CONTROLS)
     if not encodable(saga_type):
         raise InvalidRequest("saga_type", NOT_UTF8)
     if "context" not in kwargs:
@@ -116,8 +133,8 @@ def _reason(value: object) -> str:
     # PostgreSQL cannot store) are not.
     if not isinstance(value, str) or len(value) > MAX_REASON:
         raise InvalidRequest("reason", f"must be a string of at most {MAX_REASON} characters")
-    if any(ord(ch) < 32 and ch not in "\t\n\r" for ch in value):
-        raise InvalidRequest("reason", "must not contain control characters but tab and newline")
+    if has_controls(value, allow_whitespace=True):
+        raise InvalidRequest("reason", NO_CONTROLS_BUT_WHITESPACE)
     if not encodable(value):
         raise InvalidRequest("reason", NOT_UTF8)
     return value
@@ -146,6 +163,8 @@ def _check_json(value: object, field: str, depth: int, max_depth: int) -> None:
         for key, item in value.items():
             if not isinstance(key, str):
                 raise InvalidRequest(field, "object keys must be strings")
+            if has_controls(key):
+                raise InvalidRequest(field, f"object keys {NO_CONTROLS} (key {key[:40]!r})")
             if not encodable(key):
                 raise InvalidRequest(field, f"has an object key that {NOT_UTF8}")
             _check_json(item, field, depth + 1, max_depth)
@@ -153,6 +172,8 @@ def _check_json(value: object, field: str, depth: int, max_depth: int) -> None:
         for item in value:
             _check_json(item, field, depth + 1, max_depth)
     elif isinstance(value, str):
+        if has_controls(value, allow_whitespace=True):
+            raise InvalidRequest(field, f"strings {NO_CONTROLS_BUT_WHITESPACE}")
         if not encodable(value):
             raise InvalidRequest(field, f"has a string that {NOT_UTF8}")
     elif isinstance(value, float):
@@ -181,8 +202,8 @@ def _optional_text(kwargs: Mapping[str, Any], field: str) -> str | None:
         return None
     if not isinstance(value, str) or not 1 <= len(value) <= MAX_TEXT:
         raise InvalidRequest(field, f"must be a string of 1-{MAX_TEXT} characters")
-    if any(ord(ch) < 32 for ch in value):
-        raise InvalidRequest(field, "must not contain control characters")
+    if has_controls(value):
+        raise InvalidRequest(field, NO_CONTROLS)
     if not encodable(value):
         raise InvalidRequest(field, NOT_UTF8)
     return value
@@ -194,6 +215,11 @@ def _optional_ip(kwargs: Mapping[str, Any]) -> str | None:
         return None
     if not isinstance(value, str):
         raise InvalidRequest("ip_address", "must be an IPv4 or IPv6 address string")
+    # ipaddress accepts any text as an IPv6 scope id ("fe80::1%..."): the column does not.
+    if len(value) > MAX_IP or has_controls(value):
+        raise InvalidRequest(
+            "ip_address", f"must be at most {MAX_IP} characters without control characters"
+        )
     try:
         # validated, then kept as sent: the audit records what the producer said
         ipaddress.ip_address(value)

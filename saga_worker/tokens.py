@@ -18,7 +18,9 @@ def attempt_token(key: str, saga_id: str, step_index: int, direction: str, attem
 def token_valid(
     key: str, token: object, saga_id: str, step_index: int, direction: str, attempt: int
 ) -> bool:
-    if not isinstance(token, str):
+    """Whether `token` (from a message: any value) is this attempt's; never raises."""
+    # compare_digest raises TypeError on a str with non-ASCII characters; a token is hex.
+    if not isinstance(token, str) or not token.isascii():
         return False
     expected = attempt_token(key, saga_id, step_index, direction, attempt)
     return hmac.compare_digest(expected, token)

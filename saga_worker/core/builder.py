@@ -77,6 +77,7 @@ class Builder:
         timeout = self.definition.timeout(
             step_index, direction, self.limits.default_step_timeout_seconds
         )
+        self.update(attempt_seq=max(self.saga.attempt_seq, number))
         if (not_before - self.now).total_seconds() > self.limits.max_broker_delay_seconds:
             held = Attempt(
                 step_index, direction, number, not_before, not_before, recoveries, True, first

@@ -94,26 +94,4 @@ class RetryRequested:
     force: bool = False
 
 
-@dataclass(frozen=True)
-class ResultRejected:
-    """A result or step message was refused (bad token, not the pending attempt).
-
-    Changes nothing but the audit trail, where forged or replayed progress is recorded.
-    """
-
-    task: str
-    reason: str
-    step_index: int | None = None
-    direction: Direction | None = None
-    attempt: int | None = None
-
-
-Event = (
-    StepSucceeded
-    | StepFailed
-    | AbortRequested
-    | AttemptStalled
-    | AttemptDue
-    | RetryRequested
-    | ResultRejected
-)
+Event = StepSucceeded | StepFailed | AbortRequested | AttemptStalled | AttemptDue | RetryRequested

@@ -8,6 +8,10 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+#: The highest attempt number a step or result message may carry (worker/messages.py): the
+#: limit of retry policies and of the fresh numbers an operator retry draws.
+MAX_ATTEMPT = 9999
+
 
 class SagaState(StrEnum):
     """Lifecycle state of a saga (docs/contract.md, States)."""
@@ -104,6 +108,10 @@ class Saga:
     ip_address: str | None = None
     abort_requested: bool = False
     version: int = 0
+    #: The highest attempt number this saga has issued, for any step and direction. A run of
+    #: something that ran before (an operator's retry of failed compensations) numbers its
+    #: attempts above it, so no (step, direction, number), and no token, is issued twice.
+    attempt_seq: int = 0
 
     def awaits(self, step_index: int, direction: Direction, attempt: int) -> bool:
         """True when (step_index, direction, attempt) is the attempt this saga waits for.

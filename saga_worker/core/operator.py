@@ -9,7 +9,7 @@ from .builder import Builder, resend
 from .decision import Decision, Limits
 from .definition import SagaDefinition
 from .events import RetryRequested
-from .model import Attempt, Direction, Saga, SagaState
+from .model import MAX_ATTEMPT, Attempt, Direction, Saga, SagaState
 
 
 def operator_retry(
@@ -18,7 +18,8 @@ def operator_retry(
     """An operator's retry, audited with who asked.
 
     FAILED -> COMPENSATING: re-run each failed compensation, highest step first, with fresh
-    attempt numbers (above any used before, so an old result cannot pass for a new one).
+    attempt numbers (above `Saga.attempt_seq`, the highest issued so far, so that an old
+    message or result cannot pass for a new one). Refused when they would pass MAX_ATTEMPT.
     A live saga: send its pending attempt now, like a recovery.
     """
     b = Builder(definition, saga, now, limits)
@@ -39,11 +40,25 @@ def operator_retry(
                     "definition the saga started with"
                 ),
             )
+        # Each re-run takes at most its policy's attempts, numbered from attempt_seq + 1 on.
+        needed = sum(
+            definition.steps[definition.step_names.index(name)]
+            .policy(Direction.COMPENSATE)
+            .max_attempts
+            for name in retried
+        )
+        if saga.attempt_seq + needed > MAX_ATTEMPT:
+            return Decision(
+                saga,
+                ignored=(
+                    f"re-running {', '.join(retried)} needs {needed} attempt numbers above "
+                    f"{saga.attempt_seq}, past {MAX_ATTEMPT}, the highest a step message "
+                    "carries: run these compensations by hand"
+                ),
+            )
         b.update(state=SagaState.COMPENSATING, failed_compensations=())
         top = max(definition.step_names.index(name) for name in retried)
-        # Every attempt number so far was created at an earlier transition, so none
-        # exceeds the loaded version: version + 1 is fresh.
-        first = saga.version + 1
+        first = saga.attempt_seq + 1
         b.run(
             top,
             Direction.COMPENSATE,

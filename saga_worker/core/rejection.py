@@ -1,4 +1,8 @@
-"""Refused progress and refused starts, as audit events: nothing else changes."""
+"""Refused starts, as audit events: nothing else changes.
+
+A refused result or step message (an invalid token, an attempt no longer pending) has no
+event here: it writes nothing (docs/security.md), the worker logs and counts it.
+"""
 
 from __future__ import annotations
 
@@ -6,29 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .decision import AuditEvent
-from .definition import SagaDefinition
-from .events import ResultRejected
-from .model import Saga, SagaState
-
-
-def rejected_result(definition: SagaDefinition, saga: Saga, event: ResultRejected) -> AuditEvent:
-    """The `saga_rejected` row of a refused result or step message; the saga stays as it was."""
-    index = event.step_index
-    valid_index = index is not None and 0 <= index < len(definition.steps)
-    return AuditEvent(
-        event_type="saga_rejected",
-        state_before=saga.state,
-        state_after=saga.state,
-        step_name=definition.steps[index].name if valid_index and index is not None else None,
-        step_index=index if valid_index else None,
-        event_data={
-            "task": event.task,
-            "step_index": index,
-            "direction": event.direction.value if event.direction else None,
-            "attempt": event.attempt,
-        },
-        error_message=event.reason,
-    )
+from .model import SagaState
 
 
 def rejected_start(

@@ -6,6 +6,8 @@ import math
 import random
 from dataclasses import dataclass
 
+from .model import MAX_ATTEMPT
+
 
 @dataclass(frozen=True)
 class RetryPolicy:
@@ -31,6 +33,11 @@ class RetryPolicy:
             or self.max_attempts < 1
         ):
             found.append(f"max_attempts must be an integer >= 1, got {self.max_attempts!r}")
+        elif self.max_attempts > MAX_ATTEMPT:
+            found.append(
+                f"max_attempts must be at most {MAX_ATTEMPT} (the highest attempt number a "
+                f"step message carries), got {self.max_attempts}"
+            )
         numbers = {
             "initial_delay_seconds": self.initial_delay_seconds,
             "backoff_factor": self.backoff_factor,

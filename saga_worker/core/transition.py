@@ -18,7 +18,6 @@ from .events import (
     AttemptDue,
     AttemptStalled,
     Event,
-    ResultRejected,
     RetryRequested,
     StartRequested,
     StepFailed,
@@ -26,7 +25,6 @@ from .events import (
 )
 from .model import Attempt, Direction, Saga, SagaState
 from .operator import operator_retry
-from .rejection import rejected_result
 from .retry import backoff_seconds
 
 
@@ -64,8 +62,6 @@ def transition(
     limits: Limits = DEFAULT_LIMITS,
 ) -> Decision:
     """Apply one event to a saga and say what to persist and what to send next."""
-    if isinstance(event, ResultRejected):
-        return Decision(saga, (rejected_result(definition, saga, event),))
     pending = saga.pending
     if pending is not None and not 0 <= pending.step_index < len(definition.steps):
         return Decision(
@@ -174,7 +170,7 @@ def _succeeded(b: Builder, event: StepSucceeded) -> Decision:
         duration_ms=event.duration_ms,
         retry_count=retries_taken,
     )
-    _rollback_from(b, index - 1)
+    _rollback_from(b, index - 1, rerun=_is_rerun(saga.pending))
     return b.decision()
 
 
@@ -241,12 +237,23 @@ def _failed(b: Builder, event: StepFailed) -> Decision:
         retry_count=ordinal - 1,
     )
     # A failed compensation is recorded and the rollback goes on with the rest.
-    _rollback_from(b, index - 1)
+    _rollback_from(b, index - 1, rerun=_is_rerun(saga.pending))
     return b.decision()
 
 
-def _rollback_from(b: Builder, index: int) -> None:
-    """Compensate completed steps from `index` down to 0, or finish when none is left."""
+def _is_rerun(attempt: Attempt) -> bool:
+    """Whether `attempt` belongs to a run of something that ran before (an operator's
+    retry): only such runs number their attempts above 1."""
+    return attempt.first > 1
+
+
+def _rollback_from(b: Builder, index: int, *, rerun: bool = False) -> None:
+    """Compensate completed steps from `index` down to 0, or finish when none is left.
+
+    In a `rerun` (an operator's retry of failed compensations, which re-runs only
+    compensations that ran before) each one gets fresh attempt numbers: attempt 1 of it
+    was issued already, and its token would be valid again.
+    """
     if b.saga.state is SagaState.RUNNING:
         b.update(state=SagaState.COMPENSATING)
     completed = set(b.saga.completed_steps)
@@ -254,7 +261,8 @@ def _rollback_from(b: Builder, index: int) -> None:
     for candidate in range(index, -1, -1):
         step = b.definition.steps[candidate]
         if step.name in completed and step.name not in done and step.compensate is not None:
-            b.run(candidate, Direction.COMPENSATE, 1, b.now)
+            number = b.saga.attempt_seq + 1 if rerun else 1
+            b.run(candidate, Direction.COMPENSATE, number, b.now, first=number)
             return
     _fail_lost_compensations(b, done)
     last = max(index, 0)

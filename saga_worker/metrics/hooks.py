@@ -37,11 +37,22 @@ DESIGN_METRICS = frozenset(
         "saga_audit_log_written_total",
         "saga_audit_log_write_duration_seconds",
         "saga_recovered_total",
+        "saga_rejected_total",
     }
 )
 #: Gauges added to those for the alerts on sagas waiting for an operator or stalled.
 EXTRA_METRICS = frozenset({"saga_failed_current", "saga_stalled_current"})
 METRIC_NAMES = DESIGN_METRICS | EXTRA_METRICS
+
+#: reason label of saga_rejected_total: why a message was refused. A fixed set, so that
+#: whatever a broker writer sends cannot create label values.
+REJECTION_REASONS = (
+    "invalid_start",  # a saga.start broke a rule of the contract (recorded as saga_rejected)
+    "invalid_message",  # a step, advance or abort message of the wrong shape
+    "invalid_token",  # a step or result message whose token is not its attempt's
+    "not_pending",  # a valid token for an attempt the saga no longer waits for (a replay)
+    "unstorable",  # the database refused a value for good (DataError, IntegrityError)
+)
 
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 SAGA_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 14400)
@@ -156,9 +167,16 @@ class SagaMetrics:
         self.recovered = counter(
             "saga_recovered_total", "Stalled attempts re-sent by the recovery sweep.", t
         )
+        self.rejected = counter(
+            "saga_rejected_total",
+            "Messages refused without changing a saga, by reason (REJECTION_REASONS).",
+            ("reason",),
+        )
 
     def preinitialize(self, definitions: Iterable[SagaDefinition]) -> None:
         """Expose zeros for every known saga type and step, so a first event shows in rate()."""
+        for reason in REJECTION_REASONS:
+            self.rejected.labels(reason)
         for definition in definitions:
             saga_type = definition.saga_type
             for metric in (
@@ -236,3 +254,10 @@ class MetricsHook:
     def on_transition(self, record: TransitionRecord) -> None:
         if self.metrics is not None:
             self.metrics.observe(record)
+
+    def on_rejected(self, reason: str) -> None:
+        """Count a refused message; `reason` is one of REJECTION_REASONS."""
+        if reason not in REJECTION_REASONS:
+            raise ValueError(f"unknown rejection reason {reason!r}: use one of REJECTION_REASONS")
+        if self.metrics is not None:
+            self.metrics.rejected.labels(reason).inc()

@@ -1,4 +1,10 @@
-"""Row <-> `Saga` conversion for the checkpoint table."""
+"""Row <-> `Saga` conversion for the checkpoint table.
+
+The `pending` JSON column holds the pending attempt and the saga's `attempt_seq` (the
+highest attempt number it has issued), which outlives the attempt: a FAILED saga has none
+pending, and an operator's retry numbers its attempts above it. Kept there, it needs no
+migration; a checkpoint written before it existed falls back to a bound that is safe.
+"""
 
 from __future__ import annotations
 
@@ -25,8 +31,8 @@ def pending_to_json(attempt: Attempt | None) -> dict[str, Any] | None:
 
 
 def pending_from_json(data: Mapping[str, Any] | None) -> Attempt | None:
-    if not data:
-        return None
+    if not data or "step_index" not in data:
+        return None  # no attempt pending (the column may hold attempt_seq alone)
     return Attempt(
         step_index=int(data["step_index"]),
         direction=Direction(data["direction"]),
@@ -56,7 +62,7 @@ def saga_to_row(saga: Saga) -> dict[str, Any]:
         "retries": saga.retries,
         "user_id": saga.user_id,
         "ip_address": saga.ip_address,
-        "pending": pending_to_json(saga.pending),
+        "pending": _pending_column(saga),
         "deadline": saga.pending.deadline if saga.pending else None,
         "failed_compensations": list(saga.failed_compensations),
         "abort_requested": saga.abort_requested,
@@ -83,4 +89,21 @@ def saga_from_row(row: Mapping[Any, Any]) -> Saga:
         ip_address=row["ip_address"],
         abort_requested=bool(row["abort_requested"]),
         version=row["version"],
+        attempt_seq=_attempt_seq(row),
     )
+
+
+def _pending_column(saga: Saga) -> dict[str, Any] | None:
+    attempt = pending_to_json(saga.pending)
+    if attempt is None and saga.attempt_seq == 0:
+        return None
+    return {**(attempt or {}), "attempt_seq": saga.attempt_seq}
+
+
+def _attempt_seq(row: Mapping[Any, Any]) -> int:
+    data = row["pending"] or {}
+    if "attempt_seq" in data:
+        return int(data["attempt_seq"])
+    # Written before attempt_seq existed, when an operator's retry numbered its attempts
+    # version + 1: no number issued so far exceeds the version (or the pending attempt's).
+    return max(int(row["version"]), int(data.get("number", 0)))

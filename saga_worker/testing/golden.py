@@ -7,7 +7,7 @@ any difference, so a change of behaviour shows up as a reviewed diff of the file
 SAGA_UPDATE_GOLDEN=1 it rewrites the expectations instead (then read the diff).
 
 The replay stands in for the store in one respect: a committed transition gets version + 1,
-as the checkpoint does (an operator retry numbers its attempts from the version).
+as the checkpoint does.
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ _EVENT_TYPES: dict[str, type[Any]] = {
         core_events.AttemptStalled,
         core_events.AttemptDue,
         core_events.RetryRequested,
-        core_events.ResultRejected,
     )
 }
 

@@ -223,7 +223,9 @@ def create_app(settings: Settings | None = None) -> Celery:
     _redact_logs(settings)
     runtimes = RuntimeFactory(app, settings)
     # Metrics subscribe to engine hooks; Celery signals set up their endpoint (SAGA_METRICS_PORT).
-    runtimes.hooks.append(install_metrics(app, settings))
+    metrics_hook = install_metrics(app, settings)
+    runtimes.hooks.append(metrics_hook)
+    runtimes.rejection_hooks.append(metrics_hook.on_rejected)
     app.saga_runtimes = runtimes
     register_core_tasks(app, runtimes)
 

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..attempt import describe
-from ..core.model import Direction
+from ..core.model import MAX_ATTEMPT, Direction
 from ..errors import InvalidRequest
 from ..requests import valid_saga_id
 
@@ -44,8 +44,8 @@ def parse_attempt_ref(kwargs: Mapping[str, Any], *, extra: frozenset[str]) -> At
         or not 0 <= step_index < 1000
     ):
         raise InvalidRequest("step_index", "must be an integer from 0 to 999")
-    if isinstance(attempt, bool) or not isinstance(attempt, int) or not 1 <= attempt < 10_000:
-        raise InvalidRequest("attempt", "must be an integer from 1 to 9999")
+    if isinstance(attempt, bool) or not isinstance(attempt, int) or not 1 <= attempt <= MAX_ATTEMPT:
+        raise InvalidRequest("attempt", f"must be an integer from 1 to {MAX_ATTEMPT}")
     try:
         direction = Direction(str(kwargs.get("direction")))
     except ValueError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,8 @@ class RuntimeFactory:
     app: Any
     settings: Settings
     hooks: list[EngineHooks] = field(default_factory=list)
+    #: Called with the reason of each refused message (metrics: saga_rejected_total).
+    rejection_hooks: list[Callable[[str], None]] = field(default_factory=list)
     _runtime: Runtime | None = None
     _pid: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -50,6 +53,11 @@ class RuntimeFactory:
                 self._runtime = self._build()
                 self._pid = pid
             return self._runtime
+
+    def rejected(self, reason: str) -> None:
+        """Tell the rejection hooks that a message was refused (and nothing written)."""
+        for hook in self.rejection_hooks:
+            hook(reason)
 
     def _build(self) -> Runtime:
         settings = self.settings

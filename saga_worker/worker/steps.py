@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any, NoReturn
 
 from celery.exceptions import Retry, SoftTimeLimitExceeded
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError
 
 from .. import registry
 from ..attempt import run_attempt
@@ -24,13 +24,13 @@ from ..core.definition import SagaDefinition
 from ..core.events import StepFailed, StepSucceeded
 from ..core.model import Direction
 from ..errors import InvalidRequest, SagaError
-from ..store.connect import retry_transient
+from ..store.connect import is_transient, retry_transient
 from ..tokens import token_valid
 from . import snapshot
 from .dispatch import shown_kwargs
 from .messages import STEP_FIELDS, parse_attempt_ref, short
 from .runtime import RuntimeFactory
-from .tasks import DB_OUTAGE_RETRY, audit_refusal
+from .tasks import DB_OUTAGE_RETRY, refused, settle_permanent_db_errors
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def register_step_tasks(app: Any, runtimes: RuntimeFactory, definition: SagaDefi
                 # (the audit trail keeps the step's own stack trace).
                 throws=(StepAttemptFailed,),
                 **DB_OUTAGE_RETRY,
-            )(_step_task(app, runtimes, name))
+            )(settle_permanent_db_errors(runtimes, name)(_step_task(app, runtimes, name)))
 
 
 def _sent_again(request: Any) -> bool:
@@ -116,15 +116,23 @@ def _step_task(app: Any, runtimes: RuntimeFactory, task_name: str) -> Any:
             if not isinstance(context, Mapping):
                 raise InvalidRequest("context", "must be a JSON object")
         except (InvalidRequest, KeyError, TypeError, SagaError, IndexError) as exc:
-            log.warning("%s refused: %s", task_name, short(exc))
+            refused(runtimes, "invalid_message", "%s refused: %s", task_name, short(exc))
             return {"ran": False, "reason": short(exc)}
         if not token_valid(rt.signing_key, token, saga_id, step_index, dir_.value, attempt):
-            log.warning("%s refused for %s: invalid token", task_name, saga_id)
-            audit_refusal(rt, task_name, "invalid token", (saga_id, step_index, dir_, attempt))
+            # Not authenticated: nothing is written (docs/security.md).
+            refused(
+                runtimes,
+                "invalid_token",
+                "%s refused for %s (attempt %s): invalid token",
+                task_name,
+                saga_id,
+                attempt,
+            )
             return {"ran": False, "reason": "invalid token"}
-        # The checkpoint serves both the "is this attempt still pending" check and, unless it
-        # changes while the step runs (the write's version check), the transition. A fresh
-        # first delivery carries it (worker/snapshot.py); otherwise it is read.
+        # The checkpoint serves the "is this attempt still pending" check, the context the
+        # action runs on and, unless it changes while the step runs (the write's version
+        # check), the transition. A fresh first delivery carries it (worker/snapshot.py),
+        # signed together with the message's context; otherwise it is read.
         loaded = None
         # kombu's filesystem broker (the embedded default) loses the redelivered flag.
         trusted_broker = not rt.settings.is_embedded_broker
@@ -150,21 +158,29 @@ def _step_task(app: Any, runtimes: RuntimeFactory, task_name: str) -> Any:
                 attempt,
                 None if held is None else (held.step_index, held.direction.value, held.number),
             )
+            runtimes.rejected("not_pending")
             return {"ran": False, "reason": "not pending"}
+        # The committed context, never the message's: the token authenticates the attempt,
+        # not the context beside it, which anyone holding one genuine message could edit.
+        # (A trusted carried checkpoint holds the message's context, as its MAC covers it.)
         event = run_attempt(
             definition,
             saga_id,
             step_index,
             dir_,
             attempt,
-            context,
+            loaded.saga.context,
             rt.settings,
             timeout_errors=(SoftTimeLimitExceeded,),
         ).event
         decision: Decision | None = None
         try:
             decision = rt.engine.handle(saga_id, event, loaded=loaded).decision
-        except (OperationalError, DBAPIError):
+        except DBAPIError as exc:
+            if not is_transient(exc):
+                # It would fail the same way in saga.advance: settle_permanent_db_errors logs
+                # it; the attempt stalls and the recovery sweep deals with it.
+                raise
             # The action ran but its result cannot be committed now. Hand the result to
             # saga.advance, which retries until the database is back, instead of re-running it.
             log.warning(

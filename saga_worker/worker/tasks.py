@@ -2,33 +2,38 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from .. import registry
 from ..attempt import output_problem
-from ..core.events import ResultRejected, StepFailed, StepSucceeded
+from ..core.events import StepFailed, StepSucceeded
 from ..core.failure import (
     MAX_ERROR_CHARS,
     reported_duration,
     reported_failure,
     storable_text,
 )
-from ..errors import InvalidRequest, SagaError, SagaNotFound
+from ..errors import InvalidRequest, SagaError, SagaNotFound, UnstorableRequest
 from ..requests import check_context, parse_abort, parse_start, start_saga_id, valid_saga_id
+from ..store.connect import is_transient
 from ..tokens import token_valid
 from .messages import ADVANCE_FIELDS, AttemptRef, parse_attempt_ref, short
 from .runtime import RuntimeFactory
 
 log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Any])
 
 # While the database is down, a task whose in-process retries ran out is re-published with
 # backoff rather than dropped: the broker keeps the transition until the database is back.
+# Only errors that can pass reach it (settle_permanent_db_errors): a DataError or an
+# IntegrityError would fail the same way on every run, for ever.
 DB_OUTAGE_RETRY: dict[str, Any] = {
     # shared=False: Celery would otherwise add these closures to every app created later in
     # the process, where they would run with the first app's settings.
@@ -42,10 +47,51 @@ DB_OUTAGE_RETRY: dict[str, Any] = {
 }
 
 
+def database_refusal(exc: DBAPIError) -> str:
+    """What the database said, in one line (its parameters are hidden: create_db_engine)."""
+    cause = exc.orig if exc.orig is not None else exc
+    first = (str(cause).strip().splitlines() or [""])[0]
+    return storable_text(f"{type(cause).__name__}: {first}", 300)
+
+
+def settle_permanent_db_errors(runtimes: RuntimeFactory, task_name: str) -> Callable[[F], F]:
+    """Let only transient database errors out of a task, to DB_OUTAGE_RETRY's autoretry.
+
+    Any other database error (a DataError, an IntegrityError) would fail the same way on
+    every run: the message is logged once, counted (`saga_rejected_total{reason=
+    "unstorable"}`) and acknowledged. A saga it concerns is left as it was: a step's attempt
+    then stalls, and the recovery sweep re-sends it, then fails it after SAGA_MAX_RECOVERIES.
+    """
+
+    def wrap(function: F) -> F:
+        @functools.wraps(function)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return function(*args, **kwargs)
+            except DBAPIError as exc:
+                if is_transient(exc):
+                    raise
+                detail = database_refusal(exc)
+                log.error("%s refused by the database, not retried: %s", task_name, detail)
+                runtimes.rejected("unstorable")
+                return {"accepted": False, "error": detail}
+
+        return run  # type: ignore[return-value]
+
+    return wrap
+
+
+def refused(runtimes: RuntimeFactory, reason: str, message: str, *args: Any) -> None:
+    """Log a refused message once and count it; nothing is written to the database."""
+    log.warning(message, *args)
+    runtimes.rejected(reason)
+
+
 def register_core_tasks(app: Any, runtimes: RuntimeFactory) -> None:
     """Register the stable task names of docs/contract.md (Tasks) on `app`."""
 
     @app.task(name="saga.start", bind=True, **DB_OUTAGE_RETRY)  # type: ignore[untyped-decorator]
+    @settle_permanent_db_errors(runtimes, "saga.start")
     def saga_start(task: Any, /, *args: Any, **kwargs: Any) -> dict[str, Any]:
         rt = runtimes.get()
         message_id = task.request.id
@@ -54,22 +100,32 @@ def register_core_tasks(app: Any, runtimes: RuntimeFactory) -> None:
             request = parse_start(args, kwargs, rt.settings, message_id)
             registry.get(request.saga_type)
         except SagaError as exc:
+            runtimes.rejected("invalid_start")
             return _reject_start(rt, raw_id, kwargs, exc)
-        result = rt.engine.start(request)
+        try:
+            result = rt.engine.start(request)
+        except DBAPIError as exc:
+            if is_transient(exc):
+                raise
+            # Validation let through a value the database refuses: record that once.
+            runtimes.rejected("unstorable")
+            return _reject_start(rt, raw_id, kwargs, UnstorableRequest(database_refusal(exc)))
         return {"saga_id": result.saga_id, "created": result.created}
 
     @app.task(name="saga.abort", **DB_OUTAGE_RETRY)  # type: ignore[untyped-decorator]
+    @settle_permanent_db_errors(runtimes, "saga.abort")
     def saga_abort(*args: Any, **kwargs: Any) -> dict[str, Any]:
         rt = runtimes.get()
         try:
             saga_id, event = parse_abort(args, kwargs)
             outcome = rt.engine.handle(saga_id, event)
         except SagaError as exc:
-            log.warning("saga.abort refused: %s", exc)
+            refused(runtimes, "invalid_message", "saga.abort refused: %s", exc)
             return {"accepted": False, "error": str(exc)}
         return {"accepted": outcome.changed, "ignored": outcome.ignored}
 
     @app.task(name="saga.advance", **DB_OUTAGE_RETRY)  # type: ignore[untyped-decorator]
+    @settle_permanent_db_errors(runtimes, "saga.advance")
     def saga_advance(result: Any = None, **kwargs: Any) -> dict[str, Any]:
         """Results of remote steps (via link/link_error) and of local steps sent late."""
         rt = runtimes.get()
@@ -79,24 +135,35 @@ def register_core_tasks(app: Any, runtimes: RuntimeFactory) -> None:
             if outcome not in ("success", "failure"):
                 raise InvalidRequest("outcome", "must be 'success' or 'failure'")
         except (InvalidRequest, KeyError) as exc:
-            log.warning("saga.advance refused: %s", short(exc))
+            refused(runtimes, "invalid_message", "saga.advance refused: %s", short(exc))
             return {"accepted": False, "error": short(exc)}
         saga_id, step_index, direction, attempt = ref
         if not token_valid(
             rt.signing_key, kwargs.get("token"), saga_id, step_index, direction.value, attempt
         ):
-            log.warning("saga.advance refused for %s: invalid token", saga_id)
-            audit_refusal(rt, "saga.advance", "invalid token", ref)
+            # Not authenticated: written nowhere, so a broker writer cannot grow the audit
+            # table (docs/security.md).
+            refused(
+                runtimes,
+                "invalid_token",
+                "saga.advance refused for %s (step %s %s attempt %s): invalid token",
+                saga_id,
+                step_index,
+                direction.value,
+                attempt,
+            )
             return {"accepted": False, "error": "invalid token"}
         event = _advance_event(result, kwargs, ref, outcome == "success", rt.settings)
         try:
             outcome = rt.engine.handle(saga_id, event)
         except SagaNotFound as exc:
-            log.warning("saga.advance refused: %s", exc)
+            refused(runtimes, "not_pending", "saga.advance refused: %s", exc)
             return {"accepted": False, "error": str(exc)}
         if outcome.ignored:
-            # A valid token for an attempt that is not pending: a replay or a late duplicate.
-            audit_refusal(rt, "saga.advance", f"not applied: {outcome.ignored}", ref)
+            # A valid token for an attempt that is not pending: a redelivery, a late duplicate
+            # or a replay. Not audited: copies of a genuine message are as easy to push onto
+            # the broker as forged ones, and the saga did not change (the engine logged why).
+            runtimes.rejected("not_pending")
         return {"accepted": outcome.changed, "ignored": outcome.ignored}
 
 
@@ -113,14 +180,6 @@ def _advance_event(
         return StepFailed(step_index, direction, attempt, "StepOutputError", problem)
     # `result` is the failed task's id when Celery itself called the errback.
     return reported_failure(step_index, direction, attempt, kwargs, task_id=result)
-
-
-def audit_refusal(rt: Any, task: str, reason: str, ref: AttemptRef) -> None:
-    saga_id, step_index, direction, attempt = ref
-    try:
-        rt.engine.handle(saga_id, ResultRejected(task, reason, step_index, direction, attempt))
-    except SagaNotFound:
-        log.warning("%s refused for unknown saga %s: %s", task, saga_id, reason)
 
 
 #: A refused start keeps at most this much of the submitted context (its canonical JSON):

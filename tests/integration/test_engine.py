@@ -257,21 +257,14 @@ def test_replayed_step_message_changes_nothing(stack: Stack) -> None:
     }
     messages.append(("saga.advance", forged))
     sent = [stack.send(name, kwargs) for name, kwargs in messages]
-    # Every message ran to its end: 3 replayed results and 1 forged one are audited, the
-    # replayed step messages are not run.
+    # Every message ran to its end: the replayed results and the forged one wrote nothing
+    # (issue 14: a broker writer cannot grow the audit table), the replayed step messages
+    # were not run.
     wait_for_tasks(stack.worker_logs(), sent)
-    after = stack.store.audit_trail(saga_id)
-    assert after[: len(before)] == before
-    extra = after[len(before) :]
-    assert [r["event_type"] for r in extra] == ["saga_rejected"] * 4
-    reasons = sorted(r["error_message"] for r in extra)
-    assert reasons[0] == "invalid token"
-    assert all(r.startswith("not applied: ") for r in reasons[1:])
-    assert {(r["saga_state_before"], r["saga_state_after"]) for r in extra} == {
-        ("COMPLETED", "COMPLETED")
-    }
+    assert stack.store.audit_trail(saga_id) == before
     final = stack.store.load(saga_id)
     assert final is not None
+    assert final.version == saga.version
     assert (final.state, final.context, final.completed_steps) == (
         saga.state,
         saga.context,
@@ -512,11 +505,7 @@ def test_forged_remote_failure_writes_nothing_of_its_own(stack: Stack) -> None:
     # Celery logs a task's end after its return, so after anything it wrote.
     wait_for_tasks(stack.worker_logs(), [task_id])
     after = stack.store.audit_trail(saga_id)
-    assert after[: len(before)] == before
-    assert all(
-        r["event_type"] == "saga_rejected" and r["error_message"] == "invalid token"
-        for r in after[len(before) :]
-    )
+    assert after == before  # an invalid token writes nothing (issue 14)
     assert not any("orged" in str(r) for r in after)
     final = stack.store.load(saga_id)
     assert final is not None

@@ -77,6 +77,11 @@ BAD_STARTS: list[tuple[str, str, dict[str, Any], tuple[Any, ...]]] = [
         (f"user_id-{name}", "user_id", {**BASE, "user_id": value}, ())
         for name, value in [("int", 7), ("empty", ""), ("300_chars", "x" * 300), ("nul", "a\x00b")]
     ],
+    # NUL and other control characters, which PostgreSQL cannot store or which garble logs
+    ("context-nul_string", "context", {**BASE, "context": {"s": "\x00nul-in-json"}}, ()),
+    ("context-nul_key", "context", {**BASE, "context": {"k\x00": 1}}, ()),
+    ("saga_type-escape", "saga_type", {**BASE, "saga_type": "x\x1b[2J"}, ()),
+    ("ip_address-nul_scope", "ip_address", {**BASE, "ip_address": "fe80::1%a\x00"}, ()),
     *[
         (f"unknown_argument-{name}", name, {**BASE, name: "boom"}, ())
         for name in ["evil", "__class__", "saga_typo"]
@@ -195,7 +200,7 @@ def test_hostile_strings_are_stored_verbatim_never_executed(stack: Stack) -> Non
     hostile = {
         "strategy_id": 8,
         "note'); DROP TABLE saga_checkpoints;--": "1' OR '1'='1",
-        "ünïcödé 🚀": ["\u202e", "\x00nul-in-json", "你好", "a" * 5000],
+        "ünïcödé 🚀": ["\u202e", "tab\tand\nnewline", "你好", "a" * 5000],
         "$where": {"$gt": ""},
     }
     user = "robert'); DROP TABLE saga_audit_logs;-- ✓"
@@ -222,7 +227,7 @@ def test_hostile_strings_are_stored_verbatim_never_executed(stack: Stack) -> Non
     assert stack.store.load(saga_id) is not None  # tables intact
 
 
-def test_forged_advance_changes_nothing_and_is_audited(stack: Stack) -> None:
+def test_forged_advance_changes_nothing_and_writes_nothing(stack: Stack) -> None:
     # a saga parked on a slow step, so that it has a pending attempt to forge against
     victim = stack.start(
         SAGA_TYPE, {"strategy_id": 3, "slow_step": {"step": "run_strategy", "seconds": 4}}
@@ -258,13 +263,9 @@ def test_forged_advance_changes_nothing_and_is_audited(stack: Stack) -> None:
     assert saga.state.value == "COMPLETED"
     assert saga.context["results"] != "forged"
     rows = stack.store.audit_trail(victim)
-    rejected = [r for r in rows if r["event_type"] == "saga_rejected"]
-    assert len(rejected) == 3
-    assert sorted(r["error_message"].split(":")[0] for r in rejected) == [
-        "invalid token",
-        "invalid token",
-        "not applied",
-    ]
+    # Neither forged tokens nor a replayed genuine one are audited (issue 14): they are
+    # logged and counted in saga_rejected_total.
+    assert [r for r in rows if r["event_type"] == "saga_rejected"] == []
     assert [r["step_name"] for r in rows if r["event_type"] == "step_complete"] == [
         "create_backtest",
         "run_strategy",

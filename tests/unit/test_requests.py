@@ -321,3 +321,40 @@ def test_lone_surrogate_in_an_abort_reason_is_refused() -> None:
     with pytest.raises(InvalidRequest, match="UTF-8") as info:
         parse_abort((), {"saga_id": "s-1", "reason": "stop\ud800"})
     assert info.value.field == "reason"
+
+
+# ------------------------------------------------ text PostgreSQL cannot store (issue 14) ---
+
+
+# A scope id makes any text a valid IPv6 address to Python's ipaddress, while the column is
+# varchar(45) and PostgreSQL refuses NUL in text: both reached the database as a DataError.
+@pytest.mark.parametrize("ip", ["fe80::1%a\x00b", "fe80::1%\x01", "fe80::1%" + "x" * 60])
+def test_parse_start_rejects_ip_addresses_the_column_cannot_hold(ip: str) -> None:
+    rejected_start("ip_address", ip_address=ip)
+
+
+@pytest.mark.parametrize("saga_type", ["a\x00b", "x\x1b[31m", "tab\there"])
+def test_parse_start_rejects_control_characters_in_saga_type(saga_type: str) -> None:
+    assert "control characters" in str(rejected_start("saga_type", saga_type=saga_type))
+
+
+@pytest.mark.parametrize(
+    "context",
+    [
+        {"k\x00": 1},
+        {"k\n": 1},
+        {"a": {"\x07bell": 1}},
+        {"s": "nul\x00inside"},
+        {"l": [1, ["esc\x1b"]]},
+        {"del": "\x7f"},
+    ],
+)
+def test_parse_start_rejects_control_characters_in_context_keys_and_strings(
+    context: dict[str, Any],
+) -> None:
+    assert "control characters" in str(rejected_start("context", context=context))
+
+
+def test_parse_start_keeps_tabs_and_line_breaks_in_context_strings() -> None:
+    context = {"note": "line one\nline two\r\n\tindented"}
+    assert parse_start((), start_kwargs(context=context), SETTINGS, MESSAGE_ID).context == context

@@ -68,7 +68,6 @@ def test_the_golden_scenarios_are_there() -> None:
         "abort_held",
         "stalled_recovery",
         "give_up",
-        "rejected",
     } <= names
 
 

@@ -275,7 +275,9 @@ def test_compensation_failure_ends_failed_and_an_operator_retry_finishes_the_rol
     decision = h.retry("ledger fixed", user_id="ops")
     assert decision.ignored is None
     fresh = h.saga.pending
-    assert fresh is not None and fresh.number == fresh.first == h.saga.version
+    # Fresh: above every number the saga issued (issue 14), not derived from its version.
+    assert fresh is not None and fresh.number == fresh.first == h.saga.attempt_seq
+    assert fresh.number > 1
     h.run_until_settled()
     settled = h.saga  # read again: the steps above moved it on
     assert settled.state is SagaState.COMPENSATED

@@ -21,7 +21,6 @@ from saga_worker.core.events import (
     AbortRequested,
     AttemptStalled,
     Event,
-    ResultRejected,
     StartRequested,
     StepFailed,
     StepSucceeded,
@@ -65,7 +64,6 @@ def drive(store: Any) -> None:
         (1, StepSucceeded(0, FWD, 1, {"card_number": "4111 1111 1111 1111", "n": 1})),
         (2, StepFailed(1, FWD, 1, "Boom", "password=hunter2 went wrong", retryable=True)),
         (3, StepSucceeded(1, FWD, 1, {})),  # late duplicate: ignored, nothing written
-        (4, ResultRejected("saga.advance", "invalid token", 1, FWD, 2)),
         (9, StepFailed(1, FWD, 2, "Boom", "again", retryable=False)),
         (10, StepSucceeded(0, COMP, 1, {"undone": True})),
     ]
@@ -100,7 +98,6 @@ def test_same_writes_give_the_same_rows_and_checkpoints_as_the_sql_store(tmp_pat
         "step_start",
         "step_retry",
         "step_start",
-        "saga_rejected",
         "step_failed",
         "compensation_start",
         "compensation_complete",
@@ -160,6 +157,7 @@ def test_stalled_is_ordered_by_deadline_then_saga_id_and_pages() -> None:
     rest = store.stalled(later, 2, after=(page[-1][2], page[-1][0]))
     assert [row[0] for row in rest] == ["b", "c"]
     assert rest[0][1] == {
+        "attempt_seq": 1,  # the saga's highest attempt number, kept beside its pending attempt
         "step_index": 0,
         "direction": "forward",
         "number": 1,

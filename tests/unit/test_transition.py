@@ -772,7 +772,8 @@ def test_operator_retry_reruns_failed_compensations_highest_step_first() -> None
     assert first.event_data["operator_retry"] is True
     assert first.event_data["retrying"] == ["charge", "reserve"]
     (cmd,) = d.commands
-    assert (cmd.step_index, cmd.direction, cmd.attempt) == (1, COMP, 1)
+    # Fresh: above attempt 3, the highest the saga issued (ship's and each compensation's).
+    assert (cmd.step_index, cmd.direction, cmd.attempt) == (1, COMP, 4)
     assert run.saga.failed_compensations == ()
     run.ok()
     assert run.saga.pending is not None and run.saga.pending.step_index == 0
@@ -853,16 +854,16 @@ def test_operator_retry_of_a_finished_saga_is_ignored() -> None:
 
 def test_operator_retry_uses_fresh_attempt_numbers_so_old_results_cannot_pass() -> None:
     run = _failed_saga()
-    run.saga = replace(run.saga, version=17)  # what the store loaded
+    run.saga = replace(run.saga, version=17)  # what the store loaded: not where numbers come from
     d = run.apply(RetryRequested(user_id="oncall"))
     (cmd,) = d.commands
-    assert cmd.attempt == 18
+    assert cmd.attempt == 4  # above attempt_seq (3), the highest number the saga issued
     # the original first attempt's result arriving late is not the new attempt
     assert run.apply(StepSucceeded(1, COMP, 1, {})).ignored
     run.fail()
     retry = run.last.audit[0]
     assert (retry.event_type, retry.retry_count) == ("compensation_retry", 1)
-    assert run.saga.pending is not None and run.saga.pending.number == 19
+    assert run.saga.pending is not None and run.saga.pending.number == 5
 
 
 def test_engine_default_timeout_applies_when_step_and_saga_set_none() -> None:

@@ -12,7 +12,7 @@ the saga must be terminal.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -31,7 +31,7 @@ from saga_worker.core.events import (
     StepFailed,
     StepSucceeded,
 )
-from saga_worker.core.model import Direction, Saga, SagaState
+from saga_worker.core.model import MAX_ATTEMPT, Direction, Saga, SagaState
 from saga_worker.core.retry import RetryPolicy
 from saga_worker.core.transition import start, transition
 
@@ -79,6 +79,8 @@ class Sim:
     seen_audit_types: list[str] = field(default_factory=list)
     given_up_errors: list[str] = field(default_factory=list)
     operator_retries: int = 0
+    #: Every (step, direction, number) made pending so far: a token is never issued twice.
+    allocated: set[tuple[int, Direction, int]] = field(default_factory=set)
 
     # ------------------------------------------------------------ environment ---
 
@@ -262,6 +264,17 @@ def check_decision(sim: Sim, before: Saga, event: Any, decision: Decision) -> No
     else:
         assert not before.state.is_terminal
     assert decision.audit, "an accepted transition is always audited"
+    # No audit-only decision: what is written always changes the saga (issue 14).
+    assert replace(after, updated_at=before.updated_at) != before, event
+    # Attempt numbers: a new pending attempt never repeats a key issued before (a re-send
+    # keeps its key); none goes past what a step message may carry; attempt_seq covers all.
+    if after.pending is not None:
+        issued = after.pending.key()
+        if before.pending is None or issued != before.pending.key():
+            assert issued not in sim.allocated, f"attempt {issued} issued twice"
+            sim.allocated.add(issued)
+        assert after.pending.number <= after.attempt_seq <= MAX_ATTEMPT
+    assert after.attempt_seq >= before.attempt_seq
     assert decision.audit[0].state_before == before.state
     assert decision.audit[-1].state_after == after.state
     assert after.updated_at == sim.now
@@ -337,6 +350,8 @@ def _run(data: st.DataObject, definition: SagaDefinition, moves: int) -> Sim:
     )
     assert [e.event_type for e in decision.audit] == ["saga_start", "step_start"]
     sim = Sim(definition, data, decision.saga)
+    assert decision.saga.pending is not None
+    sim.allocated.add(decision.saga.pending.key())
     check_saga(definition, sim.saga)
     sim.send(decision.commands)
     for _ in range(moves):
