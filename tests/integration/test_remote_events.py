@@ -294,3 +294,50 @@ def test_result_deferred_while_database_is_down_shows_no_token_or_secret(remote:
     rows = [r for r in remote.store.audit_trail(failed) if r["event_type"] == "step_failed"]
     assert rows and "slow step refused" in rows[-1]["error_message"]
     assert "hunter2" not in rows[-1]["error_message"]
+
+
+@pytest.mark.parametrize("remote", ["json"], indirect=True)
+def test_messages_sent_without_kwargsrepr_show_no_secret_in_task_events(remote: Remote) -> None:
+    """A producer's saga.start (send_task sets no kwargsrepr), a retried message (Celery's
+    retry drops it) and a hand-made saga.advance carry contexts and tokens in their kwargs:
+    the worker shows them redacted in task events, whatever the sender set."""
+    secret, fake_token = "producer-secret-5c1f", "e" * 64
+    saga_id = f"ev-kw-{uuid.uuid4().hex[:8]}"
+    started = remote.producer.send_task(
+        "saga.start",
+        kwargs={
+            "saga_type": "it_remote",
+            "saga_id": saga_id,
+            "context": {"qty": 1, "password": secret},
+        },
+        queue=remote.queue,
+    )
+    advanced = remote.producer.send_task(
+        "saga.advance",
+        kwargs={
+            "saga_id": saga_id,
+            "step_index": 0,
+            "direction": "forward",
+            "attempt": 9,
+            "token": fake_token,
+            "outcome": "success",
+            "output": {"api_key": secret},
+        },
+        queue=remote.queue,
+    )
+    assert remote.wait(saga_id).state.value == "COMPLETED"
+
+    def received(task_id: str) -> list[dict[str, Any]]:
+        return [
+            e
+            for e in list(remote.events)
+            if e.get("type") == "task-received" and e.get("uuid") == task_id
+        ]
+
+    wait_for(
+        lambda: received(started.id) and received(advanced.id),
+        30,
+        "the task-received events of both messages",
+    )
+    shown = repr(received(started.id) + received(advanced.id))
+    assert secret not in shown and fake_token not in shown, shown
