@@ -35,16 +35,43 @@ def payload_problem(payload: Any) -> str | None:
 
 
 class GuardedTask(Task):  # type: ignore[misc]
-    """Base task of the saga app: validates the message shape before Celery does."""
+    """Base task of the saga app: validates the message shape before Celery does, and shows
+    its arguments redacted in task events whoever sent it."""
 
     def start_strategy(self, app: Any, consumer: Any, **kwargs: Any) -> Callable[..., Any]:
         handler: Callable[..., Any] = super().start_strategy(app, consumer, **kwargs)
         name = self.name
+        shown = _shown_arguments(app)
 
         def guarded(message: Any, body: Any, *args: Any, **kw: Any) -> Any:
-            problem = payload_problem(message.payload if body is None else body)
+            payload = message.payload if body is None else body
+            problem = payload_problem(payload)
             if problem is not None:
                 raise InvalidTaskError(f"{name}: {problem}")
+            headers = message.headers
+            if isinstance(headers, dict):
+                # Task events, Flower and the worker log show argsrepr/kwargsrepr from the
+                # headers. A producer's send_task sets none, Celery's retry drops ours, and a
+                # sender may set anything: each is replaced by the redacted form.
+                headers["argsrepr"], headers["kwargsrepr"] = shown(payload[0], payload[1])
             return handler(message, body, *args, **kw)
 
         return guarded
+
+
+def _shown_arguments(app: Any) -> Callable[[Any, dict[str, Any]], tuple[str, str]]:
+    from ..audit.redaction import Redactor
+    from .dispatch import shown_kwargs
+
+    runtimes = getattr(app, "saga_runtimes", None)
+    keys = runtimes.settings.redact_keys if runtimes is not None else ()
+    redactor = Redactor(keys)
+
+    def shown(args: Any, kwargs: dict[str, Any]) -> tuple[str, str]:
+        # Positional arguments of saga tasks are results of other services' tasks (the
+        # link callback of saga.advance): their size, not their content.
+        return (f"(<{len(args)} positional argument(s)>,)" if args else "()"), shown_kwargs(
+            redactor, kwargs
+        )
+
+    return shown
