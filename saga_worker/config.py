@@ -47,6 +47,8 @@ class Settings:
     metrics_port: int | None = None
     metrics_dir: Path | None = None
     recovery_interval_seconds: float = 10.0
+    #: Period of the beat's audit anchor (`saga.anchor`); None: no anchors on a schedule.
+    anchor_interval_seconds: float | None = 3600.0
     stall_grace_seconds: float = 30.0
     default_step_timeout_seconds: float = 300.0
     max_context_bytes: int = 262_144
@@ -85,6 +87,7 @@ class Settings:
             metrics_port=_int(env, "SAGA_METRICS_PORT", None, minimum=0),
             metrics_dir=_metrics_dir(env),
             recovery_interval_seconds=_float(env, "SAGA_RECOVERY_INTERVAL_SECONDS", 10.0),
+            anchor_interval_seconds=_float_or_off(env, "SAGA_ANCHOR_INTERVAL_SECONDS", 3600.0),
             stall_grace_seconds=_float(env, "SAGA_STALL_GRACE_SECONDS", 30.0),
             default_step_timeout_seconds=_float(env, "SAGA_DEFAULT_STEP_TIMEOUT_SECONDS", 300.0),
             max_context_bytes=_int(env, "SAGA_MAX_CONTEXT_BYTES", 262_144, minimum=2) or 262_144,
@@ -209,6 +212,14 @@ def _int(env: Mapping[str, str], name: str, default: int | None, *, minimum: int
     if value < minimum:
         raise ConfigurationError(f"{name} must be >= {minimum}, got {value}")
     return value
+
+
+def _float_or_off(env: Mapping[str, str], name: str, default: float) -> float | None:
+    """A period in seconds, or None for "off" (0 or `off`)."""
+    raw = (env.get(name) or "").strip().lower()
+    if raw in ("0", "off"):
+        return None
+    return _float(env, name, default)
 
 
 def _float(env: Mapping[str, str], name: str, default: float) -> float:

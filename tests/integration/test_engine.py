@@ -9,6 +9,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from saga_worker.core.model import Attempt, Direction, SagaState
 from saga_worker.examples.backtest import simulate
@@ -534,3 +535,15 @@ def test_local_step_error_with_control_characters_is_recorded(stack: Stack) -> N
     saga_log = wait_for_log(stack.workers[0].log_path, "x00byte")
     assert "hunter2" not in saga_log
     stack.assert_chain_ok(saga_id)
+
+
+def test_saga_anchor_appends_an_anchor_of_every_chain(stack: Stack) -> None:
+    saga_id = stack.start("backtest_workflow", {"strategy_id": 1})
+    stack.wait(saga_id)
+    task_id = stack.send("saga.anchor", {})
+    wait_for_tasks(stack.worker_logs(), [task_id])
+    with stack.store.engine.connect() as conn:
+        sagas, rows = conn.execute(
+            text("SELECT sagas, rows FROM saga_audit_anchors ORDER BY id DESC LIMIT 1")
+        ).one()
+    assert sagas >= 1 and rows >= len(stack.store.audit_trail(saga_id))

@@ -132,7 +132,7 @@ def test_its_beat_schedule_is_added_to_the_recovery_sweep(
     path, name = config_module
     path.write_text("beat_schedule = {'report': {'task': 'x.report', 'schedule': 60}}\n")
     app = create_app(_settings(tmp_path, name))
-    assert set(app.conf.beat_schedule) == {"saga-recover", "report"}
+    assert set(app.conf.beat_schedule) == {"saga-recover", "saga-anchor", "report"}
     path.write_text("beat_schedule = {'saga-recover': {'task': 'x', 'schedule': 60}}\n")
     sys.modules.pop(name, None)
     with pytest.raises(ConfigurationError, match="saga-recover"):
@@ -165,3 +165,18 @@ def test_broker_use_ssl_of_the_config_module_wins_for_rediss(
     env = {"SAGA_HOME": str(tmp_path), "SAGA_BROKER_URL": "rediss://h:6380/0"}
     app = create_app(Settings.from_env({**env, "SAGA_CELERY_CONFIG": name}))
     assert app.conf.broker_use_ssl == {"ssl_cert_reqs": 2, "ssl_ca_certs": "/ca.pem"}
+
+
+def test_the_beat_appends_an_audit_anchor_every_hour_unless_turned_off(tmp_path: Path) -> None:
+    schedule = create_app(_settings(tmp_path, None)).conf.beat_schedule
+    assert schedule["saga-anchor"]["task"] == "saga.anchor"
+    assert schedule["saga-anchor"]["schedule"] == 3600.0
+    for off in ("0", "off"):
+        settings = Settings.from_env(
+            {"SAGA_HOME": str(tmp_path), "SAGA_ANCHOR_INTERVAL_SECONDS": off}
+        )
+        assert "saga-anchor" not in create_app(settings).conf.beat_schedule
+    every_minute = Settings.from_env(
+        {"SAGA_HOME": str(tmp_path), "SAGA_ANCHOR_INTERVAL_SECONDS": "60"}
+    )
+    assert create_app(every_minute).conf.beat_schedule["saga-anchor"]["schedule"] == 60.0
