@@ -20,10 +20,32 @@ from kombu.transport import virtual
 log = logging.getLogger(__name__)
 
 
+# kombu's envelopes are a few levels deep (headers.stamps is the deepest Celery writes). A
+# deeper one could still be decoded, then fail to be encoded again (RecursionError) when
+# kombu's QoS stores it in the unacked hash, closer to the recursion limit.
+MAX_ENVELOPE_DEPTH = 32
+
+
+def _too_deep(value: Any, limit: int) -> bool:
+    """Whether lists and objects nest deeper than `limit` (iteratively: no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            node = list(node.values())
+        if isinstance(node, list):
+            if depth >= limit:
+                return True
+            stack.extend((child, depth + 1) for child in node)
+    return False
+
+
 def envelope_problem(message: Any) -> str | None:
     """Why a decoded queue item cannot become a kombu Message, or None."""
     if not isinstance(message, dict):
         return f"item is a JSON {type(message).__name__}, not an envelope object"
+    if _too_deep(message, MAX_ENVELOPE_DEPTH):
+        return f"envelope nests deeper than {MAX_ENVELOPE_DEPTH} levels"
     properties = message.get("properties")
     if not isinstance(properties, dict) or "delivery_tag" not in properties:
         return "envelope has no properties.delivery_tag"
@@ -124,17 +146,39 @@ class GuardedChannel(kombu_redis.Channel):
     def _brpop_read(self, **options: Any) -> Any:
         try:
             return super()._brpop_read(**options)
-        # JSONDecodeError, UnicodeDecodeError, or nesting too deep to decode: the item is gone.
-        except (ValueError, RecursionError) as exc:
-            log.error("dropped a queue item that is not a kombu message: %s", exc)
+        except self._passthrough():
+            raise
+        # The item is off the list. Decoding it raised: not JSON (ValueError), nesting too
+        # deep (RecursionError), or one of kombu's typed objects ({"__type__": "uuid",
+        # "__value__": ...}) whose value its decoder cannot take (TypeError, AttributeError,
+        # anything). The transport's _deliver drops what decodes but cannot be delivered.
+        except Exception as exc:
+            log.error("dropped a queue item that is not a kombu message: %s", _brief(exc))
             return True
 
     def _get(self, queue: Any, timeout: Any = None) -> Any:
+        # basic_get builds a Message and appends it to the QoS straight from this result,
+        # without the transport's _deliver: the envelope is checked here too.
         try:
-            return super()._get(queue)
-        except (ValueError, RecursionError) as exc:
-            log.error("dropped a queue item of %s that is not a kombu message: %s", queue, exc)
+            message = super()._get(queue)
+        except self._passthrough():
+            raise
+        except Exception as exc:
+            log.error(
+                "dropped a queue item of %s that is not a kombu message: %s", queue, _brief(exc)
+            )
             raise Empty() from None
+        problem = envelope_problem(message)
+        if problem is not None:
+            log.error("dropped a queue item of %s: %s", queue, problem)
+            raise Empty()
+        return message
+
+    def _passthrough(self) -> tuple[type[BaseException], ...]:
+        """Errors of the connection or of Redis itself (Empty included), left to kombu and
+        Celery, which reconnect: not a problem of one item."""
+        transport = self.connection
+        return (Empty, *transport.connection_errors, *transport.channel_errors)
 
 
 # Python's method order puts GuardedChannel's overrides before SentinelChannel's pool logic.
@@ -159,6 +203,11 @@ class GuardedSentinelTransport(GuardedRedisTransport, kombu_redis.SentinelTransp
     """kombu's Redis Sentinel transport with envelope checks."""
 
     Channel = GuardedSentinelChannel
+
+
+def _brief(exc: BaseException) -> str:
+    """An exception as one short line: items can be megabytes, and so can their errors."""
+    return f"{type(exc).__name__}: {exc}"[:300]
 
 
 TRANSPORT_PATH = f"{__name__}:GuardedRedisTransport"

@@ -36,7 +36,8 @@ def header_problem(headers: Any, content_encoding: Any = None) -> str | None:
         # UTF-8 anyway: a guess about what the sender meant, not its message.
         try:
             codecs.lookup(str(content_encoding))
-        except LookupError:
+        # ValueError: a name holding a NUL character.
+        except (LookupError, ValueError):
             return f"unknown content encoding {content_encoding!r}"[:200]
     if not isinstance(headers, dict):
         return f"headers are a {type(headers).__name__}, not a table"
@@ -110,14 +111,16 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
         passthrough = (*self.connection_errors, *self.channel_errors)
 
         def on_task_received(message: Any) -> Any:
-            problem = header_problem(message.headers, message.content_encoding)
-            if problem is None:
-                try:
+            try:
+                # Inside the try too: a check that raises must drop the message, not stop
+                # the worker.
+                problem = header_problem(message.headers, message.content_encoding)
+                if problem is None:
                     return handle(message)
-                except passthrough:
-                    raise
-                except Exception as exc:
-                    problem = f"{type(exc).__name__}: {exc}"[:300]
+            except passthrough:
+                raise
+            except Exception as exc:
+                problem = f"{type(exc).__name__}: {exc}"[:300]
             if message.acknowledged:
                 # Celery had settled it before it failed: nothing left to drop.
                 log.error(
