@@ -161,7 +161,9 @@ def _signing_key(env: Mapping[str, str]) -> str | None:
     if key and path:
         raise ConfigurationError("set SAGA_SIGNING_KEY or SAGA_SIGNING_KEY_FILE, not both")
     if path is None:
-        return None if key is None else _long_enough(key, "SAGA_SIGNING_KEY")
+        # Surrounding whitespace is how a key was pasted, not part of it: stripped here as
+        # from the file, so one secret gives one key whichever way it is passed.
+        return None if key is None else _long_enough(key.strip(), "SAGA_SIGNING_KEY")
     try:
         # A trailing newline is what `echo KEY > file` leaves, not part of the key.
         text = Path(path).read_text(encoding="utf-8").strip()

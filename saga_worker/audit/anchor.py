@@ -123,6 +123,15 @@ def chain_heads(conn: Connection) -> list[Head]:
     return sorted((Head(str(r[0]), int(r[1]), str(r[2])) for r in rows), key=lambda h: h.saga_id)
 
 
+def latest_anchor_time(engine: Engine) -> datetime | None:
+    """When the newest anchor was made, or None when there is none."""
+    with engine.connect() as conn:
+        value = conn.execute(
+            select(anchors_table.c.created_at).order_by(anchors_table.c.id.desc()).limit(1)
+        ).scalar()
+    return value if isinstance(value, datetime) else None
+
+
 def make_anchor(engine: Engine, now: datetime, attempts: int = 5) -> Anchor:
     """Digest every chain head and append the anchor; returns it, heads included."""
     for _ in range(attempts):

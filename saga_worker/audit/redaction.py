@@ -58,12 +58,13 @@ class Redactor:
         loose = ["[-_.]?".join(re.escape(ch) for ch in k) for k in self.keys]
         alternatives = "|".join(loose) or r"(?!)"
         # key=value, key: value, "key": "value" inside free text such as error messages.
-        # The atomic group commits to a word's first key occurrence: no backtracking.
+        # The atomic group commits to a word's first key occurrence: no backtracking. A quoted
+        # value runs to its closing quote, escaped quotes included.
         self._inline = re.compile(
             rf"""(?ix)
             (?<![\w-])
             (["']?(?>[\w-]*?(?:{alternatives}))[\w-]*+["']?\s*+[:=]\s*+)
-            ("[^"]*"|'[^']*'|(?:(?:bearer|basic|token|digest)\s+)?[^\s,;}}&]+)
+            ("(?:[^"\\]|\\.)*+"|'(?:[^'\\]|\\.)*+'|(?:(?:bearer|basic|token|digest)\s+)?[^\s,;}}&]+)
             """
         )
 

@@ -267,9 +267,22 @@ def create_app(settings: Settings | None = None) -> Celery:
     def saga_anchor() -> dict[str, Any]:
         """Append an anchor of every chain head (docs/audit.md, Anchors) and log it, so
         that a copy lives outside the database (the log pipeline, for one)."""
-        from ..audit.anchor import make_anchor
+        from ..audit.anchor import latest_anchor_time, make_anchor
 
-        anchor = make_anchor(runtimes.get().store.engine, utcnow())
+        # Anyone who can publish can send this task, and anchors can never be deleted: at
+        # most one per half period, and none when the schedule is off (`audit anchor`, run
+        # by an operator, is not limited).
+        interval = settings.anchor_interval_seconds
+        if interval is None:
+            log.warning("saga.anchor refused: SAGA_ANCHOR_INTERVAL_SECONDS is off")
+            return {"skipped": "anchors on a schedule are off"}
+        engine = runtimes.get().store.engine
+        now = utcnow()
+        latest = latest_anchor_time(engine)
+        if latest is not None and (now - latest).total_seconds() < interval / 2:
+            log.info("saga.anchor skipped: the last anchor is from %s", latest.isoformat())
+            return {"skipped": f"an anchor was made at {latest.isoformat()}"}
+        anchor = make_anchor(engine, now)
         log.info(
             "audit anchor %d: %d sagas, %d rows, root %s, hash %s",
             anchor.id,

@@ -7,11 +7,12 @@ import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 from ..audit.redaction import Redactor
 from ..config import Settings
 from ..engine import EngineHooks, SagaEngine
+from ..errors import ConfigurationError
 from ..store.connect import create_db_engine
 from ..store.keyring import signing_key_for
 from ..store.repository import SagaStore
@@ -50,9 +51,31 @@ class RuntimeFactory:
             return self._runtime
         with self._lock:
             if self._runtime is None or self._pid != pid:
-                self._runtime = self._build()
+                try:
+                    self._runtime = self._build()
+                except ConfigurationError as exc:
+                    self._refuse_to_work(exc)
                 self._pid = pid
             return self._runtime
+
+    def _refuse_to_work(self, exc: ConfigurationError) -> NoReturn:
+        """A process without the database's signing key must not consume messages.
+
+        The start-up check could not reach the database; this first task did. The message
+        goes back to the queue for a worker with the right key (a failed acks_late task
+        would be acknowledged, and lost), and this worker is asked to shut down.
+        """
+        from celery import current_task
+        from celery.exceptions import Reject
+
+        log.critical("%s; this worker stops and leaves its messages to the others", exc)
+        hostname = getattr(getattr(current_task, "request", None), "hostname", None)
+        if hostname:
+            try:
+                self.app.control.shutdown(destination=[hostname])
+            except Exception:
+                log.exception("could not ask worker %s to shut down", hostname)
+        raise Reject(str(exc), requeue=True) from None
 
     def rejected(self, reason: str) -> None:
         """Tell the rejection hooks that a message was refused (and nothing written)."""

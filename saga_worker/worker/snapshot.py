@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from ..audit.chain import canonical_json
 from ..core.model import Saga
 from ..keys import PURPOSE_STEP_CHECKPOINT, subkey
 from ..store.codec import saga_from_row, saga_to_row
@@ -41,7 +41,14 @@ def _mac(key: str, fields: Mapping[str, Any], saga_id: str, saga_type: str, cont
         "context": context,
     }
     mac_key = subkey(key, PURPOSE_STEP_CHECKPOINT)
-    return hmac.new(mac_key, canonical_json(signed).encode(), hashlib.sha256).hexdigest()
+    return hmac.new(mac_key, _exact_json(signed).encode(), hashlib.sha256).hexdigest()
+
+
+def _exact_json(value: Any) -> str:
+    # Not the audit hash's JCS: it reads every number as a double, so 2**53 + 1 and 2**53, or
+    # 1 and 1.0, would sign alike and an edited amount would pass. Both sides of this MAC
+    # hold values decoded from JSON, so Python's own encoding is exact and repeatable.
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
 def encode(key: str, checkpoint: Loaded, sent_at: float) -> dict[str, Any]:
