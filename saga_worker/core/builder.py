@@ -72,6 +72,7 @@ class Builder:
         state_before: SagaState | None = None,
         extra: Mapping[str, Any] | None = None,
         user_id: str | None = None,
+        uncertain: bool = False,
     ) -> None:
         """Make (step, direction, number) the pending attempt and send it (or hold it)."""
         timeout = self.definition.timeout(
@@ -80,13 +81,29 @@ class Builder:
         self.update(attempt_seq=max(self.saga.attempt_seq, number))
         if (not_before - self.now).total_seconds() > self.limits.max_broker_delay_seconds:
             held = Attempt(
-                step_index, direction, number, not_before, not_before, recoveries, True, first
+                step_index,
+                direction,
+                number,
+                not_before,
+                not_before,
+                recoveries,
+                True,
+                first,
+                uncertain=uncertain,
             )
             self.update(pending=held, current_step_index=step_index)
             return
         deadline = not_before + timedelta(seconds=timeout + self.limits.stall_grace_seconds)
         attempt = Attempt(
-            step_index, direction, number, not_before, deadline, recoveries, False, first
+            step_index,
+            direction,
+            number,
+            not_before,
+            deadline,
+            recoveries,
+            False,
+            first,
+            uncertain=uncertain,
         )
         self.update(pending=attempt, current_step_index=step_index)
         kind = "step_start" if direction is Direction.FORWARD else "compensation_start"
@@ -134,10 +151,20 @@ def resend(
         },
         **who,
     )
-    send_now(b, pending, recoveries=pending.recoveries + 1, user_id=user_id)
+    # A copy that was sent may have run (and taken effect) without reporting: from now on
+    # the step's outcome is unknown until it reports (a held attempt was never sent).
+    uncertain = pending.uncertain or not pending.held
+    send_now(b, pending, recoveries=pending.recoveries + 1, user_id=user_id, uncertain=uncertain)
 
 
-def send_now(b: Builder, pending: Attempt, *, recoveries: int, user_id: str | None = None) -> None:
+def send_now(
+    b: Builder,
+    pending: Attempt,
+    *,
+    recoveries: int,
+    user_id: str | None = None,
+    uncertain: bool | None = None,
+) -> None:
     """Send the pending attempt (same number, same run) now, with a fresh deadline."""
     b.run(
         pending.step_index,
@@ -148,4 +175,5 @@ def send_now(b: Builder, pending: Attempt, *, recoveries: int, user_id: str | No
         recoveries=recoveries,
         retry_count=retry_ordinal(pending) or None,
         user_id=user_id,
+        uncertain=pending.uncertain if uncertain is None else uncertain,
     )

@@ -62,6 +62,10 @@ class Step:
     timeout_seconds: float | None = None
     compensation_retry: RetryPolicy | None = None
     compensation_timeout_seconds: float | None = None
+    #: Run this step's own compensation when it fails for good, whatever the failure: for
+    #: actions whose ordinary failures may have taken effect. Failures with an unknown
+    #: outcome (timeout, lost worker, stalls) have it run anyway.
+    compensate_on_failure: bool = False
 
     def target(self, direction: Direction) -> LocalFunction | Remote | None:
         return self.action if direction is Direction.FORWARD else self.compensate
@@ -140,6 +144,8 @@ class SagaDefinition:
                         f"{where}: {label} must be a function taking StepInput or a Remote(...), "
                         f"got {type(target).__name__}"
                     )
+            if step.compensate_on_failure and step.compensate is None:
+                found.append(f"{where}: compensate_on_failure=True needs a compensate function")
             for label, policy in (
                 ("retry", step.retry),
                 ("compensation_retry", step.compensation_retry),

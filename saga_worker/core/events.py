@@ -43,6 +43,24 @@ class StepFailed:
     timed_out: bool = False
     duration_ms: float | None = None
 
+    @property
+    def outcome_unknown(self) -> bool:
+        """The attempt may have taken effect: it timed out, stalled, or its worker was lost."""
+        return self.timed_out or self.error_type in UNKNOWN_OUTCOME_ERRORS
+
+
+#: Error types whose attempt may have taken effect before it ended: ours (a measured or soft
+#: time limit, too many stalls) and Celery's, as a remote service's saga_remote reports them.
+UNKNOWN_OUTCOME_ERRORS = frozenset(
+    {
+        "StepTimeout",
+        "StalledTooOften",
+        "SoftTimeLimitExceeded",
+        "TimeLimitExceeded",
+        "WorkerLostError",
+    }
+)
+
 
 @dataclass(frozen=True)
 class AbortRequested:

@@ -66,6 +66,9 @@ class Attempt:
     held: bool = False
     #: Number of the first attempt of this run: 1, or fresh numbers for an operator retry.
     first: int = 1
+    #: An earlier attempt or copy of this step's run may have taken effect (it timed out, or
+    #: it stalled and was re-sent): if the step fails for good, its compensation runs too.
+    uncertain: bool = False
 
     def key(self) -> tuple[int, Direction, int]:
         return (self.step_index, self.direction, self.number)

@@ -12,7 +12,7 @@ from typing import Any, assert_never
 
 from .builder import Builder, resend, retry_ordinal, send_now
 from .decision import DEFAULT_LIMITS, Decision, Limits
-from .definition import SagaDefinition
+from .definition import SagaDefinition, Step
 from .events import (
     AbortRequested,
     AttemptDue,
@@ -127,8 +127,13 @@ def _abort(b: Builder, event: AbortRequested) -> Decision:
     pending = b.saga.pending
     if pending is not None and pending.held and pending.direction is Direction.FORWARD:
         # A retry still waiting in the database was never sent: cancel it and roll back now.
+        # The attempts before it failed; if one may have taken effect, undo the step too.
         b.update(pending=None, state=SagaState.COMPENSATING)
-        _rollback_from(b, pending.step_index - 1)
+        step = b.definition.steps[pending.step_index]
+        if _compensates_itself(step, pending.uncertain):
+            _rollback_from(b, pending.step_index, also=step.name)
+        else:
+            _rollback_from(b, pending.step_index - 1)
         return b.decision()
     # A forward attempt in flight cannot be recalled from the queue: its result decides
     # whether that step needs compensating, so rollback begins when it reports.
@@ -208,11 +213,23 @@ def _failed(b: Builder, event: StepFailed) -> Decision:
             retry_count=ordinal,
         )
         b.run(
-            index, event.direction, event.attempt + 1, not_before, first=first, retry_count=ordinal
+            index,
+            event.direction,
+            event.attempt + 1,
+            not_before,
+            first=first,
+            retry_count=ordinal,
+            uncertain=saga.pending.uncertain or (forward and event.outcome_unknown),
         )
         return b.decision()
     b.update(pending=None)
     if forward:
+        unknown = event.outcome_unknown or saga.pending.uncertain
+        own = _compensates_itself(step, unknown)
+        if unknown:
+            error_data["outcome_unknown"] = True
+        if own:
+            error_data["own_compensation"] = True
         b.update(error=f"step {step.name!r} failed: {event.message}", state=SagaState.COMPENSATING)
         b.audit(
             "step_failed",
@@ -224,7 +241,10 @@ def _failed(b: Builder, event: StepFailed) -> Decision:
             duration_ms=event.duration_ms,
             retry_count=ordinal - 1,
         )
-        _rollback_from(b, index - 1)
+        if own:
+            _rollback_from(b, index, also=step.name)
+        else:
+            _rollback_from(b, index - 1)
         return b.decision()
     b.update(failed_compensations=(*saga.failed_compensations, step.name))
     b.audit(
@@ -241,14 +261,27 @@ def _failed(b: Builder, event: StepFailed) -> Decision:
     return b.decision()
 
 
+def _compensates_itself(step: Step, outcome_unknown: bool) -> bool:
+    """Whether a step that failed for good is compensated too, before the completed ones.
+
+    It may have taken effect when its outcome is unknown (an attempt timed out, stalled or
+    lost its worker), or, when the step says so, after any failure. Its compensation must
+    then be safe to run when the action never took effect (docs/recovery.md).
+    """
+    return step.compensate is not None and (outcome_unknown or step.compensate_on_failure)
+
+
 def _is_rerun(attempt: Attempt) -> bool:
     """Whether `attempt` belongs to a run of something that ran before (an operator's
     retry): only such runs number their attempts above 1."""
     return attempt.first > 1
 
 
-def _rollback_from(b: Builder, index: int, *, rerun: bool = False) -> None:
+def _rollback_from(b: Builder, index: int, *, rerun: bool = False, also: str | None = None) -> None:
     """Compensate completed steps from `index` down to 0, or finish when none is left.
+
+    `also` names the step that failed for good and is compensated although it never
+    completed (`_compensates_itself`).
 
     In a `rerun` (an operator's retry of failed compensations, which re-runs only
     compensations that ran before) each one gets fresh attempt numbers: attempt 1 of it
@@ -260,7 +293,8 @@ def _rollback_from(b: Builder, index: int, *, rerun: bool = False) -> None:
     done = set(b.saga.compensated_steps) | set(b.saga.failed_compensations)
     for candidate in range(index, -1, -1):
         step = b.definition.steps[candidate]
-        if step.name in completed and step.name not in done and step.compensate is not None:
+        eligible = step.name in completed or step.name == also
+        if eligible and step.name not in done and step.compensate is not None:
             number = b.saga.attempt_seq + 1 if rerun else 1
             b.run(candidate, Direction.COMPENSATE, number, b.now, first=number)
             return

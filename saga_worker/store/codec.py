@@ -27,6 +27,7 @@ def pending_to_json(attempt: Attempt | None) -> dict[str, Any] | None:
         "recoveries": attempt.recoveries,
         "held": attempt.held,
         "first": attempt.first,
+        "uncertain": attempt.uncertain,
     }
 
 
@@ -42,6 +43,7 @@ def pending_from_json(data: Mapping[str, Any] | None) -> Attempt | None:
         recoveries=int(data.get("recoveries", 0)),
         held=bool(data.get("held", False)),
         first=int(data.get("first", 1)),
+        uncertain=bool(data.get("uncertain", False)),
     )
 
 

@@ -68,6 +68,7 @@ def test_the_golden_scenarios_are_there() -> None:
         "abort_held",
         "stalled_recovery",
         "give_up",
+        "unknown_outcome",
     } <= names
 
 

@@ -166,6 +166,7 @@ def test_stalled_is_ordered_by_deadline_then_saga_id_and_pages() -> None:
         "recoveries": 0,
         "held": False,
         "first": 1,
+        "uncertain": False,
     }
 
 

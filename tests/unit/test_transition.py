@@ -641,7 +641,8 @@ def test_beyond_max_recoveries_the_step_fails_for_good_and_saga_compensates() ->
         d = run.apply(AttemptStalled(1, FWD, 1, recoveries=n))
         assert types(d.audit) == ["saga_recovered", "step_start"]
     d = run.apply(AttemptStalled(1, FWD, 1, recoveries=2))
-    assert steps_of(d.audit) == [("step_failed", "charge"), ("compensation_start", "reserve")]
+    # Its outcome is unknown (a copy may have run): charge's own compensation comes first.
+    assert steps_of(d.audit) == [("step_failed", "charge"), ("compensation_start", "charge")]
     failed = d.audit[0]
     assert failed.event_data["error_type"] == "StalledTooOften"
     assert failed.event_data["timed_out"] is True
@@ -649,14 +650,15 @@ def test_beyond_max_recoveries_the_step_fails_for_good_and_saga_compensates() ->
     assert "step_retry" not in types(run.audit())  # attempts left, but no retry
     assert run.saga.state is C
     run.ok()
+    run.ok()
     assert run.saga.state is SagaState.COMPENSATED
-    assert run.saga.compensated_steps == ("reserve",)
+    assert run.saga.compensated_steps == ("charge", "reserve")
 
 
 def test_max_recoveries_zero_fails_on_first_stall() -> None:
     run = Run(limits=replace(LIMITS, max_recoveries=0))
     d = run.apply(AttemptStalled(0, FWD, 1, 0))
-    assert types(d.audit) == ["step_failed", "saga_compensated"]
+    assert steps_of(d.audit) == [("step_failed", "reserve"), ("compensation_start", "reserve")]
 
 
 # ---------------------------------------------------------- audit coherence ---

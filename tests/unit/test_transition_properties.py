@@ -47,11 +47,13 @@ def definitions(draw: st.DrawFn) -> SagaDefinition:
     n = draw(st.integers(1, 4))
     steps = []
     for i in range(n):
+        undo = draw(st.booleans())
         steps.append(
             Step(
                 f"s{i}",
                 NOOP,
-                NOOP if draw(st.booleans()) else None,
+                NOOP if undo else None,
+                compensate_on_failure=undo and draw(st.booleans()),
                 retry=RetryPolicy(
                     max_attempts=draw(st.integers(1, 3)),
                     initial_delay_seconds=draw(st.sampled_from([0.0, 1.0, 2.5])),
@@ -79,6 +81,8 @@ class Sim:
     seen_audit_types: list[str] = field(default_factory=list)
     given_up_errors: list[str] = field(default_factory=list)
     operator_retries: int = 0
+    #: Steps that failed for good and had their own compensation scheduled (item 5).
+    compensated_itself: set[str] = field(default_factory=set)
     #: Every (step, direction, number) made pending so far: a token is never issued twice.
     allocated: set[tuple[int, Direction, int]] = field(default_factory=set)
 
@@ -190,6 +194,11 @@ def check_saga(definition: SagaDefinition, saga: Saga, *, retried: bool = False)
     compensated = saga.compensated_steps
     failed = saga.failed_compensations
 
+    # The step that failed for good (the one after the completed ones) is compensated too
+    # when its outcome is unknown or it has compensate_on_failure (issue 14, item 5).
+    failed_step = {names[len(completed)]} if len(completed) < len(names) else set()
+    undoable = set(completed) | failed_step
+
     assert saga.total_steps == len(names)
     if state.is_terminal:
         assert pending is None
@@ -211,27 +220,27 @@ def check_saga(definition: SagaDefinition, saga: Saga, *, retried: bool = False)
         assert pending.step_index == len(completed)
     if state is SagaState.COMPENSATING:
         assert pending is not None and pending.direction is Direction.COMPENSATE
-        assert names[pending.step_index] in completed
+        assert names[pending.step_index] in undoable
         assert names[pending.step_index] in comps
         assert names[pending.step_index] not in compensated + failed
     # completed_steps: a prefix of the step names, in order, no duplicates
     assert completed == names[: len(completed)]
     # compensated_steps: distinct, each completed, in reverse order of completion
     assert len(set(compensated)) == len(compensated)
-    assert set(compensated) <= set(completed)
-    positions = [completed.index(n) for n in compensated]
+    assert set(compensated) <= undoable
+    positions = [names.index(n) for n in compensated]
     if not retried:  # an operator retry re-runs higher steps after lower ones succeeded
         assert positions == sorted(positions, reverse=True)
     assert set(compensated) <= comps
     assert len(set(failed)) == len(failed)
-    assert set(failed) <= set(completed) & comps
+    assert set(failed) <= undoable & comps
     assert not set(failed) & set(compensated)
     if state is SagaState.COMPLETED:
         assert completed == names
         assert compensated == () and failed == ()
         assert not saga.abort_requested
     if state in (SagaState.COMPENSATED, SagaState.ABORTED):
-        assert {n for n in completed if n in comps} == set(compensated)
+        assert {n for n in completed if n in comps} == set(compensated) - failed_step
         assert failed == ()
     if state is SagaState.COMPENSATED:
         assert not saga.abort_requested
@@ -240,7 +249,9 @@ def check_saga(definition: SagaDefinition, saga: Saga, *, retried: bool = False)
         assert saga.abort_requested
     if state is SagaState.FAILED:
         assert failed != ()
-        assert {n for n in completed if n in comps} == set(compensated) | set(failed)
+        assert {n for n in completed if n in comps} == (set(compensated) | set(failed)) - (
+            failed_step
+        )
         assert saga.error
     if state in (SagaState.COMPENSATED, SagaState.ABORTED, SagaState.FAILED):
         assert len(completed) < len(names) or saga.abort_requested
@@ -295,7 +306,8 @@ def check_decision(sim: Sim, before: Saga, event: Any, decision: Decision) -> No
         assert cmd.not_before == after.pending.not_before
         assert cmd.not_before >= sim.now
         if cmd.direction is Direction.COMPENSATE:
-            assert sim.definition.step_names[cmd.step_index] in after.completed_steps
+            # a completed step, or the one that failed for good (item 5)
+            assert cmd.step_index <= len(after.completed_steps)
     # Recovery re-sends the very same attempt, or gives up on it after max_recoveries.
     if isinstance(event, AttemptDue):
         assert before.pending is not None and before.pending.held
@@ -312,6 +324,27 @@ def check_decision(sim: Sim, before: Saga, event: Any, decision: Decision) -> No
             assert after.pending.recoveries == before.pending.recoveries + 1
         else:
             assert decision.audit[0].event_type in ("step_failed", "compensation_failed")
+    # A step that failed for good is compensated first when its outcome is unknown (this
+    # failure or an earlier attempt or copy: a timeout, a re-send) or it opts in.
+    failed_for_good = [e for e in decision.audit if e.event_type == "step_failed"]
+    if failed_for_good:
+        assert before.pending is not None
+        index = before.pending.step_index
+        step = sim.definition.steps[index]
+        unknown = before.pending.uncertain or (
+            isinstance(event, StepFailed) and event.outcome_unknown
+        )
+        unknown = unknown or isinstance(event, AttemptStalled)
+        assert failed_for_good[0].event_data.get("outcome_unknown", False) is unknown
+        own = step.compensate is not None and (unknown or step.compensate_on_failure)
+        comp_of_itself = after.pending is not None and after.pending.key() == (
+            index,
+            Direction.COMPENSATE,
+            1,
+        )
+        assert comp_of_itself is own, (event, before.pending, after.pending)
+        if own:
+            sim.compensated_itself.add(step.name)
     # Never two accepted successes for the same (step, direction).
     if isinstance(event, StepSucceeded):
         key = (event.step_index, event.direction)
@@ -397,6 +430,9 @@ def test_at_least_once_delivery_keeps_the_saga_valid(
     # step_failed at most once per step; compensation_failed at most once per step too
     assert types.count("step_failed") <= 1
     assert types.count("abort_requested") <= 1
+    # A step whose own compensation was scheduled is compensated, or its compensation failed.
+    settled = set(sim.saga.compensated_steps) | set(sim.saga.failed_compensations)
+    assert sim.compensated_itself <= settled
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -16,6 +16,7 @@ from saga_worker.core.events import AbortRequested, AttemptStalled, StepFailed
 from saga_worker.core.model import SagaState
 from saga_worker.core.retry import RetryPolicy
 from saga_worker.errors import InvalidSagaDefinition
+from saga_worker.store.codec import pending_from_json, pending_to_json
 from tests.unit.test_transition import (
     COMP,
     FWD,
@@ -42,10 +43,14 @@ def _timeout_until_given_up(run: Run) -> None:
     p = run.saga.pending
     assert p is not None
     key = (p.step_index, p.direction)
-    while run.saga.pending is not None and (
-        run.saga.pending.step_index,
-        run.saga.pending.direction,
-    ) == key:
+    while (
+        run.saga.pending is not None
+        and (
+            run.saga.pending.step_index,
+            run.saga.pending.direction,
+        )
+        == key
+    ):
         _fail(run, error_type="StepTimeout", timed_out=True)
 
 
@@ -220,3 +225,14 @@ def test_an_aborted_step_that_then_times_out_is_compensated() -> None:
 def test_compensate_on_failure_needs_a_compensation() -> None:
     with pytest.raises(InvalidSagaDefinition, match="compensate_on_failure"):
         SagaDefinition("order", [Step("pay", NOOP, compensate_on_failure=True)])
+
+
+def test_the_checkpoint_keeps_an_uncertain_attempt() -> None:
+    run = Run()
+    _fail(run, error_type="StepTimeout", timed_out=True)
+    pending = run.saga.pending
+    assert pending is not None and pending.uncertain
+    assert pending_from_json(pending_to_json(pending)) == pending
+    legacy = {k: v for k, v in (pending_to_json(pending) or {}).items() if k != "uncertain"}
+    restored = pending_from_json(legacy)
+    assert restored is not None and not restored.uncertain
