@@ -2,7 +2,8 @@
 
 Each effect is keyed by the saga (one row per saga_id, inserted with ON CONFLICT DO
 NOTHING), so a redelivered step changes nothing. Fault injection comes from the context:
-``fail_step``, ``flaky_step``, ``slow_step`` and ``fail_compensation``.
+``fail_step``, ``flaky_step``, ``slow_step``, ``slow_after_step`` (the effect happens, then
+the attempt sleeps: a timeout leaves an unknown outcome) and ``fail_compensation``.
 """
 
 from __future__ import annotations
@@ -109,6 +110,17 @@ def _inject(call: StepInput) -> None:
         )
 
 
+def _after_effect(call: StepInput) -> None:
+    """`slow_after_step`: the step's effect is done; sleep, so a timeout leaves it in place."""
+    slow = call.context.get("slow_after_step")
+    if (
+        isinstance(slow, Mapping)
+        and slow.get("step") == call.step_name
+        and call.direction.value == "forward"
+    ):
+        time.sleep(float(slow.get("seconds", 0)))
+
+
 def _strategy_id(call: StepInput) -> int:
     value = call.context.get("strategy_id")
     if isinstance(value, bool) or not isinstance(value, int):
@@ -132,6 +144,7 @@ def create_backtest(call: StepInput) -> dict[str, Any]:
         row_id = conn.execute(
             select(example_backtests.c.id).where(example_backtests.c.saga_id == call.saga_id)
         ).scalar_one()
+    _after_effect(call)
     return {"backtest_id": row_id}
 
 
@@ -145,7 +158,9 @@ def delete_backtest(call: StepInput) -> dict[str, Any]:
 def run_strategy(call: StepInput) -> dict[str, Any]:
     """Deterministic moving-average crossover over synthetic prices seeded by strategy_id."""
     _inject(call)
-    return {"results": simulate(_strategy_id(call))}
+    results = simulate(_strategy_id(call))
+    _after_effect(call)
+    return {"results": results}
 
 
 def clear_results(call: StepInput) -> dict[str, Any]:
@@ -161,6 +176,7 @@ def save_results(call: StepInput) -> dict[str, Any]:
             .where(example_backtests.c.saga_id == call.saga_id)
             .values(results=call.context.get("results"))
         )
+    _after_effect(call)
     return {"saved": True}
 
 
