@@ -12,10 +12,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from sqlalchemy import delete, insert, select
+
 from ..config import Settings
 from ..errors import ConfigurationError
 from ..keys import fingerprint
 from .repository import SagaStore
+from .tables import settings_table
 
 #: saga_settings row holding the fingerprint of the database's signing key.
 FINGERPRINT = "signing_key_fingerprint"
@@ -70,24 +73,38 @@ def signing_key_for(settings: Settings, store: SagaStore) -> str:
 
 def move_stored_key(store: SagaStore, path: Path) -> str:
     """Write the key saga_settings holds to `path` (mode 600), keep its fingerprint, and
-    delete it from the database; returns the fingerprint. The tables' owner runs this."""
+    delete it from the database; returns the fingerprint. The tables' owner runs this.
+
+    The key row is deleted in the same transaction that then writes the file: a role that may
+    not delete it (the run-time role) fails before any file exists, and a file that cannot be
+    written leaves the database as it was.
+    """
     if path.exists():
         raise ConfigurationError(f"{path} exists already; choose a new file")
-    key = store.setting(STORED_KEY)
-    if key is None:
-        raise ConfigurationError(
-            "this database holds no signing key in saga_settings: there is nothing to move"
-        )
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise ConfigurationError(f"{path} exists already; choose a new file") from None
-    with os.fdopen(fd, "w", encoding="utf-8") as out:
-        out.write(key + "\n")
-    expected = store.add_setting(FINGERPRINT, fingerprint(key))
-    if expected != fingerprint(key):
-        raise SigningKeyMismatch(
-            "the stored key does not match the fingerprint this database keeps; nothing deleted"
-        )
-    store.remove_setting(STORED_KEY)
-    return expected
+    with store.engine.begin() as conn:
+        key = conn.execute(
+            select(settings_table.c.value).where(settings_table.c.key == STORED_KEY)
+        ).scalar()
+        if key is None:
+            raise ConfigurationError(
+                "this database holds no signing key in saga_settings: there is nothing to move"
+            )
+        key = str(key)
+        stored = conn.execute(
+            select(settings_table.c.value).where(settings_table.c.key == FINGERPRINT)
+        ).scalar()
+        if stored is not None and stored != fingerprint(key):
+            raise SigningKeyMismatch(
+                "the stored key does not match the fingerprint this database keeps; "
+                "nothing moved"
+            )
+        if stored is None:
+            conn.execute(insert(settings_table).values(key=FINGERPRINT, value=fingerprint(key)))
+        conn.execute(delete(settings_table).where(settings_table.c.key == STORED_KEY))
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise ConfigurationError(f"{path} exists already; choose a new file") from None
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(key + "\n")
+    return fingerprint(key)

@@ -105,11 +105,11 @@ def _beat_schedule(settings: Settings) -> dict[str, Any]:
         }
     }
     if settings.anchor_interval_seconds is not None:
+        # No `expires`: Celery turns it into a wall-clock time, which a skewed worker clock
+        # or a backlog makes drop every anchor; the task itself skips one that comes too soon.
         schedule[ANCHOR_ENTRY] = {
             "task": "saga.anchor",
             "schedule": settings.anchor_interval_seconds,
-            # One anchor per period is enough: a late one is replaced by the next.
-            "options": {"expires": settings.anchor_interval_seconds},
         }
     return schedule
 
