@@ -26,7 +26,7 @@ from saga_worker.store.migrate import head_revision
 from saga_worker.store.repository import SagaStore
 from tests.waiting import wait_for, wait_for_tasks
 
-from .conftest import REPO, Stack, WorkerProcess, fresh_postgres_database, start_worker
+from .conftest import REPO, SIGNING_KEY, Stack, WorkerProcess, fresh_postgres_database, start_worker
 
 pytestmark = pytest.mark.integration
 
@@ -40,7 +40,8 @@ def cli(
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SAGA_")}
     return subprocess.run(
         [SAGA_WORKER, *args],
-        env={**clean, "PYTHONPATH": str(REPO), **env},
+        # The signing key every process of the test databases uses (required with PostgreSQL).
+        env={**clean, "PYTHONPATH": str(REPO), "SAGA_SIGNING_KEY": SIGNING_KEY, **env},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -87,6 +88,8 @@ EXPECTED = {
     ("saga_settings", "SELECT"),
     ("saga_settings", "INSERT"),
     ("saga_alembic_version", "SELECT"),
+    ("saga_audit_anchors", "SELECT"),
+    ("saga_audit_anchors", "INSERT"),
 }
 EXAMPLES = {("example_backtests", p) for p in ("SELECT", "INSERT", "UPDATE", "DELETE")}
 
@@ -127,7 +130,11 @@ def test_grant_is_exact_idempotent_and_refuses_unknown_or_owning_roles(
     again = cli(["db", "grant", role, "--examples", "--json"], env)
     assert again.returncode == 0, again.stderr
     report = json.loads(again.stdout)
-    assert report["sequences"] == ["saga_audit_logs_id_seq", "example_backtests_id_seq"]
+    assert report["sequences"] == [
+        "saga_audit_logs_id_seq",
+        "saga_audit_anchors_id_seq",
+        "example_backtests_id_seq",
+    ]
     assert report["excess"] == []
     assert table_grants(url, role) == EXPECTED | EXAMPLES
     # A grant made by hand beyond the run-time set is taken back by the next run.

@@ -14,7 +14,7 @@ import pytest
 
 from tests.console_script import SAGA_WORKER
 
-from .conftest import fresh_postgres_database, start_worker
+from .conftest import SIGNING_KEY, fresh_postgres_database, start_worker
 from .test_audit_trail import Driver
 from .test_metrics import free_port, sample, scrape, wait_for
 
@@ -63,7 +63,7 @@ def test_cli_abort_is_counted_on_the_worker_endpoint(
         clean = {k: v for k, v in os.environ.items() if not k.startswith("SAGA_")}
         cli = subprocess.Popen(
             [SAGA_WORKER, "abort", saga_id, "--reason", "ops test", "--user", "ops", "--json"],
-            env={**clean, **env},
+            env={**clean, "SAGA_SIGNING_KEY": SIGNING_KEY, **env},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
