@@ -39,7 +39,13 @@ from saga_worker.store.connect import create_db_engine
 from saga_worker.store.repository import SagaStore
 from tests.waiting import wait_for
 
-from .conftest import WORKER_IMPORTS, Stack, fresh_postgres_database, fresh_sqlite_database
+from .conftest import (
+    SIGNING_KEY,
+    WORKER_IMPORTS,
+    Stack,
+    fresh_postgres_database,
+    fresh_sqlite_database,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -199,6 +205,7 @@ def test_every_event_type_is_written_with_its_fields(stack: Stack) -> None:
             "SAGA_BROKER_URL": stack.broker_url,
             "SAGA_QUEUE": stack.queue,
             "SAGA_IMPORTS": WORKER_IMPORTS,
+            "SAGA_SIGNING_KEY": SIGNING_KEY,
         }
     )
     client = SagaClient(settings)
