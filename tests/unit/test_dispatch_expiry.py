@@ -11,7 +11,7 @@ from saga_worker.config import Settings
 from saga_worker.core.definition import Remote, SagaDefinition, Step
 from saga_worker.core.events import StartRequested
 from saga_worker.core.transition import start
-from saga_worker.worker.app import RECOVERY_ENTRY, create_app
+from saga_worker.worker.app import RECOVERY_ENTRY, SweepGate, create_app
 from saga_worker.worker.dispatch import CeleryDispatcher
 
 NOOP: Any = lambda call: {}  # noqa: E731
@@ -67,3 +67,14 @@ def test_the_recovery_sweep_message_has_no_wall_clock_expiry(tmp_path: Path) -> 
     app = create_app(_settings(tmp_path))
     entry = app.conf.beat_schedule[RECOVERY_ENTRY]
     assert "expires" not in entry.get("options", {})
+
+
+def test_sweeps_that_pile_up_are_coalesced_on_the_monotonic_clock() -> None:
+    now = [100.0]
+    gate = SweepGate(5.0, clock=lambda: now[0])
+    assert gate.open()
+    gate.done()
+    now[0] += 1.0  # the next queued sweep right after: same overdue attempts, skipped
+    assert not gate.open()
+    now[0] += 4.0
+    assert gate.open()
