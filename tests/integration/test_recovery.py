@@ -441,3 +441,34 @@ def test_worker_survives_a_redis_restart_with_a_step_in_flight(rig: Rig) -> None
     assert rig.wait_all([second], timeout=15)[second].state.value == "COMPLETED"
     assert rig.worker.process.poll() is None
     assert count_lines(rig.worker_logs(), "Unrecoverable error") == 0
+
+
+def test_a_backlog_longer_than_timeout_and_grace_runs_each_step_once(rig: Rig) -> None:
+    """Issue 14, item 6: 40 starts on a worker with one process, each step 0.3 s with a 1 s
+    timeout and a 1 s queue allowance. Most step messages wait in the queue past their start-by
+    time: Celery discards them unrun, the sweep re-sends them with a doubled allowance, and
+    every step still runs exactly once (at most one live copy of an attempt)."""
+    runs = rig.folder / "runs.txt"
+    runs.touch()
+    rig.start_worker(concurrency=1)
+    rig.start_beat()
+    sagas = [
+        rig.start_saga("rec_backlog", {"runs_file": str(runs), "seconds": 0.3}, unique("blog"))
+        for _ in range(40)
+    ]
+    final = rig.wait_all(sagas, timeout=240)
+    assert {s.state.value for s in final.values()} == {"COMPLETED"}, Counter(
+        s.state.value for s in final.values()
+    )
+    per_saga = Counter(line.split()[0] for line in runs.read_text().splitlines())
+    assert set(per_saga) == set(sagas)
+    twice = {saga_id: n for saga_id, n in per_saga.items() if n != 1}
+    assert twice == {}, f"steps that ran more than once: {twice}"
+    # The backlog was real: step messages waited past their start-by time and were re-sent.
+    recovered = [
+        saga_id
+        for saga_id in sagas
+        if any(r["event_type"] == "saga_recovered" for r in rig.store.audit_trail(saga_id))
+    ]
+    print(f"backlog: 40 starts, {len(recovered)} re-sent after their start-by time, 0 twice")
+    assert recovered, "no step message waited past its start-by time: the test made no backlog"
