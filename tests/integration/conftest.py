@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from celery import Celery
-from sqlalchemy import select, text
+from sqlalchemy import Engine, select, text
 
 from saga_worker.audit.redaction import Redactor
 from saga_worker.audit.verify import verify_chain
@@ -87,6 +87,14 @@ def migrated_database(backend: str, pg_admin_url: str, folder: Path) -> str:
     if backend == "postgres":
         return fresh_postgres_database(pg_admin_url)
     return fresh_sqlite_database(folder)
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def engine(request: pytest.FixtureRequest, pg_admin_url: str, tmp_path: Path) -> Iterator[Engine]:
+    """An engine on a migrated database, PostgreSQL then SQLite (`indirect` picks one)."""
+    db = create_db_engine(migrated_database(str(request.param), pg_admin_url, tmp_path))
+    yield db
+    db.dispose()
 
 
 def make_0_1_database(url: str) -> str:

@@ -33,14 +33,6 @@ NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 REDACTOR = Redactor(())
 
 
-@pytest.fixture(params=["postgres", "sqlite"])
-def engine(request: pytest.FixtureRequest, pg_admin_url: str, tmp_path: Path) -> Iterator[Engine]:
-    url = migrated_database(str(request.param), pg_admin_url, tmp_path)
-    db = create_db_engine(url)
-    yield db
-    db.dispose()
-
-
 def _rows(saga_id: str, prev_hash: str, *reasons: str) -> list[dict[str, Any]]:
     events = tuple(rejected_start(reason) for reason in reasons)
     return build_rows(saga_id, {}, events, NOW, prev_hash, REDACTOR)

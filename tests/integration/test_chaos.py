@@ -116,7 +116,10 @@ def trail_problems(saga: Saga, rows: list[dict[str, Any]]) -> list[str]:
             if kind == "step_complete":
                 done += 1
             elif kind == "step_failed":
-                undo = done - 1
+                # A step whose outcome is unknown (timed out, lost, stalled) is compensated
+                # itself first; otherwise the rollback starts at the step before it.
+                own = bool((row["event_data"] or {}).get("own_compensation"))
+                undo = done if own else done - 1
         elif kind.startswith("compensation_"):
             if undo is None or index != undo:
                 problems.append(f"{kind} of step {index} while rolling back at {undo}")

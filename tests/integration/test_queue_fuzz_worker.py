@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import re
+import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -174,6 +175,9 @@ def test_a_real_worker_on_rediss_survives_hypothesis_items(
     }
     worker = start_worker("saga_worker.app", env, queue, tmp_path / "worker.log")
     os.environ.update(variant.env)  # the producer reads the same config module
+    # ... as a module read when first imported: another test's fixture may have imported it
+    # with its own server's CA.
+    sys.modules.pop(variant.config_module, None)
     producer = Celery("producer", broker=variant.broker_url, set_as_current=False)
     producer.config_from_object(variant.config_module)
     producer.conf.update(task_serializer="json", accept_content=["json"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -198,6 +199,9 @@ def test_the_worker_drops_queue_items_that_are_not_messages_and_keeps_serving(
     }
     worker = start_worker("saga_worker.app", env, queue, tmp_path / "worker.log")
     os.environ.update(variant.env)  # the producer reads the same config module
+    # ... as a module read when first imported: another test's fixture may have imported it
+    # with its own server's CA.
+    sys.modules.pop(variant.config_module, None)
     producer = Celery("producer", broker=variant.broker_url, set_as_current=False)
     producer.config_from_object(variant.config_module)
     producer.conf.update(task_serializer="json", accept_content=["json"])

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, func, select
@@ -21,12 +19,9 @@ from saga_worker.core.rejection import rejected_start
 from saga_worker.core.transition import start, transition
 from saga_worker.errors import ConcurrencyConflict
 from saga_worker.store.codec import saga_to_row
-from saga_worker.store.connect import create_db_engine
 from saga_worker.store.repository import SagaStore
 from saga_worker.store.tables import audit_logs, checkpoints
 from saga_worker.store.write import Write, Written, execute
-
-from .conftest import migrated_database
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 DEFINITION = SagaDefinition(
@@ -34,14 +29,6 @@ DEFINITION = SagaDefinition(
     [Step("one", Remote("remote.one", "remote")), Step("two", Remote("remote.two", "remote"))],
 )
 REDACTOR = Redactor(())
-
-
-@pytest.fixture(params=["postgres", "sqlite"])
-def engine(request: pytest.FixtureRequest, pg_admin_url: str, tmp_path: Path) -> Iterator[Engine]:
-    url = migrated_database(str(request.param), pg_admin_url, tmp_path)
-    db = create_db_engine(url)
-    yield db
-    db.dispose()
 
 
 def _started(saga_id: str = "w-1") -> Decision:
