@@ -46,8 +46,10 @@ INTERVAL = "0.5"  # SAGA_RECOVERY_INTERVAL_SECONDS of every beat here
 CRASHED_AGO = timedelta(seconds=60)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def database_url(pg_admin_url: str) -> str:
+    # One database per test: sagas a test leaves stalled on purpose (the concurrent sweeps')
+    # would otherwise be swept by the next test's worker and counted as its own sends.
     return fresh_postgres_database(pg_admin_url)
 
 
