@@ -474,3 +474,50 @@ def test_a_backlog_longer_than_timeout_and_grace_runs_each_step_once(rig: Rig) -
     ]
     print(f"backlog: 40 starts, {len(recovered)} re-sent after their start-by time, 0 twice")
     assert recovered, "no step message waited past its start-by time: the test made no backlog"
+
+
+FAKETIME_LIB = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+
+
+def test_a_worker_clock_ahead_by_more_than_the_allowance_still_runs_each_step_once(
+    rig: Rig,
+) -> None:
+    """Issue 14, item 6: one of two workers runs 3 s ahead (libfaketime), with a 1 s queue
+    allowance. Copies the other worker sends look expired to it and are discarded; the sweep
+    re-sends them with a doubled allowance until it covers the skew. Every saga completes and
+    every step runs exactly once."""
+    assert FAKETIME_LIB.exists(), "scripts/test.sh installs Debian's faketime"
+    runs = rig.folder / "runs.txt"
+    runs.touch()
+    rig.start_worker(concurrency=1)
+    ahead = {
+        "LD_PRELOAD": str(FAKETIME_LIB),
+        # A constant offset: the monotonic clock moves by it too, which changes no interval.
+        # (FAKETIME_DONT_FAKE_MONOTONIC=1 would make time.sleep fail with EINVAL.)
+        "FAKETIME": "+3s",
+    }
+    rig.env.update(ahead)
+    try:
+        skewed = rig.start_worker(concurrency=1)
+    finally:
+        for name in ahead:
+            del rig.env[name]
+    rig.start_beat()
+    sagas = [
+        rig.start_saga("rec_skew", {"runs_file": str(runs), "seconds": 0.05}, unique("skew"))
+        for _ in range(12)
+    ]
+    final = rig.wait_all(sagas, timeout=120)
+    assert {s.state.value for s in final.values()} == {"COMPLETED"}, Counter(
+        s.state.value for s in final.values()
+    )
+    per_step = Counter(tuple(line.split()[:2]) for line in runs.read_text().splitlines())
+    assert set(per_step) == {(s, step) for s in sagas for step in ("first", "second")}
+    assert [key for key, n in per_step.items() if n != 1] == []
+    # The skew was real: the worker ahead discarded copies it saw as expired.
+    discarded = count_lines([skewed.log_path], "Discarding revoked task")
+    recovered = sum(
+        1 for s in sagas for r in rig.store.audit_trail(s) if r["event_type"] == "saga_recovered"
+    )
+    print(f"skew +3 s: 12 sagas, {discarded} copies discarded, {recovered} re-sends, 0 twice")
+    assert discarded > 0 and recovered > 0
