@@ -35,7 +35,7 @@ from saga_worker.recovery import SweepResult, sweep
 from saga_worker.worker.dispatch import CeleryDispatcher
 from tests.waiting import wait_for
 
-from .conftest import SIGNING_KEY, fresh_postgres_database
+from .conftest import SIGNING_KEY, fresh_postgres_database, start_worker
 from .processes import Rig, count_lines, kill_group, lines_with, restartable_servers, unique
 
 pytestmark = pytest.mark.integration
@@ -69,6 +69,7 @@ def rig(
         SAGA_STALL_GRACE_SECONDS=getattr(request, "param", GRACE),
         SAGA_RECOVERY_INTERVAL_SECONDS=INTERVAL,
         REC_DEAD_QUEUE=unique("rec-dead"),
+        REC_REMOTE_QUEUE=unique("rec-remote"),
     )
     try:
         yield rig
@@ -445,17 +446,35 @@ def test_worker_survives_a_redis_restart_with_a_step_in_flight(rig: Rig) -> None
     assert count_lines(rig.worker_logs(), "Unrecoverable error") == 0
 
 
-def test_a_backlog_longer_than_timeout_and_grace_runs_each_step_once(rig: Rig) -> None:
-    """Issue 14, item 6: 40 starts on a worker with one process, each step 0.3 s with a 1 s
-    timeout and a 1 s queue allowance. Most step messages wait in the queue past their start-by
-    time: Celery discards them unrun, the sweep re-sends them with a doubled allowance, and
-    every step still runs exactly once (at most one live copy of an attempt)."""
+@pytest.mark.parametrize("served_by", ["saga worker", "remote service"])
+def test_a_backlog_longer_than_timeout_and_grace_runs_each_step_once(
+    rig: Rig, served_by: str
+) -> None:
+    """Issue 14, item 6: 40 starts on one process, each step 0.3 s with a 1 s timeout and a
+    1 s queue allowance. Most step messages wait in the queue past their start-by time: Celery
+    discards them unrun (in the saga worker, or in another team's service for a remote step),
+    the sweep re-sends them with a doubled allowance, and every step still runs exactly once
+    (at most one live copy of an attempt)."""
     runs = rig.folder / "runs.txt"
     runs.touch()
+    saga_type = "rec_backlog"
+    if served_by == "remote service":
+        saga_type = "rec_remote_backlog"
+        remote_queue = rig.env["REC_REMOTE_QUEUE"]
+        env = {
+            **rig.env,
+            "IT_REMOTE_QUEUE": remote_queue,
+            "IT_REMOTE_BROKER_URL": rig.env["SAGA_BROKER_URL"],
+        }
+        remote_log = rig.folder / "remote.log"
+        remote = start_worker(
+            "tests.fixtures.remote_service", env, remote_queue, remote_log, concurrency=1
+        )
+        rig.workers.insert(0, remote)  # stopped with the rig's workers
     rig.start_worker(concurrency=1)
     rig.start_beat()
     sagas = [
-        rig.start_saga("rec_backlog", {"runs_file": str(runs), "seconds": 0.3}, unique("blog"))
+        rig.start_saga(saga_type, {"runs_file": str(runs), "seconds": 0.3}, unique("blog"))
         for _ in range(40)
     ]
     final = rig.wait_all(sagas, timeout=240)
@@ -472,7 +491,7 @@ def test_a_backlog_longer_than_timeout_and_grace_runs_each_step_once(rig: Rig) -
         for saga_id in sagas
         if any(r["event_type"] == "saga_recovered" for r in rig.store.audit_trail(saga_id))
     ]
-    print(f"backlog: 40 starts, {len(recovered)} re-sent after their start-by time, 0 twice")
+    print(f"backlog ({served_by}): 40 starts, {len(recovered)} re-sent after their start-by time")
     assert recovered, "no step message waited past its start-by time: the test made no backlog"
 
 
