@@ -134,6 +134,13 @@ if ! command -v amtool >/dev/null 2>&1; then
     phase_done
 fi
 
+# libfaketime runs a test worker with its clock ahead (test_recovery's clock-skew test).
+if [[ ! -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ]]; then
+    phase "installing faketime with apt-get"
+    apt_install faketime
+    phase_done
+fi
+
 # ----------------------------------------------------------------- checks ---
 
 # The package, its tests and the benchmark: linted and type-checked alike (mypy --strict,

@@ -73,11 +73,16 @@ class Builder:
         extra: Mapping[str, Any] | None = None,
         user_id: str | None = None,
         uncertain: bool = False,
+        allowance: float | None = None,
     ) -> None:
-        """Make (step, direction, number) the pending attempt and send it (or hold it)."""
+        """Make (step, direction, number) the pending attempt and send it (or hold it).
+
+        `allowance` is its queue allowance (default: the stall grace, a first send's).
+        """
         timeout = self.definition.timeout(
             step_index, direction, self.limits.default_step_timeout_seconds
         )
+        allowance = allowance or self.limits.stall_grace_seconds
         self.update(attempt_seq=max(self.saga.attempt_seq, number))
         if (not_before - self.now).total_seconds() > self.limits.max_broker_delay_seconds:
             held = Attempt(
@@ -90,10 +95,14 @@ class Builder:
                 True,
                 first,
                 uncertain=uncertain,
+                allowance=allowance,
             )
             self.update(pending=held, current_step_index=step_index)
             return
-        deadline = not_before + timedelta(seconds=timeout + self.limits.stall_grace_seconds)
+        start_by = not_before + timedelta(seconds=allowance)
+        # A copy starts by start_by or never (it expires): after start_by + timeout it has
+        # either reported or stalled, and only then may recovery send another copy.
+        deadline = start_by + timedelta(seconds=timeout)
         attempt = Attempt(
             step_index,
             direction,
@@ -104,12 +113,15 @@ class Builder:
             False,
             first,
             uncertain=uncertain,
+            allowance=allowance,
         )
         self.update(pending=attempt, current_step_index=step_index)
         kind = "step_start" if direction is Direction.FORWARD else "compensation_start"
         data: dict[str, Any] = {"attempt": number, "timeout_seconds": timeout, **(extra or {})}
         if not_before > self.now:
             data["not_before"] = not_before.isoformat()
+        if allowance != self.limits.stall_grace_seconds:
+            data["queue_allowance_seconds"] = allowance
         who = {"user_id": user_id} if user_id is not None else {}
         self.audit(
             kind,
@@ -120,7 +132,7 @@ class Builder:
             **who,
         )
         self.commands.append(
-            RunAttempt(self.saga.saga_id, step_index, direction, number, not_before)
+            RunAttempt(self.saga.saga_id, step_index, direction, number, not_before, start_by)
         )
 
     def decision(self) -> Decision:
@@ -154,7 +166,18 @@ def resend(
     # A copy that was sent may have run (and taken effect) without reporting: from now on
     # the step's outcome is unknown until it reports (a held attempt was never sent).
     uncertain = pending.uncertain or not pending.held
-    send_now(b, pending, recoveries=pending.recoveries + 1, user_id=user_id, uncertain=uncertain)
+    # A copy that was sent may still be queued behind a backlog: give the new one twice the
+    # queue allowance, so a backlog drains instead of being re-sent until StalledTooOften.
+    # (The old copy expired at its start-by time, before this deadline: it cannot start.)
+    base = pending.allowance or b.limits.stall_grace_seconds
+    send_now(
+        b,
+        pending,
+        recoveries=pending.recoveries + 1,
+        user_id=user_id,
+        uncertain=uncertain,
+        allowance=base if pending.held else 2 * base,
+    )
 
 
 def send_now(
@@ -164,6 +187,7 @@ def send_now(
     recoveries: int,
     user_id: str | None = None,
     uncertain: bool | None = None,
+    allowance: float | None = None,
 ) -> None:
     """Send the pending attempt (same number, same run) now, with a fresh deadline."""
     b.run(
@@ -176,4 +200,5 @@ def send_now(
         retry_count=retry_ordinal(pending) or None,
         user_id=user_id,
         uncertain=pending.uncertain if uncertain is None else uncertain,
+        allowance=pending.allowance if allowance is None else allowance,
     )

@@ -10,13 +10,18 @@ from .model import Direction
 
 @dataclass(frozen=True)
 class RunAttempt:
-    """Send the task of one step attempt; `not_before` carries the retry backoff."""
+    """Send the task of one step attempt; `not_before` carries the retry backoff.
+
+    `start_by` is the attempt's start-by time, sent as Celery's `expires`: a copy still
+    queued after it is discarded, so at most one copy of an attempt can start.
+    """
 
     saga_id: str
     step_index: int
     direction: Direction
     attempt: int
     not_before: datetime
+    start_by: datetime | None = None
 
 
 Command = RunAttempt

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -69,6 +69,15 @@ class Attempt:
     #: An earlier attempt or copy of this step's run may have taken effect (it timed out, or
     #: it stalled and was re-sent): if the step fails for good, its compensation runs too.
     uncertain: bool = False
+    #: Queue allowance in seconds: a sent copy must start by `start_by` (not_before + this),
+    #: or the worker that receives it discards it (Celery's `expires`). Doubled on each
+    #: re-send of the same attempt; 0 in a checkpoint written before it existed.
+    allowance: float = 0.0
+
+    @property
+    def start_by(self) -> datetime:
+        """The time by which a sent copy must start; the deadline is this + the timeout."""
+        return self.not_before + timedelta(seconds=self.allowance)
 
     def key(self) -> tuple[int, Direction, int]:
         return (self.step_index, self.direction, self.number)

@@ -28,6 +28,7 @@ def pending_to_json(attempt: Attempt | None) -> dict[str, Any] | None:
         "held": attempt.held,
         "first": attempt.first,
         "uncertain": attempt.uncertain,
+        "allowance": attempt.allowance,
     }
 
 
@@ -44,6 +45,7 @@ def pending_from_json(data: Mapping[str, Any] | None) -> Attempt | None:
         held=bool(data.get("held", False)),
         first=int(data.get("first", 1)),
         uncertain=bool(data.get("uncertain", False)),
+        allowance=float(data.get("allowance", 0.0)),
     )
 
 

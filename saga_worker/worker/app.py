@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import logging
 import ssl
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -97,11 +99,14 @@ ANCHOR_ENTRY = "saga-anchor"
 
 
 def _beat_schedule(settings: Settings) -> dict[str, Any]:
+    # No `expires` on the sweep: Celery turns it into an absolute time by the beat's clock,
+    # so a worker clock ahead by more than it, or a backlog longer than it on the saga
+    # queue, would drop every sweep and switch recovery off. Sweeps that pile up behind a
+    # backlog are coalesced by the worker instead (SweepGate).
     schedule: dict[str, Any] = {
         RECOVERY_ENTRY: {
             "task": "saga.recover",
             "schedule": settings.recovery_interval_seconds,
-            "options": {"expires": settings.recovery_interval_seconds * 2},
         }
     }
     if settings.anchor_interval_seconds is not None:
@@ -112,6 +117,25 @@ def _beat_schedule(settings: Settings) -> dict[str, Any]:
             "schedule": settings.anchor_interval_seconds,
         }
     return schedule
+
+
+class SweepGate:
+    """Coalesces sweeps that arrive in a burst (those the beat sent while a backlog or an
+    outage held them): one that starts less than `min_gap` seconds after this process's
+    last sweep ended returns at once. Measured on the monotonic clock, so no host's wall
+    clock can skip a sweep; a sweep that is due is never dropped, only merged with the
+    one just run (which saw the same overdue attempts)."""
+
+    def __init__(self, min_gap: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.min_gap = min_gap
+        self.clock = clock
+        self.last_end: float | None = None
+
+    def open(self) -> bool:
+        return self.last_end is None or self.clock() - self.last_end >= self.min_gap
+
+    def done(self) -> None:
+        self.last_end = self.clock()
 
 
 def apply_celery_config(app: Celery, module_name: str) -> None:
@@ -242,10 +266,17 @@ def create_app(settings: Settings | None = None) -> Celery:
     app.saga_runtimes = runtimes
     register_core_tasks(app, runtimes)
 
+    gate = SweepGate(settings.recovery_interval_seconds / 2)
+
     @app.task(name="saga.recover", acks_late=True, shared=False)  # type: ignore[untyped-decorator]
     def saga_recover() -> dict[str, int]:
+        if not gate.open():
+            return {"examined": 0, "recovered": 0, "failed": 0, "coalesced": 1}
         rt = runtimes.get()
-        result = sweep(rt.store, rt.engine, utcnow())
+        try:
+            result = sweep(rt.store, rt.engine, utcnow())
+        finally:
+            gate.done()
         return {"examined": result.examined, "recovered": result.recovered, "failed": result.failed}
 
     def _check_signing_key(sender: Any = None, **_: Any) -> None:

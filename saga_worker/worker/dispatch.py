@@ -86,6 +86,11 @@ class CeleryDispatcher:
             "soft_time_limit": timeout,
             "time_limit": timeout + HARD_LIMIT_MARGIN_SECONDS,
         }
+        if command.start_by is not None:
+            # A copy still queued after its start-by time is discarded by the worker that
+            # receives it (Celery's own check, here or in the remote service): recovery sends
+            # another copy only after start-by + timeout, so two copies never both start.
+            options["expires"] = command.start_by
         delay = (command.not_before - datetime.now(UTC)).total_seconds()
         if delay > 0.001:
             # On RabbitMQ with quorum queues Celery delays messages in the broker in whole

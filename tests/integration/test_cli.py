@@ -479,10 +479,11 @@ def test_worker_and_beat_wrappers_start_celery(
     )
     beat_log = tmp_path / "beat.log"
     beat = subprocess.Popen(
-        [SAGA_WORKER, "beat", "--loglevel", "INFO"],
+        [SAGA_WORKER, "beat", "--loglevel", "INFO", "--schedule", str(tmp_path / "schedule")],
         env=env,
         stdout=beat_log.open("wb"),
         stderr=subprocess.STDOUT,
+        cwd=tmp_path,
         start_new_session=True,
     )
     try:

@@ -33,9 +33,9 @@ from saga_worker.core.model import Attempt, Direction, Saga
 from saga_worker.engine import SagaEngine, utcnow
 from saga_worker.recovery import SweepResult, sweep
 from saga_worker.worker.dispatch import CeleryDispatcher
-from tests.waiting import wait_for, wait_for_tasks
+from tests.waiting import wait_for
 
-from .conftest import SIGNING_KEY, fresh_postgres_database
+from .conftest import SIGNING_KEY, fresh_postgres_database, start_worker
 from .processes import Rig, count_lines, kill_group, lines_with, restartable_servers, unique
 
 pytestmark = pytest.mark.integration
@@ -46,20 +46,30 @@ INTERVAL = "0.5"  # SAGA_RECOVERY_INTERVAL_SECONDS of every beat here
 CRASHED_AGO = timedelta(seconds=60)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def database_url(pg_admin_url: str) -> str:
+    # One database per test: sagas a test leaves stalled on purpose (the concurrent sweeps')
+    # would otherwise be swept by the next test's worker and counted as its own sends.
     return fresh_postgres_database(pg_admin_url)
 
 
+# The grace of a test that sends a burst (indirect param of `rig`): each message then has
+# this long to get through the queue before it expires (docs/recovery.md, Backlogs).
+BURST_GRACE = "20"
+
+
 @pytest.fixture
-def rig(database_url: str, broker_url: str, tmp_path: Path) -> Iterator[Rig]:
+def rig(
+    database_url: str, broker_url: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Rig]:
     rig = Rig.create(
         database_url,
         broker_url,
         tmp_path,
-        SAGA_STALL_GRACE_SECONDS=GRACE,
+        SAGA_STALL_GRACE_SECONDS=getattr(request, "param", GRACE),
         SAGA_RECOVERY_INTERVAL_SECONDS=INTERVAL,
         REC_DEAD_QUEUE=unique("rec-dead"),
+        REC_REMOTE_QUEUE=unique("rec-remote"),
     )
     try:
         yield rig
@@ -104,7 +114,7 @@ class CountSends:
 
 def engine_for(rig: Rig, dispatcher: Any, clock_offset: timedelta = -CRASHED_AGO) -> SagaEngine:
     """An engine in the test process on the rig's database (as a worker's would be)."""
-    limits = Limits(stall_grace_seconds=float(GRACE))
+    limits = Limits(stall_grace_seconds=float(rig.env["SAGA_STALL_GRACE_SECONDS"]))
     return SagaEngine(rig.store, dispatcher, limits, clock=lambda: utcnow() + clock_offset)
 
 
@@ -145,8 +155,12 @@ def messages_about(broker: redis.Redis, saga_id: str, queue: str) -> list[dict[s
 # -- (a) a crash between the checkpoint commit and the enqueue, two beats ------------------
 
 
+@pytest.mark.parametrize("rig", [BURST_GRACE], indirect=True)
 def test_commit_without_enqueue_is_recovered_once_under_two_beats(rig: Rig) -> None:
-    """Sagas committed but never sent; two beats race to recover them; each is sent once."""
+    """Sagas committed but never sent; two beats race to recover them; each is sent once.
+
+    The burst of 240 step messages waits in the queue: a grace of 1 s would let copies
+    expire there and be recovered again, which is not what this test counts."""
     lost = SendNothing()
     saga_ids = start_in_process(engine_for(rig, lost), "rec_quick", 120)
     assert len(lost.lost) == 120  # the first attempt of every saga was never enqueued
@@ -277,9 +291,19 @@ def test_worker_killed_mid_step_is_recovered_after_its_deadline(
     tag = orphans[0]["properties"]["delivery_tag"]
     with Connection(broker_url) as connection:
         connection.default_channel.qos.restore_by_tag(tag)
-    # The new worker ran the redelivered message to its end and skipped it.
-    wait_for_tasks(rig.worker.log_path, [orphans[0]["headers"]["id"]])
-    assert count_lines([rig.worker.log_path], "is not pending") == 1
+    # The new worker discarded the redelivered message unrun: it expired at its start-by
+    # time, long before (at most one copy of an attempt can start).
+    orphan_id = orphans[0]["headers"]["id"]
+    wait_for(
+        lambda: any(
+            "Discarding revoked task" in line
+            for line in lines_with([rig.worker.log_path], orphan_id)
+        ),
+        30,
+        "the redelivered message to be discarded",
+        details=rig.worker.log_tail,
+    )
+    assert count_lines([rig.worker.log_path], "is not pending") == 0
     assert [r["id"] for r in rig.audit_rows([saga_id])[saga_id]] == [r["id"] for r in rows]
     # ...and acknowledged it (after the task ended): gone from the queue and from unacked.
     wait_for(
@@ -420,3 +444,99 @@ def test_worker_survives_a_redis_restart_with_a_step_in_flight(rig: Rig) -> None
     assert rig.wait_all([second], timeout=15)[second].state.value == "COMPLETED"
     assert rig.worker.process.poll() is None
     assert count_lines(rig.worker_logs(), "Unrecoverable error") == 0
+
+
+@pytest.mark.parametrize("served_by", ["saga worker", "remote service"])
+def test_a_backlog_longer_than_timeout_and_grace_runs_each_step_once(
+    rig: Rig, served_by: str
+) -> None:
+    """Issue 14, item 6: 40 starts on one process, each step 0.3 s with a 1 s timeout and a
+    1 s queue allowance. Most step messages wait in the queue past their start-by time: Celery
+    discards them unrun (in the saga worker, or in another team's service for a remote step),
+    the sweep re-sends them with a doubled allowance, and every step still runs exactly once
+    (at most one live copy of an attempt)."""
+    runs = rig.folder / "runs.txt"
+    runs.touch()
+    saga_type = "rec_backlog"
+    if served_by == "remote service":
+        saga_type = "rec_remote_backlog"
+        remote_queue = rig.env["REC_REMOTE_QUEUE"]
+        env = {
+            **rig.env,
+            "IT_REMOTE_QUEUE": remote_queue,
+            "IT_REMOTE_BROKER_URL": rig.env["SAGA_BROKER_URL"],
+        }
+        remote_log = rig.folder / "remote.log"
+        remote = start_worker(
+            "tests.fixtures.remote_service", env, remote_queue, remote_log, concurrency=1
+        )
+        rig.workers.insert(0, remote)  # stopped with the rig's workers
+    rig.start_worker(concurrency=1)
+    rig.start_beat()
+    sagas = [
+        rig.start_saga(saga_type, {"runs_file": str(runs), "seconds": 0.3}, unique("blog"))
+        for _ in range(40)
+    ]
+    final = rig.wait_all(sagas, timeout=240)
+    assert {s.state.value for s in final.values()} == {"COMPLETED"}, Counter(
+        s.state.value for s in final.values()
+    )
+    per_saga = Counter(line.split()[0] for line in runs.read_text().splitlines())
+    assert set(per_saga) == set(sagas)
+    twice = {saga_id: n for saga_id, n in per_saga.items() if n != 1}
+    assert twice == {}, f"steps that ran more than once: {twice}"
+    # The backlog was real: step messages waited past their start-by time and were re-sent.
+    recovered = [
+        saga_id
+        for saga_id in sagas
+        if any(r["event_type"] == "saga_recovered" for r in rig.store.audit_trail(saga_id))
+    ]
+    print(f"backlog ({served_by}): 40 starts, {len(recovered)} re-sent after their start-by time")
+    assert recovered, "no step message waited past its start-by time: the test made no backlog"
+
+
+FAKETIME_LIB = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+
+
+def test_a_worker_clock_ahead_by_more_than_the_allowance_still_runs_each_step_once(
+    rig: Rig,
+) -> None:
+    """Issue 14, item 6: one of two workers runs 3 s ahead (libfaketime), with a 1 s queue
+    allowance. Copies the other worker sends look expired to it and are discarded; the sweep
+    re-sends them with a doubled allowance until it covers the skew. Every saga completes and
+    every step runs exactly once."""
+    assert FAKETIME_LIB.exists(), "scripts/test.sh installs Debian's faketime"
+    runs = rig.folder / "runs.txt"
+    runs.touch()
+    rig.start_worker(concurrency=1)
+    ahead = {
+        "LD_PRELOAD": str(FAKETIME_LIB),
+        # A constant offset: the monotonic clock moves by it too, which changes no interval.
+        # (FAKETIME_DONT_FAKE_MONOTONIC=1 would make time.sleep fail with EINVAL.)
+        "FAKETIME": "+3s",
+    }
+    rig.env.update(ahead)
+    try:
+        skewed = rig.start_worker(concurrency=1)
+    finally:
+        for name in ahead:
+            del rig.env[name]
+    rig.start_beat()
+    sagas = [
+        rig.start_saga("rec_skew", {"runs_file": str(runs), "seconds": 0.05}, unique("skew"))
+        for _ in range(12)
+    ]
+    final = rig.wait_all(sagas, timeout=120)
+    assert {s.state.value for s in final.values()} == {"COMPLETED"}, Counter(
+        s.state.value for s in final.values()
+    )
+    per_step = Counter(tuple(line.split()[:2]) for line in runs.read_text().splitlines())
+    assert set(per_step) == {(s, step) for s in sagas for step in ("first", "second")}
+    assert [key for key, n in per_step.items() if n != 1] == []
+    # The skew was real: the worker ahead discarded copies it saw as expired.
+    discarded = count_lines([skewed.log_path], "Discarding revoked task")
+    recovered = sum(
+        1 for s in sagas for r in rig.store.audit_trail(s) if r["event_type"] == "saga_recovered"
+    )
+    print(f"skew +3 s: 12 sagas, {discarded} copies discarded, {recovered} re-sends, 0 twice")
+    assert discarded > 0 and recovered > 0

@@ -167,6 +167,7 @@ def test_stalled_is_ordered_by_deadline_then_saga_id_and_pages() -> None:
         "held": False,
         "first": 1,
         "uncertain": False,
+        "allowance": 5.0,
     }
 
 

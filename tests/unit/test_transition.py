@@ -142,6 +142,12 @@ def steps_of(events: Iterable[AuditEvent]) -> list[tuple[str, str | None]]:
     return [(e.event_type, e.step_name) for e in events]
 
 
+def sent(step_index: int, direction: Direction, attempt: int, at: datetime) -> RunAttempt:
+    """The command of an attempt sent at `at` with the first queue allowance (the grace)."""
+    start_by = at + timedelta(seconds=LIMITS.stall_grace_seconds)
+    return RunAttempt("saga-1", step_index, direction, attempt, at, start_by)
+
+
 def only_command(decision: Decision) -> RunAttempt:
     assert len(decision.commands) == 1, decision.commands
     return decision.commands[0]
@@ -167,7 +173,7 @@ def test_start_creates_running_saga_and_sends_first_attempt() -> None:
     assert saga.pending.not_before == NOW
     # deadline = dispatch time + step timeout + stall grace (docs/recovery.md)
     assert saga.pending.deadline == NOW + timedelta(seconds=10 + 30)
-    assert d.commands == (RunAttempt("saga-1", 0, FWD, 1, NOW),)
+    assert d.commands == (sent(0, FWD, 1, NOW),)
     assert types(d.audit) == ["saga_start", "step_start"]
     saga_start, step_start = d.audit
     assert (saga_start.state_before, saga_start.state_after) == (None, R)
@@ -186,7 +192,7 @@ def test_happy_path_audit_sequence_and_commands() -> None:
             ("step_complete", DEF.steps[expected_next - 1].name),
             ("step_start", DEF.steps[expected_next].name),
         ]
-        assert only_command(d) == RunAttempt("saga-1", expected_next, FWD, 1, run.now)
+        assert only_command(d) == sent(expected_next, FWD, 1, run.now)
         assert all((e.state_before, e.state_after) == (R, R) for e in d.audit)
     d = run.ok()
     assert types(d.audit) == ["step_complete", "saga_complete"]
@@ -270,7 +276,7 @@ def test_failure_with_retries_then_reverse_compensation_of_completed_steps() -> 
     assert (failed.state_before, failed.state_after) == (R, C)
     assert failed.retry_count == 2
     assert failed.event_data["attempt"] == 3
-    assert only_command(d) == RunAttempt("saga-1", 1, COMP, 1, run.now)
+    assert only_command(d) == sent(1, COMP, 1, run.now)
     assert run.saga.state is C
     assert run.saga.error is not None and "ship" in run.saga.error
 
@@ -279,7 +285,7 @@ def test_failure_with_retries_then_reverse_compensation_of_completed_steps() -> 
         ("compensation_complete", "charge"),
         ("compensation_start", "reserve"),
     ]
-    assert only_command(d) == RunAttempt("saga-1", 0, COMP, 1, run.now)
+    assert only_command(d) == sent(0, COMP, 1, run.now)
     d = run.ok()
     assert steps_of(d.audit) == [("compensation_complete", "reserve"), ("saga_compensated", None)]
     assert d.commands == ()
@@ -435,7 +441,7 @@ def test_abort_while_step_in_flight_waits_then_compensates_it_and_ends_aborted()
 
     d = run.ok()  # the in-flight "charge" completes: it must be compensated too
     assert steps_of(d.audit) == [("step_complete", "charge"), ("compensation_start", "charge")]
-    assert only_command(d) == RunAttempt("saga-1", 1, COMP, 1, run.now)
+    assert only_command(d) == sent(1, COMP, 1, run.now)
     assert run.saga.state is C
     assert run.saga.completed_steps == ("reserve", "charge")
 
@@ -458,7 +464,7 @@ def test_abort_then_in_flight_step_fails_ends_aborted_without_compensating_it() 
     # A retryable failure with attempts left: no retry once abort was requested.
     d = run.fail(retryable=True)
     assert steps_of(d.audit) == [("step_failed", "charge"), ("compensation_start", "reserve")]
-    assert only_command(d) == RunAttempt("saga-1", 0, COMP, 1, run.now)
+    assert only_command(d) == sent(0, COMP, 1, run.now)
     d = run.ok()
     assert types(d.audit) == ["compensation_complete", "saga_aborted"]
     assert run.saga.state is SagaState.ABORTED
@@ -597,12 +603,15 @@ def test_attempt_stalled_resends_the_same_attempt() -> None:
     assert recovered.event_data["recoveries"] == 1
     assert (recovered.state_before, recovered.state_after) == (R, R)
     assert d.audit[1].event_data["attempt"] == 2
-    assert only_command(d) == RunAttempt("saga-1", 1, FWD, 2, run.now)
+    # A re-send: twice the queue allowance (the first copy may still wait in a backlog).
+    assert only_command(d) == replace(
+        sent(1, FWD, 2, run.now), start_by=run.now + timedelta(seconds=60)
+    )
     after = run.saga
     assert after.pending is not None
     assert after.pending.key() == (1, FWD, 2)  # same attempt: no attempt used up
     assert after.pending.recoveries == 1
-    assert after.pending.deadline == run.now + timedelta(seconds=10 + 30)
+    assert after.pending.deadline == run.now + timedelta(seconds=2 * 30 + 10)
     assert after.retries == before.retries
 
     # A second scan that saw the stale recoveries count is ignored.
@@ -630,7 +639,9 @@ def test_stalled_compensation_is_recovered_with_compensation_start() -> None:
     run.fail(retryable=False)
     d = run.apply(AttemptStalled(0, COMP, 1, 0))
     assert types(d.audit) == ["saga_recovered", "compensation_start"]
-    assert only_command(d) == RunAttempt("saga-1", 0, COMP, 1, run.now)
+    assert only_command(d) == replace(
+        sent(0, COMP, 1, run.now), start_by=run.now + timedelta(seconds=60)
+    )
     assert run.saga.state is C
 
 

@@ -210,6 +210,12 @@ def check_saga(definition: SagaDefinition, saga: Saga, *, retried: bool = False)
             assert pending.deadline == pending.not_before
         else:
             assert pending.deadline > pending.not_before
+            # A copy starts by its start-by time or never; the deadline is that + the timeout.
+            timeout = definition.timeout(pending.step_index, pending.direction)
+            assert pending.deadline == pending.start_by + timedelta(seconds=timeout)
+        # The first allowance is the grace; each re-send of a sent copy doubles it (item 6).
+        grace = LIMITS.stall_grace_seconds
+        assert grace <= pending.allowance <= grace * 2**pending.recoveries
         step = definition.steps[pending.step_index]
         assert pending.first <= pending.number
         assert pending.number < pending.first + step.policy(pending.direction).max_attempts
@@ -304,6 +310,7 @@ def check_decision(sim: Sim, before: Saga, event: Any, decision: Decision) -> No
         (cmd,) = decision.commands
         assert (cmd.step_index, cmd.direction, cmd.attempt) == after.pending.key()
         assert cmd.not_before == after.pending.not_before
+        assert cmd.start_by == after.pending.start_by > cmd.not_before
         assert cmd.not_before >= sim.now
         if cmd.direction is Direction.COMPENSATE:
             # a completed step, or the one that failed for good (item 5)
@@ -322,6 +329,7 @@ def check_decision(sim: Sim, before: Saga, event: Any, decision: Decision) -> No
             assert after.pending is not None
             assert after.pending.key() == before.pending.key()
             assert after.pending.recoveries == before.pending.recoveries + 1
+            assert after.pending.allowance == 2 * before.pending.allowance
         else:
             assert decision.audit[0].event_type in ("step_failed", "compensation_failed")
     # A step that failed for good is compensated first when its outcome is unknown (this
