@@ -14,8 +14,9 @@ from . import registry
 from .core.commands import RunAttempt
 from .core.decision import Decision, Limits
 from .core.definition import SagaDefinition
-from .core.events import Event, StartRequested
+from .core.events import Event, ParkRequested, StartRequested
 from .core.model import Saga
+from .core.parking import park
 from .core.rejection import rejected_start
 from .core.transition import start, transition
 from .errors import ConcurrencyConflict, SagaNotFound
@@ -45,10 +46,11 @@ class TransitionRecord:
 
     `before` is None for a start; `loaded` says a checkpoint was read to decide;
     `commit_seconds` is the time of the one transaction (checkpoint + audit rows);
-    `committed` is the checkpoint as written (None when nothing changed).
+    `committed` is the checkpoint as written (None when nothing changed). `definition` is
+    None for a park, which is decided without one (core/parking.py).
     """
 
-    definition: SagaDefinition
+    definition: SagaDefinition | None
     before: Saga | None
     decision: Decision
     commit_seconds: float
@@ -113,19 +115,20 @@ class SagaEngine:
         *,
         clock: Callable[[], datetime] = utcnow,
         hooks: Sequence[EngineHooks] = (),
-        definitions: Callable[[str], SagaDefinition] = registry.get,
+        definitions: Callable[[str, str | None], SagaDefinition] = registry.get_version,
     ) -> None:
         self.store = store
         self.dispatcher = dispatcher
         self.limits = limits
         self.clock = clock
         self.hooks = list(hooks)
-        #: Finds a saga type's definition: the process-wide registry, or a test's own.
+        #: Finds the definition of (saga type, version); version None is the one new starts
+        #: use. The process-wide registry, or a test's own.
         self.definitions = definitions
 
     def start(self, request: StartRequested) -> StartResult:
         """Create the saga and send its first step; a known saga_id is a silent duplicate."""
-        definition = self.definitions(request.saga_type)
+        definition = self.definitions(request.saga_type, None)
         now = self.clock()
         decision = start(definition, request, now, self.limits)
         began = time.perf_counter()
@@ -191,7 +194,7 @@ class SagaEngine:
         definitions: list[SagaDefinition] = []
 
         def decide(saga: Saga) -> Decision:
-            definition = self.definitions(saga.saga_type)
+            definition = self.definitions(saga.saga_type, saga.definition_version)
             definitions.append(definition)
             return transition(definition, saga, event, now, self.limits)
 
@@ -206,6 +209,28 @@ class SagaEngine:
             loaded is None or not loaded.carried,  # a checkpoint was read, here or by the step
             applied.committed,
         )
+
+    def park(self, saga_id: str, event: ParkRequested) -> Outcome:
+        """Park an overdue saga whose version no live worker has (no definition needed);
+        another sweep holding the row raises SkippedLocked."""
+
+        def apply_once() -> TransitionRecord | None:
+            now = self.clock()
+            began = time.perf_counter()
+            applied = self.store.apply(
+                saga_id, lambda saga: park(saga, event, now), now, skip_locked=True
+            )
+            if applied is None:
+                return None
+            elapsed = time.perf_counter() - began
+            return TransitionRecord(
+                None, applied.before, applied.decision, elapsed, True, applied.committed
+            )
+
+        record = self.store.retrying(apply_once, f"park of saga {saga_id}")
+        if record is None:
+            raise SagaNotFound(saga_id)
+        return self._after_commit(record)
 
     def reject(
         self,
@@ -233,10 +258,13 @@ class SagaEngine:
         decision = record.decision
         sent: list[str] = []
         failures: list[SendFailure] = []
-        for command in decision.commands:
-            name = record.definition.task_name(command.step_index, command.direction)
+        definition = record.definition
+        commands = decision.commands if definition is not None else ()
+        for command in commands:
+            assert definition is not None  # a park (no definition) sends nothing
+            name = definition.task_name(command.step_index, command.direction)
             try:
-                self.dispatcher.send(record.definition, decision.saga, command, record.committed)
+                self.dispatcher.send(definition, decision.saga, command, record.committed)
             except Exception as exc:
                 log.exception(
                     "saga %s: sending %s attempt %s failed; recovery will re-send it",

@@ -47,6 +47,22 @@ class UnknownSagaType(SagaError):
         )
 
 
+class UnknownDefinitionVersion(SagaError):
+    """A saga runs a version of its definition that this process has not registered."""
+
+    code = "unknown_definition_version"
+
+    def __init__(self, saga_type: str, version: str, known: Sequence[str]) -> None:
+        self.saga_type = saga_type
+        self.version = version
+        known_list = ", ".join(known) or "none"
+        super().__init__(
+            f"saga type {saga_type!r} version {version!r} is not registered here "
+            f"(registered: {known_list}); run it where that version is deployed, or move "
+            "the saga with `saga-worker migrate`"
+        )
+
+
 class DuplicateSagaType(SagaError):
     """Two different definitions were registered under one saga type."""
 

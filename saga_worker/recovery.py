@@ -15,14 +15,17 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from .core.recovery import RecoveryOutcome, recovery_event, recovery_outcome
+from . import registry
+from .core.events import ParkRequested, UnparkRequested
+from .core.recovery import RECOVERY_USER, RecoveryOutcome, recovery_event, recovery_outcome
 from .engine import SagaEngine
 from .store.codec import pending_from_json
-from .store.port import SkippedLocked, Store
+from .store.port import LIVE_WINDOW, SkippedLocked, StalledRow, Store, VersionKey
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +43,8 @@ class SweepResult:
     `recovered`: stalled attempts re-sent; `due`: held retries sent; `gave_up`: attempts
     failed after max_recoveries; `skipped`: sagas another sweep held or had just recovered;
     `failed`: sagas whose recovery raised, or that cannot be recovered (the next sweep
-    tries again; each is logged as an error).
+    tries again; each is logged as an error); `parked`: sagas parked because no live worker
+    has their definition version; `resumed`: parked sagas of a version here, sent again.
     """
 
     examined: int
@@ -49,6 +53,8 @@ class SweepResult:
     due: int = 0
     gave_up: int = 0
     skipped: int = 0
+    parked: int = 0
+    resumed: int = 0
 
 
 def sweep(
@@ -57,18 +63,36 @@ def sweep(
     now: datetime,
     batch: int = BATCH,
     max_seconds: float = MAX_SWEEP_SECONDS,
+    *,
+    local: Collection[VersionKey] | None = None,
+    live_since: datetime | None = None,
 ) -> SweepResult:
-    """Recover each stalled saga through the normal transition path (which re-enqueues)."""
+    """Recover each stalled saga through the normal transition path (which re-enqueues).
+
+    `local` are the definition versions this process has (default: every registered one).
+    A stalled saga of another version is left to a live worker that has it, or parked when
+    none has (`live_since`: heartbeats older than this are not live; default:
+    store/workers.py's LIVE_WINDOW). Parked sagas of a local version are resumed first.
+    """
+    mine = set(registry_versions() if local is None else local)
     counts: Counter[RecoveryOutcome | None] = Counter()
     examined = 0
     began = time.monotonic()
+    resumed = _resume_parked(store, engine, mine, batch)
+    live: set[VersionKey] | None = None  # read once, when the first foreign saga shows up
     after: tuple[datetime, str] | None = None
     while True:
         page = store.stalled(now, batch, after)
-        for saga_id, pending_json, deadline in page:
+        for row in page:
             examined += 1
-            counts[_recover_one(engine, saga_id, pending_json)] += 1
-            after = (deadline, saga_id)
+            key = (row.saga_type, row.definition_version)
+            if row.definition_version is None or key in mine:
+                counts[_recover_one(engine, row.saga_id, row.pending)] += 1
+            else:
+                if live is None:
+                    live = store.live_versions(live_since or now - LIVE_WINDOW)
+                counts[_foreign(engine, row, live)] += 1
+            after = (row.deadline, row.saga_id)
         if len(page) < batch:
             break
         if time.monotonic() - began > max_seconds:
@@ -85,10 +109,62 @@ def sweep(
         due=counts[RecoveryOutcome.DUE],
         gave_up=counts[RecoveryOutcome.GAVE_UP],
         skipped=counts[RecoveryOutcome.SKIPPED],
+        parked=counts[RecoveryOutcome.PARKED],
+        resumed=resumed,
     )
-    if examined:
+    if examined or resumed:
         log.info("recovery sweep: %s", result)
     return result
+
+
+def registry_versions() -> set[VersionKey]:
+    return {(d.saga_type, d.version) for d in registry.all_definitions()}
+
+
+def _foreign(engine: SagaEngine, row: StalledRow, live: set[VersionKey]) -> RecoveryOutcome | None:
+    """A stalled saga of a version this process lacks: another worker's, or parked."""
+    version = (row.saga_type, str(row.definition_version))
+    if version in live:
+        return RecoveryOutcome.SKIPPED  # a live worker that has it recovers it
+    pending = pending_from_json(row.pending)
+    if pending is None:
+        return RecoveryOutcome.SKIPPED
+    event = ParkRequested(
+        pending.step_index,
+        pending.direction,
+        pending.number,
+        pending.recoveries,
+        f"no live worker has {row.saga_type} version {row.definition_version}",
+        RECOVERY_USER,
+    )
+    try:
+        outcome = engine.park(row.saga_id, event)
+    except SkippedLocked:
+        return RecoveryOutcome.SKIPPED
+    except Exception:
+        log.exception("saga %s: parking failed; the next sweep tries again", row.saga_id)
+        return None
+    if outcome.changed:
+        log.warning("saga %s parked: %s", row.saga_id, event.reason)
+        return RecoveryOutcome.PARKED
+    return RecoveryOutcome.SKIPPED
+
+
+def _resume_parked(store: Store, engine: SagaEngine, mine: set[VersionKey], batch: int) -> int:
+    """Send the kept attempt of each parked saga of a version this process has."""
+    resumed = 0
+    for saga_id in store.parked(mine, batch):
+        try:
+            outcome = engine.handle(saga_id, UnparkRequested(RECOVERY_USER), skip_locked=True)
+        except SkippedLocked:
+            continue
+        except Exception:
+            log.exception("saga %s: resuming it failed; the next sweep tries again", saga_id)
+            continue
+        if outcome.changed:
+            log.warning("saga %s: its version is here again; resumed", saga_id)
+            resumed += 1
+    return resumed
 
 
 def _recover_one(

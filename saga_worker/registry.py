@@ -8,25 +8,41 @@ import threading
 from collections.abc import Callable, Iterable
 
 from .core.definition import SagaDefinition
-from .errors import ConfigurationError, DuplicateSagaType, UnknownSagaType
+from .errors import (
+    ConfigurationError,
+    DuplicateSagaType,
+    UnknownDefinitionVersion,
+    UnknownSagaType,
+)
 
-_definitions: dict[str, SagaDefinition] = {}
+#: saga_type -> version -> definition, in registration order (the last is the newest).
+_definitions: dict[str, dict[str, SagaDefinition]] = {}
 _listeners: list[Callable[[SagaDefinition], None]] = []
 _lock = threading.Lock()
 
 
 def register(definition: SagaDefinition) -> SagaDefinition:
-    """Make a saga type startable by name; registering the same definition twice is a no-op."""
+    """Make a saga type startable by name; registering the same definition twice is a no-op.
+
+    Several versions of one type may be registered (docs/deploys.md): new starts use the
+    one marked `default=True`, else the one registered last.
+    """
     with _lock:
-        existing = _definitions.get(definition.saga_type)
+        versions = _definitions.setdefault(definition.saga_type, {})
+        existing = versions.get(definition.version)
         if existing is definition:
             return definition
         if existing is not None:
             raise DuplicateSagaType(
-                f"saga type {definition.saga_type!r} is already registered by another "
-                "definition; give one of them a different name"
+                f"saga type {definition.saga_type!r} version {definition.version!r} is "
+                "already registered by another definition; give one of them another "
+                "version= label (or another name)"
             )
-        _definitions[definition.saga_type] = definition
+        if definition.default and any(d.default for d in versions.values()):
+            raise DuplicateSagaType(
+                f"saga type {definition.saga_type!r} has two versions marked default=True; mark one"
+            )
+        versions[definition.version] = definition
         listeners = list(_listeners)
     for listener in listeners:
         listener(definition)
@@ -34,22 +50,41 @@ def register(definition: SagaDefinition) -> SagaDefinition:
 
 
 def get(saga_type: str) -> SagaDefinition:
-    """The definition of a saga type, or UnknownSagaType naming the registered ones."""
-    try:
-        return _definitions[saga_type]
-    except KeyError:
-        raise UnknownSagaType(saga_type, list(_definitions)) from None
+    """The definition new starts of a saga type use, or UnknownSagaType naming the
+    registered ones."""
+    versions = _definitions.get(saga_type)
+    if not versions:
+        raise UnknownSagaType(saga_type, [t for t, v in _definitions.items() if v])
+    marked = [d for d in versions.values() if d.default]
+    return marked[0] if marked else list(versions.values())[-1]
+
+
+def get_version(saga_type: str, version: str | None) -> SagaDefinition:
+    """The definition a saga of `version` runs under (None: a saga started before versions
+    were recorded, which runs under the default), or UnknownDefinitionVersion."""
+    if version is None:
+        return get(saga_type)
+    found = _definitions.get(saga_type, {}).get(version)
+    if found is None:
+        raise UnknownDefinitionVersion(saga_type, version, list(_definitions.get(saga_type, {})))
+    return found
+
+
+def versions_of(saga_type: str) -> list[SagaDefinition]:
+    """Every registered version of a saga type, oldest registration first."""
+    return list(_definitions.get(saga_type, {}).values())
 
 
 def all_definitions() -> list[SagaDefinition]:
-    return list(_definitions.values())
+    """Every registered definition, every version of every type."""
+    return [d for versions in _definitions.values() for d in versions.values()]
 
 
 def on_register(listener: Callable[[SagaDefinition], None]) -> None:
     """Call `listener` for every definition, already registered or registered later."""
     with _lock:
         _listeners.append(listener)
-        current = list(_definitions.values())
+        current = all_definitions()
     for definition in current:
         listener(definition)
 

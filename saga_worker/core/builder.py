@@ -136,7 +136,8 @@ class Builder:
         )
 
     def decision(self) -> Decision:
-        saga = replace(self.saga, updated_at=self.now)
+        # Any transition a worker with the saga's definition made resumes a parked saga.
+        saga = replace(self.saga, updated_at=self.now, parked_at=None)
         return Decision(saga, tuple(self.events), tuple(self.commands))
 
 
@@ -146,9 +147,18 @@ def retry_ordinal(attempt: Attempt) -> int:
 
 
 def resend(
-    b: Builder, pending: Attempt, note: Mapping[str, Any], *, user_id: str | None = None
+    b: Builder,
+    pending: Attempt,
+    note: Mapping[str, Any],
+    *,
+    user_id: str | None = None,
+    counted: bool = True,
 ) -> None:
-    """Audit `saga_recovered` and send the pending attempt again, unchanged but its deadline."""
+    """Audit `saga_recovered` and send the pending attempt again, unchanged but its deadline.
+
+    `counted`: the re-send counts towards max_recoveries (not when resuming a parked saga,
+    whose attempt stalled for want of a worker, not of its own doing)."""
+    recoveries = pending.recoveries + 1 if counted else pending.recoveries
     who: dict[str, Any] = {"user_id": user_id} if user_id is not None else {}
     b.audit(
         "saga_recovered",
@@ -157,7 +167,7 @@ def resend(
             **note,
             "attempt": pending.number,
             "direction": pending.direction.value,
-            "recoveries": pending.recoveries + 1,
+            "recoveries": recoveries,
             "held": pending.held,
             "deadline": pending.deadline.isoformat(),
         },
@@ -173,7 +183,7 @@ def resend(
     send_now(
         b,
         pending,
-        recoveries=pending.recoveries + 1,
+        recoveries=recoveries,
         user_id=user_id,
         uncertain=uncertain,
         allowance=base if pending.held else 2 * base,

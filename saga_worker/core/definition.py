@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -13,7 +16,11 @@ from .model import Direction, JSONObject
 from .retry import RetryPolicy
 
 NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}")
+#: An explicit version label: it becomes part of a queue name (and of Redis keys).
+VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 DEFAULT_TIMEOUT_SECONDS = 300.0
+#: Hex digits of the SHA-256 shape fingerprint used as a version when no label is given.
+FINGERPRINT_CHARS = 12
 
 
 @dataclass(frozen=True)
@@ -83,11 +90,19 @@ class Step:
 
 @dataclass(frozen=True)
 class SagaDefinition:
-    """A named, ordered list of steps. Building one validates all of it at once."""
+    """A named, ordered list of steps. Building one validates all of it at once.
+
+    `version` labels this shape of the saga (default: a fingerprint of it, see `shape`). A
+    saga runs only under the version it started with; a worker may register several
+    versions of one type, and new starts use the one marked `default=True`, else the one
+    registered last (docs/deploys.md).
+    """
 
     saga_type: str
     steps: tuple[Step, ...]
     default_timeout_seconds: float | None = None
+    version: str = ""
+    default: bool = False
 
     def __init__(
         self,
@@ -95,13 +110,43 @@ class SagaDefinition:
         steps: Sequence[Step],
         *,
         default_timeout_seconds: float | None = None,
+        version: str | None = None,
+        default: bool = False,
     ) -> None:
         object.__setattr__(self, "saga_type", saga_type)
         object.__setattr__(self, "steps", tuple(steps))
         object.__setattr__(self, "default_timeout_seconds", default_timeout_seconds)
+        object.__setattr__(self, "default", default)
         problems = self.problems()
+        if version is not None and (
+            not isinstance(version, str) or not VERSION_RE.fullmatch(version)
+        ):
+            problems.append(
+                f"version {version!r} must match {VERSION_RE.pattern} (it becomes part of a "
+                "queue name)"
+            )
         if problems:
             raise InvalidSagaDefinition(saga_type, problems)
+        object.__setattr__(self, "version", version or self.fingerprint())
+
+    def shape(self) -> dict[str, Any]:
+        """What the version fingerprint covers: step names and order, kinds, remote task
+        names and queues, retry and timeout policies. Not the code of local functions: a
+        change to a step's code that keeps all of this is a compatible change."""
+        return {
+            "saga_type": self.saga_type,
+            "default_timeout_seconds": self.default_timeout_seconds,
+            "steps": [_step_shape(step) for step in self.steps],
+        }
+
+    def fingerprint(self) -> str:
+        canonical = json.dumps(self.shape(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:FINGERPRINT_CHARS]
+
+    def outline(self) -> list[dict[str, Any]]:
+        """Step names and whether each has a compensation: kept in the saga_start audit row,
+        so a saga can be migrated after its definition's code is gone."""
+        return [{"name": s.name, "compensate": s.compensate is not None} for s in self.steps]
 
     def problems(self) -> list[str]:
         """Every problem of this definition, so that one error can list them all."""
@@ -185,6 +230,30 @@ class SagaDefinition:
             return target.task_name
         suffix = ".compensate" if direction is Direction.COMPENSATE else ""
         return f"saga.{self.saga_type}.{step.name}{suffix}"
+
+
+def _target_shape(target: LocalFunction | Remote | None) -> Any:
+    if target is None:
+        return None
+    if isinstance(target, Remote):
+        return {"remote": target.task_name, "queue": target.queue}
+    return "local"
+
+
+def _step_shape(step: Step) -> dict[str, Any]:
+    policies = {
+        "retry": step.retry,
+        "compensation_retry": step.compensation_retry,
+    }
+    return {
+        "name": step.name,
+        "action": _target_shape(step.action),
+        "compensate": _target_shape(step.compensate),
+        "timeout_seconds": step.timeout_seconds,
+        "compensation_timeout_seconds": step.compensation_timeout_seconds,
+        "compensate_on_failure": step.compensate_on_failure,
+        **{k: None if p is None else dataclasses.asdict(p) for k, p in policies.items()},
+    }
 
 
 def _positive_finite(value: object) -> bool:

@@ -112,4 +112,33 @@ class RetryRequested:
     force: bool = False
 
 
-Event = StepSucceeded | StepFailed | AbortRequested | AttemptStalled | AttemptDue | RetryRequested
+@dataclass(frozen=True)
+class ParkRequested:
+    """The recovery sweep found the pending attempt overdue while no live worker has the
+    saga's definition version: keep the attempt and stop re-sending it (no definition is
+    needed to decide this). Carries the attempt and recoveries the sweep saw."""
+
+    step_index: int
+    direction: Direction
+    attempt: int
+    recoveries: int
+    reason: str
+    user_id: str | None = None
+
+
+@dataclass(frozen=True)
+class UnparkRequested:
+    """A worker that has the parked saga's version resumes it: the kept attempt is sent."""
+
+    user_id: str | None = None
+
+
+Event = (
+    StepSucceeded
+    | StepFailed
+    | AbortRequested
+    | AttemptStalled
+    | AttemptDue
+    | RetryRequested
+    | UnparkRequested
+)

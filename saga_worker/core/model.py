@@ -124,6 +124,12 @@ class Saga:
     #: something that ran before (an operator's retry of failed compensations) numbers its
     #: attempts above it, so no (step, direction, number), and no token, is issued twice.
     attempt_seq: int = 0
+    #: The version of the definition the saga started with (None: started before versions
+    #: were recorded; it runs under its type's default). It only ever runs under this one.
+    definition_version: str | None = None
+    #: Set while no live worker has `definition_version` (docs/deploys.md): the pending
+    #: attempt is kept, not re-sent, until a worker with the version resumes it.
+    parked_at: datetime | None = None
 
     def awaits(self, step_index: int, direction: Direction, attempt: int) -> bool:
         """True when (step_index, direction, attempt) is the attempt this saga waits for.

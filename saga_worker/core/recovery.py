@@ -18,6 +18,8 @@ class RecoveryOutcome(StrEnum):
     DUE = "due"
     #: A stalled attempt had been re-sent max_recoveries times: it failed as StalledTooOften.
     GAVE_UP = "gave_up"
+    #: No live worker has the saga's definition version: parked, not re-sent.
+    PARKED = "parked"
     #: Nothing to do: another sweep or a result got there first.
     SKIPPED = "skipped"
     #: The attempt is still pending as the scan saw it, yet the transition refused to recover

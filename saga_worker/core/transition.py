@@ -22,6 +22,7 @@ from .events import (
     StartRequested,
     StepFailed,
     StepSucceeded,
+    UnparkRequested,
 )
 from .model import Attempt, Direction, Saga, SagaState
 from .operator import operator_retry
@@ -47,9 +48,18 @@ def start(
         pending=None,
         user_id=event.user_id,
         ip_address=event.ip_address,
+        definition_version=definition.version,
     )
     b = Builder(definition, saga, now, limits)
-    b.audit("saga_start", None, event_data={"saga_type": definition.saga_type})
+    b.audit(
+        "saga_start",
+        None,
+        event_data={
+            "saga_type": definition.saga_type,
+            "definition_version": definition.version,
+            "steps": definition.outline(),
+        },
+    )
     b.run(0, Direction.FORWARD, 1, now)
     return b.decision()
 
@@ -79,6 +89,8 @@ def transition(
     b = Builder(definition, saga, now, limits)
     if isinstance(event, AbortRequested):
         return _abort(b, event)
+    if isinstance(event, UnparkRequested):
+        return _unpark(b, event)
     if pending is None or not saga.awaits(event.step_index, event.direction, event.attempt):
         return Decision(
             saga,
@@ -381,3 +393,18 @@ def _recover(b: Builder, pending: Attempt, user_id: str | None) -> Decision:
 
 def _join(first: str | None, second: str) -> str:
     return second if not first else f"{first}; {second}"
+
+
+def _unpark(b: Builder, event: UnparkRequested) -> Decision:
+    """Send the attempt a parked saga kept, now that a worker has its version."""
+    saga, pending = b.saga, b.saga.pending
+    if saga.parked_at is None or pending is None:
+        return Decision(saga, ignored="saga is not parked")
+    resend(
+        b,
+        pending,
+        {"reason": "unparked", "parked_at": saga.parked_at.isoformat()},
+        user_id=event.user_id,
+        counted=False,
+    )
+    return b.decision()

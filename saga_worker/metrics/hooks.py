@@ -198,8 +198,8 @@ class SagaMetrics:
 
     def observe(self, record: TransitionRecord) -> None:
         """Count one transition; an ignored one only counts its checkpoint read."""
-        saga_type = record.definition.saga_type
         decision = record.decision
+        saga_type = decision.saga.saga_type
         if record.loaded:
             self.checkpoint_loaded.labels(saga_type).inc()
         if decision.ignored is not None:

@@ -67,9 +67,12 @@ def saga_to_row(saga: Saga) -> dict[str, Any]:
         "user_id": saga.user_id,
         "ip_address": saga.ip_address,
         "pending": _pending_column(saga),
-        "deadline": saga.pending.deadline if saga.pending else None,
+        # A parked saga keeps its attempt but leaves the stalled scan (docs/deploys.md).
+        "deadline": saga.pending.deadline if saga.pending and saga.parked_at is None else None,
         "failed_compensations": list(saga.failed_compensations),
         "abort_requested": saga.abort_requested,
+        "definition_version": saga.definition_version,
+        "parked_at": saga.parked_at,
     }
 
 
@@ -94,6 +97,8 @@ def saga_from_row(row: Mapping[Any, Any]) -> Saga:
         abort_requested=bool(row["abort_requested"]),
         version=row["version"],
         attempt_seq=_attempt_seq(row),
+        definition_version=row.get("definition_version"),
+        parked_at=row.get("parked_at"),
     )
 
 

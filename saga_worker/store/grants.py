@@ -27,6 +27,8 @@ RUNTIME_GRANTS: dict[str, tuple[str, ...]] = {
     "saga_audit_anchors": ("SELECT", "INSERT"),
     # The shared signing key (or its fingerprint): read, and created once by the first process.
     "saga_settings": ("SELECT", "INSERT"),
+    # Each worker keeps its own row (heartbeat) and deletes it when it stops.
+    "saga_workers": ("SELECT", "INSERT", "UPDATE", "DELETE"),
     # Read only, so that `saga-worker db current` works as the run-time role.
     VERSION_TABLE: ("SELECT",),
 }

@@ -3,9 +3,9 @@ one of `saga_worker.testing` both provide it."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, NamedTuple, Protocol, TypeVar
 
 from ..core.decision import AuditEvent, Decision
@@ -36,6 +36,25 @@ class Applied(NamedTuple):
     before: Saga
     decision: Decision
     committed: Loaded | None
+
+
+class StalledRow(NamedTuple):
+    """One checkpoint the recovery scan found past its deadline."""
+
+    saga_id: str
+    pending: dict[str, Any] | None
+    deadline: datetime
+    saga_type: str
+    definition_version: str | None
+
+
+#: (saga_type, definition version) of a definition a worker has.
+VersionKey = tuple[str, str]
+
+#: How often a worker refreshes its heartbeat row (store/workers.py), and how old a row may
+#: be and still count as live (a worker that was killed, not stopped, leaves its row).
+HEARTBEAT_SECONDS = 5.0
+LIVE_WINDOW = timedelta(seconds=4 * HEARTBEAT_SECONDS)
 
 
 class SkippedLocked(Exception):
@@ -73,8 +92,14 @@ class Store(Protocol):
 
     def stalled(
         self, now: datetime, limit: int, after: tuple[datetime, str] | None = None
-    ) -> list[tuple[str, dict[str, Any], datetime]]:
-        """Up to `limit` (saga_id, pending, deadline) past their deadline, earliest first."""
+    ) -> list[StalledRow]:
+        """Up to `limit` checkpoints past their deadline, earliest first."""
+
+    def parked(self, versions: Collection[VersionKey], limit: int) -> list[str]:
+        """Up to `limit` ids of parked sagas of these (saga_type, version)s."""
+
+    def live_versions(self, since: datetime) -> set[VersionKey]:
+        """The versions of the workers whose heartbeat is not older than `since`."""
 
     def retrying(self, operation: Callable[[], T], what: str) -> T:
         """Run `operation`, retrying the store's transient errors (a database restart)."""

@@ -23,8 +23,9 @@ def stalled_query(
     Terminal sagas have no deadline, so the partial index ix_saga_checkpoints_deadline_live
     holds only live ones; the row comparison of a later page is an index condition too.
     """
-    query = select(checkpoints.c.saga_id, checkpoints.c.pending, checkpoints.c.deadline).where(
-        checkpoints.c.deadline.is_not(None), checkpoints.c.deadline < now
+    c = checkpoints.c
+    query = select(c.saga_id, c.pending, c.deadline, c.saga_type, c.definition_version).where(
+        c.deadline.is_not(None), c.deadline < now
     )
     if after is not None:
         key = (checkpoints.c.deadline, checkpoints.c.saga_id)

@@ -7,7 +7,7 @@ rejections alike.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime
@@ -23,7 +23,8 @@ from ..core.model import Saga
 from ..errors import ConcurrencyConflict
 from .codec import saga_from_row, saga_to_row
 from .connect import retry_transient
-from .port import Applied, Loaded, SkippedLocked
+from . import workers
+from .port import Applied, Loaded, SkippedLocked, StalledRow, VersionKey
 from .queries import OperatorQueries, stalled_query
 from .tables import audit_logs, checkpoints, settings_table
 from .write import Write, Written, audit_head, execute
@@ -196,8 +197,8 @@ class SagaStore(OperatorQueries):
 
     def stalled(
         self, now: datetime, limit: int, after: tuple[datetime, str] | None = None
-    ) -> list[tuple[str, dict[str, Any], datetime]]:
-        """Up to `limit` (saga_id, pending, deadline) whose deadline passed, earliest first.
+    ) -> list[StalledRow]:
+        """Up to `limit` checkpoints whose deadline passed, earliest first.
 
         `after` is the (deadline, saga_id) of the previous page's last row (keyset paging).
         Reads only the partial deadline index, so the cost follows the number of stalled
@@ -205,7 +206,13 @@ class SagaStore(OperatorQueries):
         """
         with self.engine.connect() as conn:
             rows = conn.execute(stalled_query(now, limit, after)).all()
-        return [(r.saga_id, r.pending, r.deadline) for r in rows]
+        return [StalledRow(*r) for r in rows]
+
+    def parked(self, versions: Collection[VersionKey], limit: int) -> list[str]:
+        return workers.parked(self.engine, sorted(versions), limit)
+
+    def live_versions(self, since: datetime) -> set[VersionKey]:
+        return workers.live_versions(self.engine, since)
 
     def exists(self, saga_id: str) -> bool:
         with self.engine.connect() as conn:

@@ -78,6 +78,10 @@ checkpoints = Table(
     Column("failed_compensations", JSON, nullable=False),
     Column("abort_requested", Boolean, nullable=False),
     Column("audit_head", String(64), nullable=False),
+    # The definition version the saga started with (NULL: before 0004) and, while no live
+    # worker has that version, when it was parked (docs/deploys.md).
+    Column("definition_version", String(64)),
+    Column("parked_at", UTCDateTime),
     Index("ix_saga_checkpoints_state", "state"),
     Index("ix_saga_checkpoints_updated_at", "updated_at"),
     Index("ix_saga_checkpoints_saga_type_state", "saga_type", "state"),
@@ -89,6 +93,26 @@ checkpoints = Table(
         postgresql_where=text("deadline IS NOT NULL"),
         sqlite_where=text("deadline IS NOT NULL"),
     ),
+    # Few rows: the sweep's resume pass and saga_parked_current read only parked sagas.
+    Index(
+        "ix_saga_checkpoints_parked",
+        "saga_type",
+        "definition_version",
+        postgresql_where=text("parked_at IS NOT NULL"),
+        sqlite_where=text("parked_at IS NOT NULL"),
+    ),
+)
+
+#: One row per live worker (process group), refreshed every few seconds: which definition
+#: versions it has, for the sweep (park or resume) and `saga-worker versions`.
+workers = Table(
+    "saga_workers",
+    metadata,
+    Column("name", String(255), primary_key=True),
+    Column("queue", String(255), nullable=False),
+    Column("versions", JSON, nullable=False),
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("seen_at", UTCDateTime, nullable=False),
 )
 
 audit_logs = Table(

@@ -29,7 +29,7 @@ from ..core.failure import (
 )
 from ..core.model import Saga
 from ..engine import SagaEngine, StartResult
-from ..recovery import SweepResult, sweep
+from ..recovery import SweepResult, registry_versions, sweep
 from ..requests import parse_abort, parse_start
 from .memory import FakeClock, InMemoryStore, RecordingDispatcher, SentAttempt
 
@@ -220,7 +220,8 @@ class SagaTestHarness:
 
     def recover(self) -> SweepResult:
         """Run the beat's recovery sweep now: re-send stalled attempts, send due held retries."""
-        return sweep(self.store, self.engine, self.clock())
+        here = registry_versions() | {(self.definition.saga_type, self.definition.version)}
+        return sweep(self.store, self.engine, self.clock(), local=here)
 
     # -- inspection ------------------------------------------------------------------------
 
@@ -264,12 +265,12 @@ class SagaTestHarness:
     def _handle(self, saga_id: str, event: Event, loaded: Loaded | None = None) -> Decision:
         return self.engine.handle(saga_id, event, loaded=loaded).decision
 
-    def _definition(self, saga_type: str) -> SagaDefinition:
+    def _definition(self, saga_type: str, version: str | None) -> SagaDefinition:
         # The harness's own definition, not the registry's: tests often build several
-        # variants of one saga type, which `register` refuses.
+        # variants of one saga type without registering them.
         if saga_type == self.definition.saga_type:
             return self.definition
-        return registry.get(saga_type)
+        return registry.get_version(saga_type, version)
 
     def _upcoming(self) -> list[tuple[int, SentAttempt]]:
         pending = [

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -27,7 +27,7 @@ from ..core.definition import Remote, SagaDefinition
 from ..core.model import Direction, Saga
 from ..errors import ConcurrencyConflict
 from ..store.codec import saga_from_row, saga_to_row
-from ..store.port import Applied, Loaded, Store
+from ..store.port import Applied, Loaded, StalledRow, Store, VersionKey
 
 #: Where a `FakeClock` starts unless told otherwise.
 DEFAULT_START = datetime(2026, 1, 1, tzinfo=UTC)
@@ -89,6 +89,8 @@ class InMemoryStore:
         self._lock = threading.Lock()
         self._checkpoints: dict[str, dict[str, Any]] = {}
         self._audit: list[dict[str, Any]] = []
+        #: What `live_versions` answers: the versions of workers a test pretends are live.
+        self.workers: set[VersionKey] = set()
 
     # -- writes: the engine's interface ---------------------------------------------------
 
@@ -180,23 +182,45 @@ class InMemoryStore:
 
     def stalled(
         self, now: datetime, limit: int, after: tuple[datetime, str] | None = None
-    ) -> list[tuple[str, dict[str, Any], datetime]]:
-        """Up to `limit` (saga_id, pending, deadline) whose deadline passed, by (deadline, id).
+    ) -> list[StalledRow]:
+        """Up to `limit` checkpoints whose deadline passed, by (deadline, id).
 
         `after` is the (deadline, saga_id) of the previous page's last row.
         """
         with self._lock:
             live = sorted(
                 (
-                    (row["deadline"], saga_id, copy.deepcopy(row["pending"]))
+                    StalledRow(
+                        saga_id,
+                        copy.deepcopy(row["pending"]),
+                        row["deadline"],
+                        row["saga_type"],
+                        row["definition_version"],
+                    )
                     for saga_id, row in self._checkpoints.items()
                     if row["deadline"] is not None and row["deadline"] < now
                 ),
-                key=lambda entry: (entry[0], entry[1]),
+                key=lambda entry: (entry.deadline, entry.saga_id),
             )
         if after is not None:
-            live = [entry for entry in live if (entry[0], entry[1]) > after]
-        return [(saga_id, pending, deadline) for deadline, saga_id, pending in live[:limit]]
+            live = [entry for entry in live if (entry.deadline, entry.saga_id) > after]
+        return live[:limit]
+
+    def parked(self, versions: Collection[VersionKey], limit: int) -> list[str]:
+        """Ids of parked sagas of these (saga_type, version)s, longest parked first."""
+        wanted = set(versions)
+        with self._lock:
+            found = sorted(
+                (row["parked_at"], saga_id)
+                for saga_id, row in self._checkpoints.items()
+                if row["parked_at"] is not None
+                and (row["saga_type"], row["definition_version"]) in wanted
+            )
+        return [saga_id for _, saga_id in found[:limit]]
+
+    def live_versions(self, since: datetime) -> set[VersionKey]:
+        """The versions `workers` says live workers have (a test sets it; default none)."""
+        return set(self.workers)
 
     def audit_trail(self, saga_id: str) -> list[dict[str, Any]]:
         """A saga's audit rows (with their `id`) in the order they were written."""

@@ -31,6 +31,7 @@ from ..recovery import sweep
 from .broker import guarded_transport
 from .consumer import CONSUMER_PATH
 from .guard import GuardedTask
+from .heartbeat import install_versions
 from .runtime import RuntimeFactory
 from .shutdown import size_soft_shutdown
 from .steps import register_step_tasks
@@ -257,6 +258,9 @@ def create_app(settings: Settings | None = None) -> Celery:
     )
     if settings.celery_config:
         apply_celery_config(app, settings.celery_config)
+    # The version queues (worker/heartbeat.py) are declared like the base queue: on RabbitMQ
+    # a quorum base queue means quorum version queues.
+    app.conf.task_create_missing_queue_type = app.conf.task_default_queue_type
     _redact_logs(settings)
     runtimes = RuntimeFactory(app, settings)
     # Metrics subscribe to engine hooks; Celery signals set up their endpoint (SAGA_METRICS_PORT).
@@ -277,7 +281,13 @@ def create_app(settings: Settings | None = None) -> Celery:
             result = sweep(rt.store, rt.engine, utcnow())
         finally:
             gate.done()
-        return {"examined": result.examined, "recovered": result.recovered, "failed": result.failed}
+        return {
+            "examined": result.examined,
+            "recovered": result.recovered,
+            "failed": result.failed,
+            "parked": result.parked,
+            "resumed": result.resumed,
+        }
 
     def _check_signing_key(sender: Any = None, **_: Any) -> None:
         # In the main process, before any task: a worker or beat with a missing or wrong
@@ -327,6 +337,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     registry.on_register(lambda definition: register_step_tasks(app, runtimes, definition))
     for module in settings.imports:
         importlib.import_module(module)
+    install_versions(app, settings)
     # After the imports: sized from the sagas they registered (why: worker/shutdown.py).
     size_soft_shutdown(app, registry.all_definitions(), settings.default_step_timeout_seconds)
     return app

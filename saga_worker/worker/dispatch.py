@@ -37,6 +37,18 @@ def shown_kwargs(redactor: Redactor, kwargs: dict[str, Any]) -> str:
     return repr(shown)[:2000]
 
 
+def version_queue(base: str, saga_type: str, version: str | None) -> str:
+    """The queue of the messages about sagas of one definition version, which only workers
+    that registered that version consume (docs/deploys.md); `base` itself for sagas
+    started before versions were recorded."""
+    return base if version is None else f"{base}.{saga_type}.{version}"
+
+
+def saga_queue(base: str, saga: Saga) -> str:
+    """The queue of the messages about `saga` (its version's)."""
+    return version_queue(base, saga.saga_type, saga.definition_version)
+
+
 class CeleryDispatcher:
     """Sends attempts with `send_task`, so remote task names need not be importable."""
 
@@ -50,7 +62,7 @@ class CeleryDispatcher:
     def _kwargsrepr(self, kwargs: dict[str, Any]) -> str:
         return shown_kwargs(self.redactor, kwargs)
 
-    def _reply(self, reply: dict[str, Any], outcome: str, argsrepr: str) -> Any:
+    def _reply(self, reply: dict[str, Any], outcome: str, argsrepr: str, queue: str) -> Any:
         """The saga.advance signature the remote service's Celery sends back (link/link_error).
 
         Its options travel with it: the remote worker sends it as JSON (saga_worker accepts
@@ -60,7 +72,7 @@ class CeleryDispatcher:
         return self.app.signature(
             ADVANCE_TASK,
             kwargs=kwargs,
-            queue=self.settings.queue,
+            queue=queue,
             serializer="json",
             kwargsrepr=self._kwargsrepr(kwargs),
             argsrepr=argsrepr,
@@ -97,6 +109,7 @@ class CeleryDispatcher:
             # seconds (int(countdown)) and refuses a countdown that truncates to 0: round up,
             # so that an attempt is never sent before its not_before nor fails to send.
             options["countdown"] = math.ceil(delay) if self.amqp_broker else delay
+        queue = saga_queue(self.settings.queue, saga)
         reply = {
             "saga_id": saga.saga_id,
             "step_index": command.step_index,
@@ -120,8 +133,8 @@ class CeleryDispatcher:
                 kwargs=remote_kwargs,
                 kwargsrepr=self._kwargsrepr(remote_kwargs),
                 queue=target.queue,
-                link=self._reply(reply, "success", RESULT_REPR),
-                link_error=self._reply(reply, "failure", REMOTE_ID_REPR),
+                link=self._reply(reply, "success", RESULT_REPR, queue),
+                link_error=self._reply(reply, "failure", REMOTE_ID_REPR, queue),
                 **options,
             )
             return
@@ -133,6 +146,6 @@ class CeleryDispatcher:
             definition.task_name(command.step_index, command.direction),
             kwargs=local_kwargs,
             kwargsrepr=self._kwargsrepr(local_kwargs),
-            queue=self.settings.queue,
+            queue=queue,
             **options,
         )

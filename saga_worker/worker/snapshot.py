@@ -29,7 +29,7 @@ from ..store.port import Loaded
 
 #: Checkpoint columns that travel elsewhere in the message (or are derived).
 _ELSEWHERE = ("saga_id", "saga_type", "context", "deadline")
-_TIMES = ("started_at", "updated_at")
+_TIMES = ("started_at", "updated_at", "parked_at")
 
 
 def _mac(key: str, fields: Mapping[str, Any], saga_id: str, saga_type: str, context: Any) -> str:
@@ -59,7 +59,7 @@ def encode(key: str, checkpoint: Loaded, sent_at: float) -> dict[str, Any]:
     saga = checkpoint.saga
     fields = {k: v for k, v in saga_to_row(saga).items() if k not in _ELSEWHERE}
     for name in _TIMES:
-        fields[name] = fields[name].isoformat()
+        fields[name] = None if fields[name] is None else fields[name].isoformat()
     fields.update(version=saga.version, audit_head=checkpoint.audit_head, sent_at=sent_at)
     return {**fields, "mac": _mac(key, fields, saga.saga_id, saga.saga_type, dict(saga.context))}
 
@@ -97,7 +97,7 @@ def decode(
             "saga_id": saga_id,
             "saga_type": saga_type,
             "context": dict(context),
-            **{name: datetime.fromisoformat(fields[name]) for name in _TIMES},
+            **{name: _time(fields[name]) for name in _TIMES},
         }
         saga: Saga = saga_from_row(row)
     except (KeyError, TypeError, ValueError):
@@ -105,3 +105,7 @@ def decode(
     if saga.pending is None or saga.pending.recoveries > 0:
         return None  # a re-sent attempt: its first message may have run already
     return Loaded(saga, str(fields["audit_head"]), carried=True)
+
+
+def _time(value: Any) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value)

@@ -27,7 +27,7 @@ from ..errors import InvalidRequest, SagaError
 from ..store.connect import is_transient, retry_transient
 from ..tokens import token_valid
 from . import snapshot
-from .dispatch import shown_kwargs
+from .dispatch import saga_queue, shown_kwargs
 from .messages import STEP_FIELDS, parse_attempt_ref, short
 from .runtime import RuntimeFactory
 from .tasks import DB_OUTAGE_RETRY, refused, settle_permanent_db_errors
@@ -110,8 +110,11 @@ def _step_task(app: Any, runtimes: RuntimeFactory, task_name: str) -> Any:
         try:
             saga_id, step_index, dir_, attempt = parse_attempt_ref(kwargs, extra=STEP_FIELDS)
             saga_type, context, token = kwargs["saga_type"], kwargs["context"], kwargs["token"]
-            definition = registry.get(saga_type)
-            if definition.task_name(step_index, dir_) != task_name:
+            # Some registered version must have this task at this index; the saga's own
+            # version is checked once its checkpoint is known.
+            if not any(
+                _names(d, step_index, dir_, task_name) for d in registry.versions_of(saga_type)
+            ):
                 raise InvalidRequest("step_index", f"does not name {task_name}")
             if not isinstance(context, Mapping):
                 raise InvalidRequest("context", "must be a JSON object")
@@ -160,6 +163,19 @@ def _step_task(app: Any, runtimes: RuntimeFactory, task_name: str) -> Any:
             )
             runtimes.rejected("not_pending")
             return {"ran": False, "reason": "not pending"}
+        try:
+            # Only ever the definition the saga started with (docs/deploys.md).
+            definition = registry.get_version(saga_type, loaded.saga.definition_version)
+            if loaded.saga.saga_type != saga_type or not _names(
+                definition, step_index, dir_, task_name
+            ):
+                raise InvalidRequest("step_index", f"does not name {task_name} in its version")
+        except SagaError as exc:
+            # Sent to a queue of a version this worker does not have (by hand, or by a
+            # build before versions): not run. The attempt stalls, and the recovery sweep
+            # sends it where its version is, or parks the saga.
+            refused(runtimes, "wrong_version", "%s for %s refused: %s", task_name, saga_id, exc)
+            return {"ran": False, "reason": short(exc)}
         # The committed context, never the message's: the token authenticates the attempt,
         # not the context beside it, which anyone holding one genuine message could edit.
         # (A trusted carried checkpoint holds the message's context, as its MAC covers it.)
@@ -193,7 +209,7 @@ def _step_task(app: Any, runtimes: RuntimeFactory, task_name: str) -> Any:
                 "saga.advance",
                 kwargs=deferred,
                 kwargsrepr=shown_kwargs(rt.store.redactor, deferred),
-                queue=rt.settings.queue,
+                queue=saga_queue(rt.settings.queue, loaded.saga),
                 countdown=2,
             )
         if isinstance(event, StepFailed):
@@ -208,6 +224,13 @@ def _step_task(app: Any, runtimes: RuntimeFactory, task_name: str) -> Any:
     run_step.__name__ = task_name.replace(".", "_")
     run_step.__qualname__ = run_step.__name__
     return run_step
+
+
+def _names(definition: SagaDefinition, step_index: int, direction: Direction, task: str) -> bool:
+    """Whether `task` is this definition's task for (step_index, direction)."""
+    return 0 <= step_index < len(definition.steps) and (
+        definition.task_name(step_index, direction) == task
+    )
 
 
 def _result_kwargs(event: StepSucceeded | StepFailed, saga_id: str, token: str) -> dict[str, Any]:

@@ -33,7 +33,7 @@ def test_an_abort_reason_with_a_nul_byte_is_refused_or_stored(pg_admin_url: str)
     engine = create_db_engine(fresh_postgres_database(pg_admin_url))
     store = SagaStore(engine, Redactor(()))
     saga_engine = SagaEngine(
-        store, RecordingDispatcher(), Limits(), definitions=lambda _type: DEFINITION
+        store, RecordingDispatcher(), Limits(), definitions=lambda _type, _version: DEFINITION
     )
     saga_engine.start(StartRequested("nul-1", DEFINITION.saga_type, {}))
     kwargs = {"saga_id": "nul-1", "reason": "client\x00cancel"}

@@ -1,0 +1,106 @@
+"""This worker's definition versions: the queues it consumes and its heartbeat row.
+
+A worker consumes the base queue (starts, aborts, the sweep) and one queue per definition
+version it registered, where every message about a saga of that version goes
+(docs/deploys.md). Its main process keeps a `saga_workers` row fresh, so that a sweep on any
+worker can tell whether some live worker has a saga's version, and deletes it on a warm
+shutdown.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Collection
+from datetime import UTC, datetime
+from typing import Any
+
+from celery import Celery
+from celery.signals import celeryd_after_setup, worker_ready, worker_shutdown
+
+from .. import registry
+from ..config import Settings
+from ..store import workers
+from ..store.connect import create_db_engine
+from ..store.port import HEARTBEAT_SECONDS, VersionKey
+from .dispatch import version_queue
+
+log = logging.getLogger(__name__)
+
+
+def local_versions() -> set[VersionKey]:
+    """Every (saga_type, version) registered in this process."""
+    return {(d.saga_type, d.version) for d in registry.all_definitions()}
+
+
+def version_queues(base: str, versions: Collection[VersionKey]) -> list[str]:
+    return [version_queue(base, saga_type, version) for saga_type, version in sorted(versions)]
+
+
+class Heartbeat:
+    """Refreshes this worker's row every HEARTBEAT_SECONDS from a thread of the main process."""
+
+    def __init__(self, settings: Settings, name: str, versions: Collection[VersionKey]) -> None:
+        self.settings = settings
+        self.name = name
+        self.versions = set(versions)
+        self.started_at = datetime.now(UTC)
+        self.stopped = threading.Event()
+        self.engine = create_db_engine(settings.database_url, pool=False)
+        self.thread = threading.Thread(target=self._run, name="saga-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._beat()  # before the first message is taken: sweeps elsewhere see it at once
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=5)
+        try:
+            workers.forget(self.engine, self.name)
+        except Exception as exc:  # the row then ages out (LIVE_WINDOW)
+            log.warning("could not delete this worker's heartbeat row: %s", exc)
+        self.engine.dispose()
+
+    def _run(self) -> None:
+        while not self.stopped.wait(HEARTBEAT_SECONDS):
+            self._beat()
+
+    def _beat(self) -> None:
+        try:
+            workers.beat(
+                self.engine,
+                self.name,
+                self.settings.queue,
+                self.versions,
+                datetime.now(UTC),
+                self.started_at,
+            )
+        except Exception as exc:  # a database outage: the next beat tries again
+            log.warning("heartbeat not written: %s", exc)
+
+
+def install_versions(app: Celery, settings: Settings) -> None:
+    """Consume the version queues and keep the heartbeat row of this app's workers."""
+    beats: list[Heartbeat] = []
+
+    def add_queues(sender: Any = None, instance: Any = None, **_: Any) -> None:
+        if getattr(instance, "app", None) is not app:
+            return
+        for queue in version_queues(settings.queue, local_versions()):
+            instance.app.amqp.queues.select_add(queue)
+
+    def start(sender: Any = None, **_: Any) -> None:
+        if getattr(sender, "app", None) is not app:
+            return
+        beat = Heartbeat(settings, str(sender.hostname), local_versions())
+        beat.start()
+        beats.append(beat)
+
+    def stop(sender: Any = None, **_: Any) -> None:
+        while beats:
+            beats.pop().stop()
+
+    celeryd_after_setup.connect(add_queues, weak=False)
+    worker_ready.connect(start, weak=False)
+    worker_shutdown.connect(stop, weak=False)
