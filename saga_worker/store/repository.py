@@ -21,9 +21,9 @@ from ..audit.redaction import Redactor
 from ..core.decision import AuditEvent, Decision
 from ..core.model import Saga
 from ..errors import ConcurrencyConflict
+from . import workers
 from .codec import saga_from_row, saga_to_row
 from .connect import retry_transient
-from . import workers
 from .port import Applied, Loaded, SkippedLocked, StalledRow, VersionKey
 from .queries import OperatorQueries, stalled_query
 from .tables import audit_logs, checkpoints, settings_table

@@ -134,12 +134,12 @@ def test_stalled_returns_only_passed_deadlines_in_order(engine: Engine) -> None:
     store = SagaStore(engine, Redactor([]))
     now = utcnow()
     found = store.stalled(now, 500)
-    assert [saga_id for saga_id, _, _ in found] == [f"stalled-{g}" for g in range(1, STALLED + 1)]
-    assert all(deadline < now - timedelta(seconds=500) for _, _, deadline in found)
+    assert [row.saga_id for row in found] == [f"stalled-{g}" for g in range(1, STALLED + 1)]
+    assert all(row.deadline < now - timedelta(seconds=500) for row in found)
     # Paging on (deadline, saga_id) goes on exactly where the previous page ended.
     first = store.stalled(now, 2)
-    rest = store.stalled(now, 500, after=(first[-1][2], first[-1][0]))
-    assert [s for s, _, _ in first + rest] == [s for s, _, _ in found]
+    rest = store.stalled(now, 500, after=(first[-1].deadline, first[-1].saga_id))
+    assert [row.saga_id for row in first + rest] == [row.saga_id for row in found]
     timings = []
     for _ in range(20):
         began = time.perf_counter()
