@@ -186,7 +186,9 @@ def resend(
         recoveries=recoveries,
         user_id=user_id,
         uncertain=uncertain,
-        allowance=base if pending.held else 2 * base,
+        # (A parked saga's copy waited for want of a worker with its version, not behind a
+        # backlog: resumed with the same allowance.)
+        allowance=base if pending.held or not counted else 2 * base,
     )
 
 

@@ -26,12 +26,15 @@ from saga_worker.core.events import (
     AbortRequested,
     AttemptDue,
     AttemptStalled,
+    ParkRequested,
     RetryRequested,
     StartRequested,
     StepFailed,
     StepSucceeded,
+    UnparkRequested,
 )
 from saga_worker.core.model import MAX_ATTEMPT, Direction, Saga, SagaState
+from saga_worker.core.parking import park
 from saga_worker.core.retry import RetryPolicy
 from saga_worker.core.transition import start, transition
 
@@ -133,6 +136,29 @@ class Sim:
         check_liveness(self)
         return decision
 
+    def park(self) -> None:
+        """The sweep found no live worker with the saga's version (core/parking.py)."""
+        self.now += timedelta(seconds=self.data.draw(st.integers(0, 400), label="elapsed"))
+        before = self.saga
+        pending = before.pending
+        assert pending is not None
+        event = ParkRequested(
+            pending.step_index, pending.direction, pending.number, pending.recoveries, "gone"
+        )
+        decision = park(before, event, self.now)
+        if decision.ignored is None:
+            after = decision.saga
+            assert after.parked_at == self.now and pending.overdue(self.now)
+            assert replace(after, parked_at=None, updated_at=before.updated_at) == before
+            assert [e.event_type for e in decision.audit] == ["saga_parked"]
+            assert decision.commands == ()
+            # Parked once: the same request again changes nothing.
+            assert park(after, event, self.now).ignored is not None
+        else:
+            assert decision.saga == before and decision.audit == () and decision.commands == ()
+        self.saga = decision.saga
+        check_saga(self.definition, self.saga, retried=self.operator_retries > 0)
+
     def deliver(self, index: int) -> None:
         event = self.network.pop(index)
         self.delivered.append(event)
@@ -152,6 +178,9 @@ class Sim:
             moves.append("operator_retry")
         if self.saga.pending is not None:
             moves += ["stall"] * 2
+            moves.append("park")
+        if self.saga.parked_at is not None:
+            moves.append("unpark")
         move = self.data.draw(st.sampled_from(moves), label="move")
         if move == "deliver":
             self.deliver(self.data.draw(st.integers(0, len(self.network) - 1), label="which"))
@@ -163,6 +192,10 @@ class Sim:
             self.network.append(self.result_for(cmd))
         elif move == "abort":
             self.apply(AbortRequested(reason="test", user_id="op"))
+        elif move == "park":
+            self.park()
+        elif move == "unpark":
+            self.apply(UnparkRequested(user_id="system:recovery"))
         elif move == "operator_retry":
             was_failed = self.saga.state is SagaState.FAILED
             force = self.data.draw(st.booleans(), label="force")
@@ -278,8 +311,15 @@ def check_decision(sim: Sim, before: Saga, event: Any, decision: Decision) -> No
         assert before.pending.held or before.pending.stalled(sim.now) or event.force
         assert after.pending is not None and after.pending.key() == before.pending.key()
         assert after.pending.recoveries == before.pending.recoveries + 1
+    elif isinstance(event, UnparkRequested):
+        # Resumed: the very attempt it kept, sent again; not counted as a recovery.
+        assert before.parked_at is not None and before.pending is not None
+        assert after.pending is not None and after.pending.key() == before.pending.key()
+        assert after.pending.recoveries == before.pending.recoveries
     else:
         assert not before.state.is_terminal
+    # Any transition a worker with the definition makes resumes a parked saga.
+    assert after.parked_at is None
     assert decision.audit, "an accepted transition is always audited"
     # No audit-only decision: what is written always changes the saga (issue 14).
     assert replace(after, updated_at=before.updated_at) != before, event
