@@ -29,6 +29,7 @@ from .errors import (
     InvalidFilter,
     OperationRefused,
     SagaNotFound,
+    UnknownDefinitionVersion,
     UnknownSagaType,
 )
 from .requests import check_time_range, parse_abort, parse_retry, valid_saga_id
@@ -179,7 +180,7 @@ class SagaClient:
     def status(self, saga_id: str) -> SagaStatus:
         """A saga's checkpoint as `saga-worker status` shows it; SagaNotFound if unknown."""
         saga = self._load(saga_id)
-        definition = self.definition(saga.saga_type)
+        definition = self.definition(saga.saga_type, saga.definition_version)
         pending = None
         stalled = False
         if saga.pending is not None:
@@ -240,6 +241,8 @@ class SagaClient:
                 started_at=s.started_at,
                 updated_at=s.updated_at,
                 error=self.redactor.text(s.error),
+                definition_version=s.definition_version,
+                parked_at=s.parked_at,
             )
             for s in sagas
         ]
@@ -259,14 +262,15 @@ class SagaClient:
                 return seen
             time.sleep(0.2)
 
-    def definition(self, saga_type: str) -> SagaDefinition | None:
-        """The registered definition of a saga type (modules of SAGA_IMPORTS imported once)."""
+    def definition(self, saga_type: str, version: str | None = None) -> SagaDefinition | None:
+        """The registered definition of a saga type's version (None: the one new starts use;
+        modules of SAGA_IMPORTS imported once), or None when it is not registered here."""
         if not self._imported:
             self._imported = True
             registry.import_modules(self.settings.imports)
         try:
-            return registry.get(saga_type)
-        except UnknownSagaType:
+            return registry.get_version(saga_type, version)
+        except (UnknownSagaType, UnknownDefinitionVersion):
             return None
 
     # -- operator actions ----------------------------------------------------------------

@@ -53,6 +53,8 @@ class SagaStatus:
             "started_at": iso_utc(s.started_at),
             "updated_at": iso_utc(s.updated_at),
             "version": s.version,
+            "definition_version": s.definition_version,
+            "parked_at": iso_utc(s.parked_at) if s.parked_at else None,
             "context": self.context,
         }
 
@@ -70,6 +72,8 @@ class SagaSummary:
     started_at: datetime
     updated_at: datetime
     error: str | None
+    definition_version: str | None = None
+    parked_at: datetime | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -82,6 +86,8 @@ class SagaSummary:
             "started_at": iso_utc(self.started_at),
             "updated_at": iso_utc(self.updated_at),
             "error": self.error,
+            "definition_version": self.definition_version,
+            "parked_at": iso_utc(self.parked_at) if self.parked_at else None,
         }
 
 

@@ -244,6 +244,7 @@ def exit_code_for(exc: BaseException) -> int:
         OperationRefused,
         SagaError,
         SagaNotFound,
+        UnknownDefinitionVersion,
         UnknownSagaType,
     )
 
@@ -255,7 +256,9 @@ def exit_code_for(exc: BaseException) -> int:
         return EXIT_REFUSED
     if isinstance(exc, ConfigurationError):
         return EXIT_CONFIG
-    if isinstance(exc, DatabaseUnavailable | BrokerUnavailable | UnknownSagaType):
+    if isinstance(
+        exc, DatabaseUnavailable | BrokerUnavailable | UnknownSagaType | UnknownDefinitionVersion
+    ):
         return EXIT_UNAVAILABLE
     if isinstance(exc, OperationalError | DBAPIError):
         return EXIT_UNAVAILABLE

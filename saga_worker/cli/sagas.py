@@ -53,8 +53,18 @@ def status(ctx: click.Context, saga_id: str, json_mode: bool) -> None:
         ("saga", data["saga_id"]),
         ("type", data["saga_type"]),
         ("state", data["state"]),
+        ("version", dash(data["definition_version"])),
         ("step", step),
     ]
+    if data["parked_at"]:
+        parked = datetime.fromisoformat(data["parked_at"])
+        pairs.append(
+            (
+                "parked",
+                f"since {ts(parked)} ({ago(parked, now)}): no live worker has its version; "
+                "see `saga-worker versions`",
+            )
+        )
     if pending:
         of = f" of {pending['max_attempts']}" if pending["max_attempts"] else ""
         attempt = f"{pending['attempt']}{of} ({pending['direction']})"
@@ -141,7 +151,7 @@ def list_(
                 [
                     s.saga_id,
                     s.saga_type,
-                    s.state,
+                    s.state + (" (parked)" if s.parked_at else ""),
                     f"{s.current_step_index + 1}/{s.total_steps}",
                     dash(s.user_id),
                     ts(s.started_at),

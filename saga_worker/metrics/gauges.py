@@ -1,6 +1,6 @@
 """Gauges of saga states, read from the checkpoint table at scrape time.
 
-`saga_running_current` and two additions, `saga_failed_current` and `saga_stalled_current`:
+`saga_running_current`, `saga_failed_current`, `saga_stalled_current` and `saga_parked_current`:
 the database is the only place that knows how many sagas are in flight across every worker,
 including sagas whose process died, so no per-process arithmetic can drift.
 """
@@ -38,7 +38,8 @@ class SagaStateCollector:
         self._cached: tuple[float, dict[str, dict[str, int]]] | None = None
 
     def counts(self) -> dict[str, dict[str, int]]:
-        """{saga_type: {"running": n, "failed": n, "stalled": n}}, every registered type."""
+        """{saga_type: {"running": n, "failed": n, "stalled": n, "parked": n}}, every
+        registered type."""
         with self._lock:
             now = time.monotonic()
             if self._cached is None or now - self._cached[0] > self.ttl:
@@ -64,8 +65,9 @@ class SagaStateCollector:
         c = checkpoints.c
         live = (SagaState.RUNNING.value, SagaState.COMPENSATING.value, SagaState.FAILED.value)
         overdue = func.sum(case((c.deadline < datetime.now(UTC), 1), else_=0))
+        parked = func.sum(case((c.parked_at.is_not(None), 1), else_=0))
         query = (
-            select(c.saga_type, c.state, func.count(), overdue)
+            select(c.saga_type, c.state, func.count(), overdue, parked)
             .where(c.state.in_(live))
             .group_by(c.saga_type, c.state)
         )
@@ -73,12 +75,13 @@ class SagaStateCollector:
         with self._engine.begin() as conn:
             if conn.dialect.name == "postgresql":
                 conn.execute(text("SET LOCAL statement_timeout = 5000"))
-            for saga_type, state, count, stalled in conn.execute(query):
+            for saga_type, state, count, stalled, parked_count in conn.execute(query):
                 entry = result.setdefault(saga_type, _zero())
                 key = "failed" if state == SagaState.FAILED.value else "running"
                 entry[key] += int(count)
                 if key == "running":
                     entry["stalled"] += int(stalled or 0)
+                    entry["parked"] += int(parked_count or 0)
         return result
 
     def collect(self) -> Iterator[Metric]:
@@ -103,6 +106,11 @@ class SagaStateCollector:
                 "Live sagas whose pending attempt is past its deadline, not yet re-sent.",
                 labels=["saga_type"],
             ),
+            "parked": GaugeMetricFamily(
+                "saga_parked_current",
+                "Live sagas parked because no live worker has their definition version.",
+                labels=["saga_type"],
+            ),
         }
         for saga_type, entry in sorted(counts.items()):
             for key, family in families.items():
@@ -111,4 +119,4 @@ class SagaStateCollector:
 
 
 def _zero() -> dict[str, int]:
-    return {"running": 0, "failed": 0, "stalled": 0}
+    return {"running": 0, "failed": 0, "stalled": 0, "parked": 0}
