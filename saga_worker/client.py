@@ -33,12 +33,21 @@ from .errors import (
     UnknownSagaType,
 )
 from .requests import check_time_range, parse_abort, parse_retry, valid_saga_id
+from .store import workers
 from .store.connect import create_db_engine
 from .store.failures import database_errors, first_line, masked_url
 from .store.keyring import signing_key_for
+from .store.port import LIVE_WINDOW
 from .store.queries import SagaQuery
 from .store.repository import SagaStore
-from .views import OperatorResult, SagaPage, SagaStatus, SagaSummary
+from .views import (
+    OperatorResult,
+    SagaPage,
+    SagaStatus,
+    SagaSummary,
+    VersionLine,
+    VersionsReport,
+)
 from .worker.dispatch import shown_kwargs
 
 MAX_PAGE_SIZE = 500
@@ -261,6 +270,36 @@ class SagaClient:
             if done or time.monotonic() > deadline:
                 return seen
             time.sleep(0.2)
+
+    def versions(self) -> VersionsReport:
+        """Per saga type and definition version: sagas not yet ended, the oldest, and the
+        live workers (heartbeats) that have the version."""
+        since = self.clock() - LIVE_WINDOW
+        with self._database():
+            loads = workers.versions_in_flight(self.store.engine)
+            live = workers.live_workers(self.store.engine, since)
+        serving: dict[tuple[str, str | None], list[str]] = {}
+        for worker in live:
+            for key in worker.versions:
+                serving.setdefault(key, []).append(worker.name)
+        keys = {(x.saga_type, x.version) for x in loads} | set(serving)
+        by_key = {(x.saga_type, x.version): x for x in loads}
+        lines = []
+        for saga_type, version in sorted(keys, key=lambda k: (k[0], str(k[1]))):
+            load = by_key.get((saga_type, version))
+            lines.append(
+                VersionLine(
+                    saga_type,
+                    version,
+                    load.running if load else 0,
+                    load.parked if load else 0,
+                    load.failed if load else 0,
+                    load.oldest if load else None,
+                    tuple(serving.get((saga_type, version), ())),
+                )
+            )
+        shown = {w.name: [{"saga_type": t, "version": v} for t, v in w.versions] for w in live}
+        return VersionsReport(tuple(lines), shown)
 
     def definition(self, saga_type: str, version: str | None = None) -> SagaDefinition | None:
         """The registered definition of a saga type's version (None: the one new starts use;

@@ -154,3 +154,49 @@ def os_user() -> str:
         return pwd.getpwuid(os.getuid()).pw_name
     except (ImportError, KeyError):
         return f"uid-{os.getuid()}"
+
+
+@dataclass(frozen=True)
+class VersionLine:
+    """One (saga_type, version) of `saga-worker versions`: its sagas not yet ended and the
+    live workers that have it."""
+
+    saga_type: str
+    version: str | None
+    running: int
+    parked: int
+    failed: int
+    oldest: datetime | None
+    workers: tuple[str, ...]
+
+    @property
+    def in_flight(self) -> int:
+        return self.running + self.parked + self.failed
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "saga_type": self.saga_type,
+            "version": self.version,
+            "running": self.running,
+            "parked": self.parked,
+            "failed": self.failed,
+            "in_flight": self.in_flight,
+            "oldest_started_at": iso_utc(self.oldest) if self.oldest else None,
+            "workers": list(self.workers),
+        }
+
+
+@dataclass(frozen=True)
+class VersionsReport:
+    """What `saga-worker versions` shows: per version, what is in flight and who serves it."""
+
+    lines: tuple[VersionLine, ...]
+    workers: dict[str, list[dict[str, str]]]
+
+    def line(self, saga_type: str, version: str) -> VersionLine | None:
+        return next(
+            (x for x in self.lines if (x.saga_type, x.version) == (saga_type, version)), None
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"versions": [x.as_dict() for x in self.lines], "workers": self.workers}

@@ -3,7 +3,7 @@ prints what it returns (Rich on a terminal, plain text in a pipe, JSON with --js
 
 Command groups live in sibling modules: sagas.py (status, list, retry, abort), start.py
 (start), audit.py (audit show/export/verify), db.py (db upgrade/current/history/grant),
-processes.py (worker, beat, demo).
+processes.py (worker, beat, demo), versions.py (versions).
 """
 
 from __future__ import annotations
@@ -122,9 +122,9 @@ def client_from(ctx: click.Context, json_mode: bool = False) -> Any:
 
 
 def _register() -> None:
-    from . import audit, db, processes, sagas, start
+    from . import audit, db, processes, sagas, start, versions
 
-    for module in (sagas, start, audit, db, processes):
+    for module in (sagas, start, audit, db, processes, versions):
         module.register(main)
 
 

@@ -1,4 +1,4 @@
-"""Worker heartbeats: which definition versions the live workers have (`saga_workers`).
+"""Worker heartbeats and versions in flight: what `saga-worker versions` and the sweep read.
 
 Each worker keeps one row, refreshed every few seconds by its main process and deleted when
 it stops. The recovery sweep reads it to park sagas whose version no live worker has, and
@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, delete, insert, select, update
+from sqlalchemy import Engine, delete, func, insert, select, update
 
+from ..core.model import SagaState
 from .port import VersionKey
 from .tables import checkpoints, workers
 
@@ -92,3 +93,57 @@ def parked(engine: Engine, versions: Sequence[VersionKey], limit: int) -> list[s
             if len(found) >= limit:
                 break
     return found
+
+
+@dataclass(frozen=True)
+class VersionLoad:
+    """Sagas not yet ended of one (saga_type, definition version)."""
+
+    saga_type: str
+    version: str | None
+    running: int  # RUNNING or COMPENSATING, not parked
+    parked: int
+    failed: int  # FAILED: an operator must act (`saga-worker retry`)
+    oldest: datetime | None  # the earliest started_at among them
+
+
+def versions_in_flight(engine: Engine) -> list[VersionLoad]:
+    """Per (saga_type, version): live sagas, by (type, version); terminal ones are not read
+    beyond the state index."""
+    c = checkpoints.c
+    live = (SagaState.RUNNING.value, SagaState.COMPENSATING.value, SagaState.FAILED.value)
+    parked = c.parked_at.is_not(None)
+    query = (
+        select(
+            c.saga_type,
+            c.definition_version,
+            c.state,
+            parked,
+            func.count(),
+            func.min(c.started_at),
+        )
+        .where(c.state.in_(live))
+        .group_by(c.saga_type, c.definition_version, c.state, parked)
+    )
+    loads: dict[tuple[str, str | None], dict[str, Any]] = {}
+    with engine.connect() as conn:
+        for saga_type, version, state, is_parked, count, oldest in conn.execute(query):
+            entry = loads.setdefault(
+                (saga_type, version), {"running": 0, "parked": 0, "failed": 0, "oldest": None}
+            )
+            key = (
+                "failed"
+                if state == SagaState.FAILED.value
+                else "parked"
+                if is_parked
+                else "running"
+            )
+            entry[key] += int(count)
+            if oldest is not None and (entry["oldest"] is None or oldest < entry["oldest"]):
+                entry["oldest"] = oldest
+    return [
+        VersionLoad(saga_type, version, **entry)
+        for (saga_type, version), entry in sorted(
+            loads.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))
+        )
+    ]
