@@ -259,8 +259,10 @@ def create_app(settings: Settings | None = None) -> Celery:
     if settings.celery_config:
         apply_celery_config(app, settings.celery_config)
     # The version queues (worker/heartbeat.py) are declared like the base queue: on RabbitMQ
-    # a quorum base queue means quorum version queues.
+    # a quorum base queue means quorum version queues, on a topic exchange when the base
+    # queue's is one (native delayed delivery needs it, docs/rabbitmq.md).
     app.conf.task_create_missing_queue_type = app.conf.task_default_queue_type
+    app.conf.task_create_missing_queue_exchange_type = app.conf.task_default_exchange_type
     _redact_logs(settings)
     runtimes = RuntimeFactory(app, settings)
     # Metrics subscribe to engine hooks; Celery signals set up their endpoint (SAGA_METRICS_PORT).

@@ -87,8 +87,11 @@ def install_versions(app: Celery, settings: Settings) -> None:
     def add_queues(sender: Any = None, instance: Any = None, **_: Any) -> None:
         if getattr(instance, "app", None) is not app:
             return
-        for queue in version_queues(settings.queue, local_versions()):
-            instance.app.amqp.queues.select_add(queue)
+        queues = instance.app.amqp.queues
+        for name in version_queues(settings.queue, local_versions()):
+            # Looked up first: a missing queue is made as a sender makes it (its type from
+            # task_create_missing_queue_type), so both declare it alike on RabbitMQ.
+            queues.select_add(queues[name])
 
     def start(sender: Any = None, **_: Any) -> None:
         if getattr(sender, "app", None) is not app:

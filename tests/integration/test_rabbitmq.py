@@ -22,6 +22,7 @@ import pytest
 from kombu.connection import Connection
 from sqlalchemy import func, select
 
+from saga_worker import registry
 from saga_worker.config import Settings
 from saga_worker.examples.backtest import example_backtests
 from saga_worker.store.tables import audit_logs, checkpoints
@@ -318,5 +319,17 @@ def test_sagas_run_on_a_quorum_queue(pg_admin_url: str, amqp_url: str, tmp_path:
         assert final[flaky].state.value == "COMPLETED" and final[flaky].retries == 2
         log = rig.worker.log_path.read_text(errors="replace")
         assert "Global QoS is disabled" in log  # Celery saw the quorum queue
+        # The steps ran on the version's own queue (docs/deploys.md): a quorum queue too.
+        version_queue = f"{rig.queue}.{SAGA_TYPE}.{registry.get(SAGA_TYPE).version}"
+        with Connection(amqp_url) as conn:
+            # It exists (a passive declare fails on a missing queue)...
+            conn.default_channel.queue_declare(queue=version_queue, passive=True)
+            # ...and is a quorum queue (RabbitMQ refuses an inequivalent x-queue-type).
+            conn.default_channel.queue_declare(
+                queue=version_queue,
+                durable=True,
+                auto_delete=False,
+                arguments={"x-queue-type": "quorum"},
+            )
     finally:
         rig.close()
