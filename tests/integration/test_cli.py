@@ -479,7 +479,7 @@ def test_worker_and_beat_wrappers_start_celery(
     )
     beat_log = tmp_path / "beat.log"
     beat = subprocess.Popen(
-        [SAGA_WORKER, "beat", "--loglevel", "INFO", "--schedule", str(tmp_path / "schedule")],
+        [SAGA_WORKER, "beat", "--loglevel", "INFO"],
         env=env,
         stdout=beat_log.open("wb"),
         stderr=subprocess.STDOUT,
