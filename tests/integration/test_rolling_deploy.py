@@ -22,12 +22,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from saga_worker.audit.verify import verify_chain
+from saga_worker.core.decision import Limits
+from saga_worker.core.events import StartRequested
+from saga_worker.engine import SagaEngine
+from tests.fixtures.deploy_sagas import V2
 from tests.waiting import wait_for
 
 from .conftest import fresh_postgres_database
-from .processes import Rig, unique
+from .processes import Rig, count_lines, unique
 
 pytestmark = pytest.mark.integration
 
@@ -172,3 +177,50 @@ def test_two_generations_on_one_queue_never_run_a_step_under_another_version(rig
         f"{len(migrated)} migrated, {len(refused)} resumed by a v1 worker, "
         f"{len(wrong)} wrong-step runs"
     )
+
+
+class SendNothing:
+    """A dispatcher that sends nothing: the saga's first attempt stays in the database."""
+
+    def send(self, definition: Any, saga: Any, command: Any, checkpoint: Any = None) -> None:
+        pass
+
+
+def test_an_abort_reaching_a_worker_without_the_version_is_forwarded_to_one_with_it(
+    rig: Rig, broker_url: str
+) -> None:
+    # A version 2 saga, as a generation 2 worker started it before it went away.
+    engine = SagaEngine(
+        rig.store, SendNothing(), Limits(stall_grace_seconds=1), definitions=lambda t, v: V2
+    )
+    saga_id = unique("fwd")
+    context = {"runs_file": str(rig.folder / "runs.txt")}
+    assert engine.start(StartRequested(saga_id, "deploy_order", context)).created
+    first = start_generation(rig, "1")  # has version 1 only
+    rig.producer.send_task(
+        "saga.abort",
+        kwargs={"saga_id": saga_id, "reason": "customer cancelled", "user_id": "desk:bob"},
+        queue=rig.queue,
+    )
+    version_queue = f"{rig.queue}.deploy_order.2"
+    client = redis.Redis.from_url(broker_url)
+    try:
+        wait_for(
+            lambda: client.llen(version_queue) == 1,
+            30,
+            "the abort to be forwarded to version 2's queue",
+            details=first.log_tail,
+        )
+    finally:
+        client.close()
+    assert count_lines([first.log_path], f"forwarded to {version_queue}") == 1
+    saga = rig.store.load(saga_id)
+    assert saga is not None and not saga.abort_requested  # nothing written by generation 1
+    # A generation 2 worker takes it: the abort applies, the stalled attempt is re-sent and
+    # reports, and the saga rolls back.
+    start_generation(rig, "2")
+    rig.start_beat()
+    final = rig.wait_all([saga_id], timeout=60)[saga_id]
+    assert final.state.value == "ABORTED"
+    kinds = [r["event_type"] for r in rig.audit_rows([saga_id])[saga_id]]
+    assert "abort_requested" in kinds and kinds[-1] == "saga_aborted"
