@@ -207,8 +207,12 @@ def test_a_migration_is_valid_or_refused_and_never_skips_a_compensation(
     assert pending is not None and pending.number == pending.first == before.attempt_seq + 1
     assert not pending.held and pending.number == after.attempt_seq
     assert [c.attempt for c in decision.commands] == [pending.number]
-    assert [e.event_type for e in decision.audit][0] == "saga_migrated"
-    migrated = decision.audit[0]
+    migrated, started = decision.audit
+    assert migrated.event_type == "saga_migrated"
+    assert (
+        started.event_type
+        == f"{'step' if pending.direction is Direction.FORWARD else 'compensation'}_start"
+    )
     assert migrated.user_id == "op" and migrated.event_data["reason"] == "move"
     assert migrated.event_data["resume_step"] == new.step_names[pending.step_index]
     rename = {n: mapping.get(n, n) for n in old.step_names}
