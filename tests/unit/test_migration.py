@@ -337,6 +337,8 @@ def test_cli_migrates_one_saga_and_prints_json(tmp_path: Path) -> None:
     assert row["event_type"] == "saga_migrated" and row["user_id"] == "ana"
     assert row["event_data"]["reason"].startswith("operator migration (from ")
     assert cli.dispatcher.sent[-1].saga.definition_version == "2"
+    # A later migration reads version 2's outline from this row, even with its code gone.
+    assert Shape.from_audit(cli.store.shape_rows("one"), "2") == Shape.of(cli.v2, "2")
     # Once more: it runs version 2 already.
     again = cli.run("one", "--to", "2", "--json")
     assert again.exit_code == EXIT_REFUSED
