@@ -58,10 +58,10 @@ def migrate(
     from ..views import os_user
     from . import client_from
 
-    if (saga_id is None) == (saga_type is None or from_version is None):
-        raise click.UsageError("give SAGA_ID, or --type and --from, not both")
     if saga_id is not None and (saga_type or from_version):
         raise click.UsageError("give SAGA_ID, or --type and --from, not both")
+    if saga_id is None and not (saga_type and from_version):
+        raise click.UsageError("give SAGA_ID, or --type and --from (the version to move off)")
     client = client_from(ctx, json_mode)
     who = user_id or os_user()
     options = {"mapping": list(pairs), "reason": reason, "dry_run": dry_run}
