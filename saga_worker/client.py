@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
 from datetime import datetime
@@ -21,7 +21,7 @@ from .audit.chain import iso_utc
 from .audit.redaction import Redactor
 from .config import Settings, check_broker_url
 from .core.definition import SagaDefinition
-from .core.events import Event
+from .core.events import Event, MigrateRequested
 from .core.model import Attempt, Saga, SagaState
 from .engine import Dispatcher, EngineHooks, SagaEngine, utcnow
 from .errors import (
@@ -32,7 +32,8 @@ from .errors import (
     UnknownDefinitionVersion,
     UnknownSagaType,
 )
-from .requests import check_time_range, parse_abort, parse_retry, valid_saga_id
+from .migrator import Migrator
+from .requests import check_time_range, parse_abort, parse_migrate, parse_retry, valid_saga_id
 from .store import workers
 from .store.connect import create_db_engine
 from .store.failures import database_errors, first_line, masked_url
@@ -41,6 +42,7 @@ from .store.port import LIVE_WINDOW
 from .store.queries import SagaQuery
 from .store.repository import SagaStore
 from .views import (
+    MigrationResult,
     OperatorResult,
     SagaPage,
     SagaStatus,
@@ -304,9 +306,7 @@ class SagaClient:
     def definition(self, saga_type: str, version: str | None = None) -> SagaDefinition | None:
         """The registered definition of a saga type's version (None: the one new starts use;
         modules of SAGA_IMPORTS imported once), or None when it is not registered here."""
-        if not self._imported:
-            self._imported = True
-            registry.import_modules(self.settings.imports)
+        self._import_definitions()
         try:
             return registry.get_version(saga_type, version)
         except (UnknownSagaType, UnknownDefinitionVersion):
@@ -341,6 +341,61 @@ class SagaClient:
         event = replace(event, reason=f"{event.reason} (from {socket.gethostname()})")
         return self._operate("retry", saga_id, event)
 
+    def migrate(
+        self,
+        saga_id: str,
+        to_version: str,
+        user_id: str,
+        *,
+        mapping: Mapping[str, str] | Sequence[str] = (),
+        reason: str = "operator migration",
+        dry_run: bool = False,
+    ) -> MigrationResult:
+        """Move a saga in flight to version `to_version` of its type under `mapping` (old
+        step name -> new, or `OLD=NEW` strings); MigrationRefused when it cannot move.
+        `dry_run` writes and sends nothing (and needs no broker)."""
+        migrator, request = self._migrator(user_id, reason, mapping)
+        self._load(saga_id)  # a malformed or unknown id: exit 2 or 3
+        with self._database():
+            return migrator.one(saga_id, to_version, request, dry_run=dry_run)
+
+    def migrate_version(
+        self,
+        saga_type: str,
+        from_version: str,
+        to_version: str,
+        user_id: str,
+        *,
+        mapping: Mapping[str, str] | Sequence[str] = (),
+        reason: str = "operator migration",
+        dry_run: bool = False,
+    ) -> Iterator[MigrationResult]:
+        """`migrate` every saga in flight of (saga_type, from_version), read a page at a
+        time: one result each, refusals included (not raised)."""
+        migrator, request = self._migrator(user_id, reason, mapping)
+        results = migrator.batch(saga_type, from_version, to_version, request, dry_run=dry_run)
+        while True:
+            with self._database():
+                result = next(results, None)
+            if result is None:
+                return
+            yield result
+
+    def _migrator(
+        self, user_id: str, reason: str, mapping: Mapping[str, str] | Sequence[str]
+    ) -> tuple[Migrator, MigrateRequested]:
+        request = parse_migrate(user_id, reason, mapping)
+        # Where the operator acted from, beside who (validated first: the suffix is ours).
+        request = replace(request, reason=f"{request.reason} (from {socket.gethostname()})")
+        self._import_definitions()
+        return Migrator(self.store, self._migration_engine, self.redactor.text), request
+
+    def _migration_engine(self, dry_run: bool) -> SagaEngine:
+        if not dry_run:
+            return self.engine
+        # Nothing is written or sent: no broker, no signing key needed.
+        return SagaEngine(self.store, _NoDispatch(), self.limits, clock=self.clock)
+
     def _operate(self, action: str, saga_id: str, event: Event) -> OperatorResult:
         """Apply an operator's event through the engine; refusals and send errors reported."""
         before = self._load(saga_id)
@@ -359,6 +414,11 @@ class SagaClient:
                 f"{f.task_name}: {self.redactor.text(f.error)}" for f in outcome.send_failures
             ),
         )
+
+    def _import_definitions(self) -> None:
+        if not self._imported:
+            self._imported = True
+            registry.import_modules(self.settings.imports)
 
     # -- audit ---------------------------------------------------------------------------
 
@@ -416,3 +476,10 @@ class SagaClient:
     def _database(self) -> AbstractContextManager[None]:
         """Turn driver errors into one line naming the database (password hidden)."""
         return database_errors(self.safe_url)
+
+
+class _NoDispatch:
+    """The dispatcher of a dry run, which sends nothing."""
+
+    def send(self, *args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a dry run sends nothing")

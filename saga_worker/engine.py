@@ -14,7 +14,8 @@ from . import registry
 from .core.commands import RunAttempt
 from .core.decision import Decision, Limits
 from .core.definition import SagaDefinition
-from .core.events import Event, ParkRequested, StartRequested
+from .core.events import Event, MigrateRequested, ParkRequested, StartRequested
+from .core.migration import Shape, migrate
 from .core.model import Saga
 from .core.parking import park
 from .core.rejection import rejected_start
@@ -231,6 +232,52 @@ class SagaEngine:
         if record is None:
             raise SagaNotFound(saga_id)
         return self._after_commit(record)
+
+    def migrate(
+        self,
+        saga_id: str,
+        target: SagaDefinition,
+        shape: Shape,
+        event: MigrateRequested,
+        *,
+        dry_run: bool = False,
+    ) -> Outcome:
+        """Move a saga in flight to `target`, whose old version's outline is `shape`
+        (core/migration.py); its next attempt goes out after the commit, to the new version's
+        queue. `dry_run` decides on the current checkpoint and writes and sends nothing."""
+
+        if dry_run:
+            loaded = self.store.retrying(
+                lambda: self.store.load_for_step(saga_id), f"read of saga {saga_id}"
+            )
+            if loaded is None:
+                raise SagaNotFound(saga_id)
+            return Outcome(migrate(target, loaded.saga, shape, event, self.clock(), self.limits))
+
+        def apply_once() -> TransitionRecord | None:
+            now = self.clock()
+            began = time.perf_counter()
+            applied = self.store.apply(
+                saga_id, lambda saga: migrate(target, saga, shape, event, now, self.limits), now
+            )
+            if applied is None:
+                return None
+            elapsed = time.perf_counter() - began
+            return TransitionRecord(
+                target, applied.before, applied.decision, elapsed, True, applied.committed
+            )
+
+        for _ in range(MAX_CONFLICT_RETRIES):
+            try:
+                record = self.store.retrying(apply_once, f"migration of saga {saga_id}")
+            except ConcurrencyConflict:
+                continue  # decided again on the saga as the other writer left it
+            if record is None:
+                raise SagaNotFound(saga_id)
+            return self._after_commit(record)
+        raise ConcurrencyConflict(
+            f"saga {saga_id} kept changing under {MAX_CONFLICT_RETRIES} attempts to migrate it"
+        )
 
     def reject(
         self,

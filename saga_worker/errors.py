@@ -148,3 +148,9 @@ class OperationRefused(SagaError):
     """retry/abort does not apply to the saga in its current state."""
 
     code = "operation_refused"
+
+
+class MigrationRefused(OperationRefused):
+    """`saga-worker migrate` would skip a step or a compensation, or the saga cannot move."""
+
+    code = "migration_refused"

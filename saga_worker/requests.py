@@ -13,7 +13,7 @@ from typing import Any
 
 from .audit.chain import iso_utc
 from .config import Settings
-from .core.events import AbortRequested, RetryRequested, StartRequested
+from .core.events import AbortRequested, MigrateRequested, RetryRequested, StartRequested
 from .errors import InvalidFilter, InvalidRequest
 
 SAGA_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,255}")
@@ -126,6 +126,32 @@ def parse_retry(user_id: object, reason: object, *, force: bool = False) -> Retr
     if who is None:
         raise InvalidRequest("user_id", f"is required: 1-{MAX_TEXT} characters")
     return RetryRequested(user_id=who, reason=_reason(reason) or "operator retry", force=force)
+
+
+def parse_migrate(user_id: object, reason: object, mapping: object) -> MigrateRequested:
+    """An operator's MigrateRequested: who, why, and a map of old step names to new ones,
+    as a mapping or as `OLD=NEW` strings (the CLI's --map)."""
+    who = _optional_text({"user_id": user_id}, "user_id")
+    if who is None:
+        raise InvalidRequest("user_id", f"is required: 1-{MAX_TEXT} characters")
+    return MigrateRequested(_step_map(mapping), who, _reason(reason) or "operator migration")
+
+
+def _step_map(value: object) -> dict[str, str]:
+    if isinstance(value, Mapping):
+        pairs = list(value.items())
+    elif isinstance(value, list | tuple):
+        pairs = [(old, new) for old, _, new in (str(p).partition("=") for p in value)]
+    else:
+        raise InvalidRequest("map", "must map step names to step names (OLD=NEW)")
+    mapping: dict[str, str] = {}
+    for old, new in pairs:
+        if not (isinstance(old, str) and isinstance(new, str) and old.strip() and new.strip()):
+            raise InvalidRequest("map", f"{old}={new} is not OLD=NEW (two step names)")
+        if old.strip() in mapping:
+            raise InvalidRequest("map", f"step {old.strip()} is mapped twice")
+        mapping[old.strip()] = new.strip()
+    return mapping
 
 
 def _reason(value: object) -> str:

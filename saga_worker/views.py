@@ -200,3 +200,45 @@ class VersionsReport:
 
     def as_dict(self) -> dict[str, Any]:
         return {"versions": [x.as_dict() for x in self.lines], "workers": self.workers}
+
+
+@dataclass(frozen=True)
+class MigrationResult:
+    """What `saga-worker migrate` did (or, with --dry-run, would do) to one saga."""
+
+    saga_id: str
+    state: str
+    from_version: str | None
+    to_version: str
+    dry_run: bool
+    #: Why the saga was not moved (None: it was, or would be).
+    refused: str | None = None
+    resume_step: str | None = None
+    direction: str | None = None
+    attempt: int | None = None
+    completed_steps: tuple[str, ...] = ()
+    compensated_steps: tuple[str, ...] = ()
+    sent: tuple[str, ...] = ()
+    send_errors: tuple[str, ...] = ()
+
+    @property
+    def migrated(self) -> bool:
+        return self.refused is None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "saga_id": self.saga_id,
+            "state": self.state,
+            "from_version": self.from_version,
+            "to_version": self.to_version,
+            "dry_run": self.dry_run,
+            "migrated": self.migrated,
+            "refused": self.refused,
+            "resume_step": self.resume_step,
+            "direction": self.direction,
+            "attempt": self.attempt,
+            "completed_steps": list(self.completed_steps),
+            "compensated_steps": list(self.compensated_steps),
+            "sent": list(self.sent),
+            "send_errors": list(self.send_errors),
+        }

@@ -1,9 +1,9 @@
 """`saga-worker`: the operator's command line. Thin: it builds a `SagaClient`, calls it, and
 prints what it returns (Rich on a terminal, plain text in a pipe, JSON with --json).
 
-Command groups live in sibling modules: sagas.py (status, list, retry, abort), start.py
-(start), audit.py (audit show/export/verify), db.py (db upgrade/current/history/grant),
-processes.py (worker, beat, demo), versions.py (versions).
+Command groups live in sibling modules: sagas.py (status, list, retry, abort), migrate.py
+(migrate), versions.py (versions), start.py (start), audit.py (audit show/export/verify), db.py
+(db upgrade/current/history/grant), processes.py (worker, beat, demo).
 """
 
 from __future__ import annotations
@@ -122,9 +122,9 @@ def client_from(ctx: click.Context, json_mode: bool = False) -> Any:
 
 
 def _register() -> None:
-    from . import audit, db, processes, sagas, start, versions
+    from . import audit, db, migrate, processes, sagas, start, versions
 
-    for module in (sagas, start, audit, db, processes, versions):
+    for module in (sagas, migrate, versions, start, audit, db, processes):
         module.register(main)
 
 

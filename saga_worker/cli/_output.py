@@ -21,7 +21,7 @@ EXIT_OK = 0
 EXIT_PROBLEMS = 1  # verify found problems, a demo saga ended wrong, a message was not sent
 EXIT_USAGE = 2  # bad option, filter or argument (Click's own code for usage errors)
 EXIT_NOT_FOUND = 3  # no saga with that id
-EXIT_REFUSED = 4  # retry/abort does not apply to the saga's state; db grant refused
+EXIT_REFUSED = 4  # retry/abort/migrate does not apply to the saga; db grant refused
 EXIT_UNAVAILABLE = 5  # database or broker unreachable, database not migrated
 EXIT_CONFIG = 6  # a SAGA_* setting is malformed or names something that does not exist
 EXIT_INTERNAL = 70  # a bug: reported in one line (SAGA_CLI_DEBUG=1 shows the traceback)

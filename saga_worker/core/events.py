@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from .model import Direction, JSONObject
 
@@ -131,6 +132,18 @@ class UnparkRequested:
     """A worker that has the parked saga's version resumes it: the kept attempt is sent."""
 
     user_id: str | None = None
+
+
+@dataclass(frozen=True)
+class MigrateRequested:
+    """An operator moves a saga in flight to another version (core/migration.py).
+
+    `mapping` renames old steps to new ones; a step it does not name keeps its name.
+    """
+
+    mapping: Mapping[str, str] = field(default_factory=dict)
+    user_id: str | None = None
+    reason: str = "operator migration"
 
 
 Event = (

@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, Select, func, select, tuple_
 
-from ..core.model import Saga
+from ..core.model import TERMINAL_STATES, Saga
 from .codec import saga_from_row
 from .tables import audit_logs, checkpoints
 
@@ -205,6 +205,40 @@ class OperatorQueries:
                 ).mappings()
             ]
         return rows, None if head is None else str(head)
+
+    def shape_rows(self, saga_id: str) -> list[dict[str, Any]]:
+        """A saga's saga_start and saga_migrated rows (event_type, event_data), oldest first:
+        the outlines of the versions it ran under (core/migration.py)."""
+        a = audit_logs.c
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(a.event_type, a.event_data)
+                .where(a.saga_id == saga_id, a.event_type.in_(["saga_start", "saga_migrated"]))
+                .order_by(a.id)
+            ).mappings()
+            return [dict(r) for r in rows]
+
+    def in_flight_ids(
+        self, saga_type: str, version: str, *, after: str = "", limit: int = 200
+    ) -> list[str]:
+        """Up to `limit` ids above `after` of the sagas in flight of one definition version,
+        by id: pages of a batch migration, read one at a time."""
+        c = checkpoints.c
+        with self.engine.connect() as conn:
+            return [
+                str(saga_id)
+                for saga_id in conn.execute(
+                    select(c.saga_id)
+                    .where(
+                        c.saga_type == saga_type,
+                        c.definition_version == version,
+                        c.state.not_in([s.value for s in TERMINAL_STATES]),
+                        c.saga_id > after,
+                    )
+                    .order_by(c.saga_id)
+                    .limit(limit)
+                ).scalars()
+            ]
 
     @contextmanager
     def audit_snapshot(self, batch: int = 2000) -> Iterator[AuditReader]:

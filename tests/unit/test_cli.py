@@ -38,6 +38,7 @@ COMMANDS = [
     ["list"],
     ["retry"],
     ["abort"],
+    ["migrate"],
     ["audit"],
     ["audit", "show"],
     ["audit", "export"],
