@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 class SagaStateCollector:
-    """`saga_running_current`, `saga_failed_current`, `saga_stalled_current` per saga type.
+    """`saga_running_current`, `_failed_`, `_stalled_` and `_parked_current` per saga type.
 
     One grouped count over the (saga_type, state) index per scrape, cached for `ttl` seconds
     so that several scrapers cost one query. When the database cannot be read the gauges

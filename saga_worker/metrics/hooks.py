@@ -40,8 +40,8 @@ DESIGN_METRICS = frozenset(
         "saga_rejected_total",
     }
 )
-#: Gauges added to those for the alerts on sagas waiting for an operator or stalled.
-EXTRA_METRICS = frozenset({"saga_failed_current", "saga_stalled_current"})
+#: Gauges added to those for the alerts on sagas waiting for an operator, stalled or parked.
+EXTRA_METRICS = frozenset({"saga_failed_current", "saga_stalled_current", "saga_parked_current"})
 METRIC_NAMES = DESIGN_METRICS | EXTRA_METRICS
 
 #: reason label of saga_rejected_total: why a message was refused. A fixed set, so that

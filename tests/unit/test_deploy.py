@@ -31,6 +31,7 @@ ALERTS = {
     "SagaWorkerDown",
     "SagaBeatDown",
     "SagasStalled",
+    "SagasParked",
     "SagaAttemptsStalling",
     "SagaFailureRateHigh",
     "SagaCompensationFailed",
@@ -270,7 +271,8 @@ def test_metrics_match_contract_names_and_labels() -> None:
             labels = tuple(n for n in labels if n != "le")
         served[name] = labels
     # The state gauges come from the database collector, not from SagaMetrics.
-    for gauge in ("saga_running_current", "saga_failed_current", "saga_stalled_current"):
+    gauges = ("running", "failed", "stalled", "parked")
+    for gauge in (f"saga_{name}_current" for name in gauges):
         served[gauge] = ("saga_type",)
     assert served == contract
 
