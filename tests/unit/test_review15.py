@@ -100,3 +100,40 @@ def test_a_producers_abort_of_a_parked_saga_survives_its_migration() -> None:
         "the producer's abort was forwarded to saga.order.1 and is lost: the migrated saga "
         f"runs on ({saga.state.value}, abort_requested={saga.abort_requested})"
     )
+
+
+# -- 2. a saga started before versions runs under whatever default is deployed later ---------
+
+
+def test_a_saga_started_before_versions_keeps_its_definition_across_a_later_deploy() -> None:
+    """Sagas in flight at the 0.3 -> 0.4 upgrade have definition_version NULL and 'run under
+    their type's default'. docs/deploys.md only warns about changing a shape 'in the same
+    deploy as the upgrade'; but the default is resolved at every transition, so any later
+    deploy that follows case 2 (register the old and the new version, the new one
+    default=True) moves them to the new definition: here the recovery sweep re-sends step
+    index 1 as the new version's inserted step `check`, although the saga started with
+    [reserve, ship] (and `ship`'s message is refused as 'wrong_version' by steps.py).
+    `versions --drained order=OLD` cannot see them either (their version is NULL)."""
+    v1 = shaped("legacy", ["reserve", "ship"], version="1")
+    v2 = shaped("legacy", ["reserve", "check", "ship"], version="2")
+    clock = FakeClock()
+    store, dispatcher = InMemoryStore(), RecordingDispatcher()
+    upgrade_deploy = engine_with(store, dispatcher, clock, [v1])
+    upgrade_deploy.start(StartRequested("s", "legacy", {}))
+    with store._lock:  # as migration 0004 leaves a saga in flight under 0.3
+        store._checkpoints["s"]["definition_version"] = None
+    # After the upgrade (same shape, as docs/deploys.md asks): reserve completes.
+    upgrade_deploy.handle("s", StepSucceeded(0, Direction.FORWARD, 1, {}))
+    assert dispatcher.sent[-1].definition.task_name(1, Direction.FORWARD) == "saga.legacy.ship"
+
+    # A later deploy, case 2 of docs/deploys.md: both versions, the new one the default.
+    later = engine_with(store, dispatcher, clock, [v1, v2])
+    clock.advance(3600)  # ship's attempt stalled (its message was refused: wrong_version)
+    result = sweep(store, later, clock(), local={("legacy", "1"), ("legacy", "2")})
+    assert result.recovered == 1
+    last = dispatcher.sent[-1]
+    step = last.definition.task_name(last.command.step_index, last.command.direction)
+    assert step == "saga.legacy.ship", (
+        f"a saga started under [reserve, ship] was re-sent as {step} of version "
+        f"{last.definition.version}: it runs under a definition it did not start with"
+    )
