@@ -137,3 +137,32 @@ def test_a_saga_started_before_versions_keeps_its_definition_across_a_later_depl
         f"a saga started under [reserve, ship] was re-sent as {step} of version "
         f"{last.definition.version}: it runs under a definition it did not start with"
     )
+
+
+# -- 3. heartbeat rows are keyed by the Celery node name --------------------------------------
+
+
+def test_two_workers_with_one_node_name_both_count_as_live(tmp_path: Path) -> None:
+    """worker/heartbeat.py keys the saga_workers row by `sender.hostname`, the Celery node
+    name (`celery@HOST` unless -n is given). A rolling deploy on one host (start the new
+    generation, then warm-stop the old one, both `celery@HOST`) makes the two workers
+    overwrite each other's row every 5 s, so the versions of one of them are missing at any
+    time (sweeps elsewhere park its sagas, then it resumes them: saga_parked churn), and the
+    old worker's warm shutdown deletes the row the new one keeps."""
+    from saga_worker.client import SagaClient
+    from saga_worker.config import Settings
+    from saga_worker.store import workers
+    from saga_worker.store.migrate import upgrade
+
+    client = SagaClient(Settings.from_env({"SAGA_HOME": str(tmp_path)}))
+    upgrade(client.store.engine)
+    engine = client.store.engine
+    now = datetime.now(UTC)
+    name = "celery@host-1"
+    workers.beat(engine, name, "saga", {("order", "1")}, now, now)  # generation 1
+    workers.beat(engine, name, "saga", {("order", "2")}, now, now)  # generation 2, same host
+    live = workers.live_versions(engine, now - timedelta(seconds=20))
+    assert live == {("order", "1"), ("order", "2")}, f"live versions: {live}"
+    workers.forget(engine, name)  # generation 1's warm shutdown
+    live = workers.live_versions(engine, now - timedelta(seconds=20))
+    assert ("order", "2") in live, "generation 2 is running, but its row was deleted"
