@@ -166,3 +166,27 @@ def test_two_workers_with_one_node_name_both_count_as_live(tmp_path: Path) -> No
     workers.forget(engine, name)  # generation 1's warm shutdown
     live = workers.live_versions(engine, now - timedelta(seconds=20))
     assert ("order", "2") in live, "generation 2 is running, but its row was deleted"
+
+
+# -- 4. heartbeat liveness compares two hosts' clocks -----------------------------------------
+
+
+def test_a_live_worker_whose_clock_lags_still_counts_as_live(tmp_path: Path) -> None:
+    """seen_at is the worker host's clock (heartbeat.py `datetime.now(UTC)`), compared with
+    the sweeping host's clock minus 20 s (recovery.py). A worker whose clock is 30 s behind
+    never counts as live: every stalled saga of its version is parked by other workers'
+    sweeps and resumed by its own, over and over (each a saga_parked + saga_recovered
+    audit pair); a clock 30 s ahead keeps a killed worker 'live' for 50 s. The database's
+    own now() for both would not depend on host clocks."""
+    from saga_worker.client import SagaClient
+    from saga_worker.config import Settings
+    from saga_worker.store import workers
+    from saga_worker.store.migrate import upgrade
+
+    client = SagaClient(Settings.from_env({"SAGA_HOME": str(tmp_path)}))
+    upgrade(client.store.engine)
+    engine = client.store.engine
+    sweeper_now = datetime.now(UTC)
+    lagging_worker_now = sweeper_now - timedelta(seconds=30)
+    workers.beat(engine, "w@a", "saga", {("order", "1")}, lagging_worker_now, lagging_worker_now)
+    assert ("order", "1") in workers.live_versions(engine, sweeper_now - timedelta(seconds=20))
