@@ -190,3 +190,16 @@ def test_a_live_worker_whose_clock_lags_still_counts_as_live(tmp_path: Path) -> 
     lagging_worker_now = sweeper_now - timedelta(seconds=30)
     workers.beat(engine, "w@a", "saga", {("order", "1")}, lagging_worker_now, lagging_worker_now)
     assert ("order", "1") in workers.live_versions(engine, sweeper_now - timedelta(seconds=20))
+
+
+# -- 5. the fingerprint depends on how a number is written ------------------------------------
+
+
+def test_writing_a_timeout_as_an_int_or_a_float_is_the_same_version() -> None:
+    """The shape is hashed with json.dumps, so `timeout_seconds=30` and `30.0` (or
+    RetryPolicy(initial_delay_seconds=1) and the default 1.0) give different fingerprints:
+    a cosmetic edit is a new version, and with the old one no longer registered, every saga
+    in flight is parked (docs/deploys.md promises a new version only for a changed policy)."""
+    as_int = SagaDefinition("t", [Step("a", noop, timeout_seconds=30)])
+    as_float = SagaDefinition("t", [Step("a", noop, timeout_seconds=30.0)])
+    assert as_int.version == as_float.version
