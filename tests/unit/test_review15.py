@@ -203,3 +203,25 @@ def test_writing_a_timeout_as_an_int_or_a_float_is_the_same_version() -> None:
     as_int = SagaDefinition("t", [Step("a", noop, timeout_seconds=30)])
     as_float = SagaDefinition("t", [Step("a", noop, timeout_seconds=30.0)])
     assert as_int.version == as_float.version
+
+
+# -- 6. the docs still send remote results to SAGA_QUEUE --------------------------------------
+
+
+def test_the_docs_name_the_queue_remote_results_now_go_to() -> None:
+    """worker/dispatch.py attaches link/link_error signatures with queue
+    `<SAGA_QUEUE>.<type>.<version>`, but docs/contract.md (Remote steps) still says the
+    callbacks hand the result to saga.advance 'on SAGA_QUEUE', and docs/rabbitmq.md that
+    they 'send each result to the saga queue'. A remote service's broker permissions set up
+    from these docs (a Redis ACL or RabbitMQ configure/write regex for `saga` only, as
+    users.acl's saga-producer has) now refuse its replies: every remote step stalls."""
+    contract = (ROOT / "docs" / "contract.md").read_text()
+    rabbit = (ROOT / "docs" / "rabbitmq.md").read_text()
+    stale = [
+        m.group(0)
+        for text in (contract, rabbit)
+        for m in re.finditer(
+            r"(saga\.advance` on `SAGA_QUEUE`|send each result to the saga queue)", text
+        )
+    ]
+    assert not stale, f"stale claims: {stale}"
