@@ -30,7 +30,9 @@ def engine_with(
             raise UnknownDefinitionVersion(saga_type, str(version), [d.version])
         return d
 
-    return SagaEngine(store, dispatcher, Limits(stall_grace_seconds=1), clock=clock, definitions=lookup)
+    return SagaEngine(
+        store, dispatcher, Limits(stall_grace_seconds=1), clock=clock, definitions=lookup
+    )
 
 
 def test_a_reused_label_with_another_shape_does_not_run_old_sagas_under_it() -> None:
