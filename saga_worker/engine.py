@@ -14,13 +14,13 @@ from . import registry
 from .core.commands import RunAttempt
 from .core.decision import Decision, Limits
 from .core.definition import SagaDefinition
-from .core.events import Event, MigrateRequested, ParkRequested, StartRequested
+from .core.events import AbortRequested, Event, MigrateRequested, ParkRequested, StartRequested
 from .core.migration import Shape, migrate
 from .core.model import Saga
-from .core.parking import park
+from .core.parking import park, record_abort
 from .core.rejection import rejected_start
 from .core.transition import start, transition
-from .errors import ConcurrencyConflict, SagaNotFound
+from .errors import ConcurrencyConflict, SagaNotFound, UnknownDefinitionVersion
 from .store.port import Loaded, Store
 
 log = logging.getLogger(__name__)
@@ -192,10 +192,18 @@ class SagaEngine:
     ) -> TransitionRecord | None:
         now = self.clock()
         began = time.perf_counter()
-        definitions: list[SagaDefinition] = []
+        definitions: list[SagaDefinition | None] = []
 
         def decide(saga: Saga) -> Decision:
-            definition = self.definitions(saga.saga_type, saga.definition_version)
+            try:
+                definition = self.definition_for(saga)
+            except UnknownDefinitionVersion:
+                if not isinstance(event, AbortRequested):
+                    raise
+                # Recorded here, so that the abort holds wherever the saga goes on (a
+                # worker with its version, or a migration).
+                definitions.append(None)
+                return record_abort(saga, event, now)
             definitions.append(definition)
             return transition(definition, saga, event, now, self.limits)
 
@@ -210,6 +218,24 @@ class SagaEngine:
             loaded is None or not loaded.carried,  # a checkpoint was read, here or by the step
             applied.committed,
         )
+
+    def definition_for(self, saga: Saga) -> SagaDefinition:
+        """The definition `saga` runs under: its own version's, with the step structure it
+        started with; UnknownDefinitionVersion otherwise (a label reused for other steps)."""
+        definition = self.definitions(saga.saga_type, saga.definition_version)
+        recorded = saga.definition_structure
+        if recorded is not None and definition.structure != recorded:
+            raise UnknownDefinitionVersion(
+                saga.saga_type,
+                definition.version,
+                [],
+                why=(
+                    f"is registered here with other steps than the saga started with "
+                    f"(structure {definition.structure}, the saga's {recorded}): a version "
+                    "label was kept across a change of steps; give the new steps a new label"
+                ),
+            )
+        return definition
 
     def park(self, saga_id: str, event: ParkRequested) -> Outcome:
         """Park an overdue saga whose version no live worker has (no definition needed);

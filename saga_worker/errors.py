@@ -52,14 +52,16 @@ class UnknownDefinitionVersion(SagaError):
 
     code = "unknown_definition_version"
 
-    def __init__(self, saga_type: str, version: str, known: Sequence[str]) -> None:
+    def __init__(
+        self, saga_type: str, version: str, known: Sequence[str], why: str | None = None
+    ) -> None:
         self.saga_type = saga_type
         self.version = version
         known_list = ", ".join(known) or "none"
+        why = why or f"is not registered here (registered: {known_list})"
         super().__init__(
-            f"saga type {saga_type!r} version {version!r} is not registered here "
-            f"(registered: {known_list}); run it where that version is deployed, or move "
-            "the saga with `saga-worker migrate`"
+            f"saga type {saga_type!r} version {version!r} {why}; run it where that version "
+            "is deployed, or move the saga with `saga-worker migrate`"
         )
 
 

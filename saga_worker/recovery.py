@@ -18,12 +18,12 @@ from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from . import registry
 from .core.events import ParkRequested, UnparkRequested
 from .core.recovery import RECOVERY_USER, RecoveryOutcome, recovery_event, recovery_outcome
 from .engine import SagaEngine
+from .errors import UnknownDefinitionVersion
 from .store.codec import pending_from_json
 from .store.port import LIVE_WINDOW, SkippedLocked, StalledRow, Store, VersionKey
 
@@ -87,7 +87,7 @@ def sweep(
             examined += 1
             key = (row.saga_type, row.definition_version)
             if row.definition_version is None or key in mine:
-                counts[_recover_one(engine, row.saga_id, row.pending)] += 1
+                counts[_recover_one(engine, row)] += 1
             else:
                 if live is None:
                     live = store.live_versions(live_since or now - LIVE_WINDOW)
@@ -126,6 +126,12 @@ def _foreign(engine: SagaEngine, row: StalledRow, live: set[VersionKey]) -> Reco
     version = (row.saga_type, str(row.definition_version))
     if version in live:
         return RecoveryOutcome.SKIPPED  # a live worker that has it recovers it
+    return _park(
+        engine, row, f"no live worker has {row.saga_type} version {row.definition_version}"
+    )
+
+
+def _park(engine: SagaEngine, row: StalledRow, reason: str) -> RecoveryOutcome | None:
     pending = pending_from_json(row.pending)
     if pending is None:
         return RecoveryOutcome.SKIPPED
@@ -134,7 +140,7 @@ def _foreign(engine: SagaEngine, row: StalledRow, live: set[VersionKey]) -> Reco
         pending.direction,
         pending.number,
         pending.recoveries,
-        f"no live worker has {row.saga_type} version {row.definition_version}",
+        reason[:500],
         RECOVERY_USER,
     )
     try:
@@ -158,6 +164,8 @@ def _resume_parked(store: Store, engine: SagaEngine, mine: set[VersionKey], batc
             outcome = engine.handle(saga_id, UnparkRequested(RECOVERY_USER), skip_locked=True)
         except SkippedLocked:
             continue
+        except UnknownDefinitionVersion:
+            continue  # parked for its label's other steps: it stays parked (docs/deploys.md)
         except Exception:
             log.exception("saga %s: resuming it failed; the next sweep tries again", saga_id)
             continue
@@ -167,18 +175,20 @@ def _resume_parked(store: Store, engine: SagaEngine, mine: set[VersionKey], batc
     return resumed
 
 
-def _recover_one(
-    engine: SagaEngine, saga_id: str, pending_json: dict[str, Any] | None
-) -> RecoveryOutcome | None:
+def _recover_one(engine: SagaEngine, row: StalledRow) -> RecoveryOutcome | None:
     """Recover one saga; never raises (one bad row must not stop the sweep). None: it failed."""
+    saga_id = row.saga_id
     try:
-        pending = pending_from_json(pending_json)
+        pending = pending_from_json(row.pending)
         if pending is None:
             return RecoveryOutcome.SKIPPED
         outcome = engine.handle(saga_id, recovery_event(pending), skip_locked=True)
     except SkippedLocked:
         log.info("saga %s: claimed by another recovery sweep; skipped", saga_id)
         return RecoveryOutcome.SKIPPED
+    except UnknownDefinitionVersion as exc:
+        # Its version's label is registered here with other steps: no worker may run it.
+        return _park(engine, row, str(exc))
     except Exception:
         log.exception("saga %s: recovery failed; the next sweep tries again", saga_id)
         return None

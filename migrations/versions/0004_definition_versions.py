@@ -1,7 +1,8 @@
 """Definition versions: the version each saga started with, parking, worker heartbeats.
 
-`saga_checkpoints.definition_version` (NULL for sagas started before: they run under their
-type's default definition), `saga_checkpoints.parked_at` with a partial index, and
+`saga_checkpoints.definition_version` and `definition_structure` (NULL for sagas started
+before: they adopt the definition of their first transition), `saga_checkpoints.parked_at`
+with a partial index, and
 `saga_workers`, one row per live worker with the versions it has (docs/deploys.md).
 
 Revision ID: 0004
@@ -24,6 +25,7 @@ depends_on = None
 
 def upgrade() -> None:
     op.add_column("saga_checkpoints", sa.Column("definition_version", sa.String(64)))
+    op.add_column("saga_checkpoints", sa.Column("definition_structure", sa.String(16)))
     op.add_column("saga_checkpoints", sa.Column("parked_at", UTCDateTime))
     op.create_index(
         "ix_saga_checkpoints_parked",
@@ -47,4 +49,5 @@ def downgrade() -> None:
     op.drop_index("ix_saga_checkpoints_parked", table_name="saga_checkpoints")
     with op.batch_alter_table("saga_checkpoints") as batch:
         batch.drop_column("parked_at")
+        batch.drop_column("definition_structure")
         batch.drop_column("definition_version")

@@ -136,8 +136,16 @@ class Builder:
         )
 
     def decision(self) -> Decision:
-        # Any transition a worker with the saga's definition made resumes a parked saga.
-        saga = replace(self.saga, updated_at=self.now, parked_at=None)
+        # Any transition a worker with the saga's definition made resumes a parked saga. A
+        # saga started before versions were recorded adopts the definition it is first
+        # decided under, and keeps it from then on.
+        saga = replace(
+            self.saga,
+            updated_at=self.now,
+            parked_at=None,
+            definition_version=self.saga.definition_version or self.definition.version,
+            definition_structure=self.saga.definition_structure or self.definition.structure,
+        )
         return Decision(saga, tuple(self.events), tuple(self.commands))
 
 

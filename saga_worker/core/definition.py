@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -140,8 +141,17 @@ class SagaDefinition:
         }
 
     def fingerprint(self) -> str:
-        canonical = json.dumps(self.shape(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()[:FINGERPRINT_CHARS]
+        """The version a definition without a label gets: a digest of its whole shape."""
+        return _digest(self.shape())
+
+    @functools.cached_property
+    def structure(self) -> str:
+        """A digest of what must never change under a saga in flight, label or not: step
+        names and order, and what each step and compensation is (local, or which remote
+        task). Policies are not in it: a label may keep a saga's version across a retry or
+        timeout change, never across a change of steps."""
+        steps = [[s.name, _target_shape(s.action), _target_shape(s.compensate)] for s in self.steps]
+        return _digest({"saga_type": self.saga_type, "steps": steps})
 
     def outline(self) -> list[dict[str, Any]]:
         """Step names and whether each has a compensation: kept in the saga_start audit row,
@@ -230,6 +240,24 @@ class SagaDefinition:
             return target.task_name
         suffix = ".compensate" if direction is Direction.COMPENSATE else ""
         return f"saga.{self.saga_type}.{step.name}{suffix}"
+
+
+def _digest(value: Any) -> str:
+    canonical = json.dumps(_numbers_as_floats(value), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:FINGERPRINT_CHARS]
+
+
+def _numbers_as_floats(value: Any) -> Any:
+    # 30 and 30.0 are one timeout: how a number is written must not make a new version.
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, Mapping):
+        return {k: _numbers_as_floats(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_numbers_as_floats(v) for v in value]
+    return value
 
 
 def _target_shape(target: LocalFunction | Remote | None) -> Any:

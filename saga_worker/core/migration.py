@@ -97,6 +97,7 @@ def migrate(
     b = Builder(definition, saga, now, limits)
     b.update(
         definition_version=definition.version,
+        definition_structure=definition.structure,
         total_steps=len(definition.steps),
         completed_steps=tuple(rename[n] for n in saga.completed_steps),
         compensated_steps=tuple(rename[n] for n in saga.compensated_steps),

@@ -127,6 +127,9 @@ class Saga:
     #: The version of the definition the saga started with (None: started before versions
     #: were recorded; it runs under its type's default). It only ever runs under this one.
     definition_version: str | None = None
+    #: `SagaDefinition.structure` of that definition: a definition registered under the
+    #: same version label with other steps is not the saga's (docs/deploys.md).
+    definition_structure: str | None = None
     #: Set while no live worker has `definition_version` (docs/deploys.md): the pending
     #: attempt is kept, not re-sent, until a worker with the version resumes it.
     parked_at: datetime | None = None

@@ -1,9 +1,11 @@
-"""Parking: a saga whose definition version no live worker has (docs/deploys.md).
+"""What is decided about a saga without its definition (docs/deploys.md): parking it, and
+recording an abort.
 
 The recovery sweep parks an overdue saga instead of re-sending its attempt when no live
 worker registered the saga's version: a re-send would wait in a queue nobody reads, expire,
-and count towards StalledTooOften. Parking needs no definition (the worker deciding it may
-not have the saga's); resuming does, and is a `transition` (UnparkRequested).
+and count towards StalledTooOften. An abort that reaches a worker without the saga's version
+is recorded there, so it holds whichever worker, version or migration continues the saga.
+Resuming needs the definition, and is a `transition` (UnparkRequested).
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ from dataclasses import replace
 from datetime import datetime
 
 from .decision import AuditEvent, Decision
-from .events import ParkRequested
-from .model import Saga
+from .events import AbortRequested, ParkRequested
+from .model import Saga, SagaState
 
 
 def park(saga: Saga, event: ParkRequested, now: datetime) -> Decision:
@@ -43,3 +45,27 @@ def park(saga: Saga, event: ParkRequested, now: datetime) -> Decision:
         user_id=event.user_id,
     )
     return Decision(parked, (audit,))
+
+
+def record_abort(saga: Saga, event: AbortRequested, now: datetime) -> Decision:
+    """Flag the abort and audit it; rollback begins where the definition is, when the pending
+    attempt reports (as `transition` does for an attempt in flight)."""
+    if saga.state.is_terminal:
+        return Decision(saga, ignored=f"saga is already {saga.state.value}")
+    if saga.abort_requested:
+        return Decision(saga, ignored="abort was already requested")
+    if saga.state is SagaState.COMPENSATING:
+        return Decision(saga, ignored="saga is already rolling back")
+    flagged = replace(
+        saga, abort_requested=True, error=f"abort requested: {event.reason}", updated_at=now
+    )
+    audit = AuditEvent(
+        event_type="abort_requested",
+        state_before=saga.state,
+        state_after=saga.state,
+        step_index=saga.pending.step_index if saga.pending else None,
+        event_data={"reason": event.reason, "definition_version": saga.definition_version},
+        user_id=event.user_id,
+        ip_address=event.ip_address,
+    )
+    return Decision(flagged, (audit,))

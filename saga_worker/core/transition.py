@@ -49,6 +49,7 @@ def start(
         user_id=event.user_id,
         ip_address=event.ip_address,
         definition_version=definition.version,
+        definition_structure=definition.structure,
     )
     b = Builder(definition, saga, now, limits)
     b.audit(

@@ -72,6 +72,7 @@ def saga_to_row(saga: Saga) -> dict[str, Any]:
         "failed_compensations": list(saga.failed_compensations),
         "abort_requested": saga.abort_requested,
         "definition_version": saga.definition_version,
+        "definition_structure": saga.definition_structure,
         "parked_at": saga.parked_at,
     }
 
@@ -98,6 +99,7 @@ def saga_from_row(row: Mapping[Any, Any]) -> Saga:
         version=row["version"],
         attempt_seq=_attempt_seq(row),
         definition_version=row.get("definition_version"),
+        definition_structure=row.get("definition_structure"),
         parked_at=row.get("parked_at"),
     )
 

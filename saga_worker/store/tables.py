@@ -81,6 +81,7 @@ checkpoints = Table(
     # The definition version the saga started with (NULL: before 0004) and, while no live
     # worker has that version, when it was parked (docs/deploys.md).
     Column("definition_version", String(64)),
+    Column("definition_structure", String(16)),
     Column("parked_at", UTCDateTime),
     Index("ix_saga_checkpoints_state", "state"),
     Index("ix_saga_checkpoints_updated_at", "updated_at"),

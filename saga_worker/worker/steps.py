@@ -165,7 +165,7 @@ def _step_task(app: Any, runtimes: RuntimeFactory, task_name: str) -> Any:
             return {"ran": False, "reason": "not pending"}
         try:
             # Only ever the definition the saga started with (docs/deploys.md).
-            definition = registry.get_version(saga_type, loaded.saga.definition_version)
+            definition = rt.engine.definition_for(loaded.saga)
             if loaded.saga.saga_type != saga_type or not _names(
                 definition, step_index, dir_, task_name
             ):

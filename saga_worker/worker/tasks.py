@@ -30,7 +30,6 @@ from ..errors import (
 from ..requests import check_context, parse_abort, parse_start, start_saga_id, valid_saga_id
 from ..store.connect import is_transient
 from ..tokens import token_valid
-from .dispatch import shown_kwargs, version_queue
 from .messages import ADVANCE_FIELDS, AttemptRef, parse_attempt_ref, short
 from .runtime import RuntimeFactory
 
@@ -126,8 +125,6 @@ def register_core_tasks(app: Any, runtimes: RuntimeFactory) -> None:
         try:
             saga_id, event = parse_abort(args, kwargs)
             outcome = rt.engine.handle(saga_id, event)
-        except UnknownDefinitionVersion as exc:
-            return _forward(app, rt, "saga.abort", (), kwargs, exc)
         except SagaError as exc:
             refused(runtimes, "invalid_message", "saga.abort refused: %s", exc)
             return {"accepted": False, "error": str(exc)}
@@ -166,7 +163,10 @@ def register_core_tasks(app: Any, runtimes: RuntimeFactory) -> None:
         try:
             outcome = rt.engine.handle(saga_id, event)
         except UnknownDefinitionVersion as exc:
-            return _forward(app, rt, "saga.advance", (result,), kwargs, exc)
+            # Sent to a queue of a version this worker lacks (by hand, or before versions):
+            # not applied; the attempt stalls and the sweep re-sends it where its version is.
+            refused(runtimes, "wrong_version", "saga.advance refused: %s", exc)
+            return {"accepted": False, "error": str(exc)}
         except SagaNotFound as exc:
             refused(runtimes, "not_pending", "saga.advance refused: %s", exc)
             return {"accepted": False, "error": str(exc)}
@@ -176,29 +176,6 @@ def register_core_tasks(app: Any, runtimes: RuntimeFactory) -> None:
             # the broker as forged ones, and the saga did not change (the engine logged why).
             runtimes.rejected("not_pending")
         return {"accepted": outcome.changed, "ignored": outcome.ignored}
-
-
-def _forward(
-    app: Any,
-    rt: Any,
-    name: str,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    exc: UnknownDefinitionVersion,
-) -> dict[str, Any]:
-    """Send a message about a saga of a version this worker lacks on to that version's
-    queue, which only workers that have it consume (docs/deploys.md)."""
-    queue = version_queue(rt.settings.queue, exc.saga_type, exc.version)
-    app.send_task(
-        name,
-        args=args,
-        kwargs=kwargs,
-        queue=queue,
-        argsrepr="('<result>',)" if args else None,
-        kwargsrepr=shown_kwargs(rt.store.redactor, kwargs),
-    )
-    log.info("%s for %s version %s: forwarded to %s", name, exc.saga_type, exc.version, queue)
-    return {"accepted": False, "forwarded": queue}
 
 
 def _advance_event(

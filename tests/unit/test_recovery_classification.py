@@ -52,8 +52,11 @@ def test_a_saga_whose_pending_step_was_removed_is_not_reported_as_skipped(
     with caplog.at_level(logging.INFO):
         first = sweep(store, engine, clock(), local=here)
         second = sweep(store, engine, clock() + timedelta(hours=1), local=here)
-    assert first.examined == second.examined == 1  # found by every sweep
-    # What happened: nothing could be done for it. What the sweep says: a race was lost.
-    assert first.skipped == 0, first
+    # Not run under the other steps, not reported as a lost race: parked, once, and said so.
+    assert (first.examined, first.parked, first.skipped) == (1, 1, 0), first
+    assert second.examined == 0  # parked sagas leave the stalled scan
+    saga = store.load("s-1")
+    assert saga is not None and saga.parked_at is not None
+    assert "other steps" in store.audit_trail("s-1")[-1]["event_data"]["reason"]
     loud = [r for r in caplog.records if r.levelno >= logging.WARNING and "s-1" in r.getMessage()]
     assert loud, [r.getMessage() for r in caplog.records]
