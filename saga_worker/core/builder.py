@@ -161,6 +161,7 @@ def resend(
     *,
     user_id: str | None = None,
     counted: bool = True,
+    uncertain: bool | None = None,
 ) -> None:
     """Audit `saga_recovered` and send the pending attempt again, unchanged but its deadline.
 
@@ -183,7 +184,8 @@ def resend(
     )
     # A copy that was sent may have run (and taken effect) without reporting: from now on
     # the step's outcome is unknown until it reports (a held attempt was never sent).
-    uncertain = pending.uncertain or not pending.held
+    if uncertain is None:
+        uncertain = pending.uncertain or not pending.held
     # A copy that was sent may still be queued behind a backlog: give the new one twice the
     # queue allowance, so a backlog drains instead of being re-sent until StalledTooOften.
     # (The old copy expired at its start-by time, before this deadline: it cannot start.)

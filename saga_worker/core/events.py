@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from .model import Direction, JSONObject
 
@@ -114,6 +115,19 @@ class RetryRequested:
 
 
 @dataclass(frozen=True)
+class AttemptExpired:
+    """A worker discarded a copy of the attempt unstarted: it was still queued at its
+    start-by time `start_by` (Celery's `expires`). When that copy is the latest one sent, no
+    copy can start any more, so the attempt is re-sent now rather than at its deadline."""
+
+    step_index: int
+    direction: Direction
+    attempt: int
+    start_by: datetime
+    user_id: str | None = None
+
+
+@dataclass(frozen=True)
 class ParkRequested:
     """The recovery sweep found the pending attempt overdue while no live worker has the
     saga's definition version: keep the attempt and stop re-sending it (no definition is
@@ -154,4 +168,5 @@ Event = (
     | AttemptDue
     | RetryRequested
     | UnparkRequested
+    | AttemptExpired
 )

@@ -7,6 +7,7 @@ rather than raised: duplicates and late messages are expected on an at-least-onc
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any, assert_never
 
@@ -16,6 +17,7 @@ from .definition import SagaDefinition, Step
 from .events import (
     AbortRequested,
     AttemptDue,
+    AttemptExpired,
     AttemptStalled,
     Event,
     RetryRequested,
@@ -112,6 +114,8 @@ def transition(
         if event.recoveries != pending.recoveries:
             return Decision(saga, ignored="attempt was already recovered by another scan")
         return _recover(b, pending, event.user_id)
+    if isinstance(event, AttemptExpired):
+        return _expired(b, pending, event)
     if isinstance(event, StepSucceeded):
         return _succeeded(b, event)
     if isinstance(event, StepFailed):
@@ -370,7 +374,13 @@ def _finish(b: Builder, state: SagaState, event_type: str, step_index: int) -> N
     )
 
 
-def _recover(b: Builder, pending: Attempt, user_id: str | None) -> Decision:
+def _recover(
+    b: Builder,
+    pending: Attempt,
+    user_id: str | None,
+    note: Mapping[str, Any] | None = None,
+    uncertain: bool | None = None,
+) -> Decision:
     """Re-send a stalled attempt unchanged, or fail it after too many recoveries."""
     if pending.recoveries_exhausted(b.limits.max_recoveries):
         return _failed(
@@ -388,8 +398,20 @@ def _recover(b: Builder, pending: Attempt, user_id: str | None) -> Decision:
                 timed_out=True,
             ),
         )
-    resend(b, pending, {}, user_id=user_id)
+    resend(b, pending, note or {}, user_id=user_id, uncertain=uncertain)
     return b.decision()
+
+
+def _expired(b: Builder, pending: Attempt, event: AttemptExpired) -> Decision:
+    """Re-send at once when the latest copy sent expired unstarted: none can start now."""
+    if pending.held:
+        return Decision(b.saga, ignored="attempt is held until its not_before")
+    if pending.start_by != event.start_by:
+        return Decision(b.saga, ignored="an older copy expired; the latest one may still start")
+    if b.now < pending.start_by:
+        return Decision(b.saga, ignored="the copy is not past its start-by time here yet")
+    # That copy never ran: whether the step may have taken effect is as it was.
+    return _recover(b, pending, event.user_id, {"reason": "expired"}, pending.uncertain)
 
 
 def _join(first: str | None, second: str) -> str:

@@ -30,6 +30,7 @@ from ..metrics.serve import install as install_metrics
 from ..recovery import sweep
 from .broker import guarded_transport
 from .consumer import CONSUMER_PATH
+from .expiry import install_expiry_reports
 from .guard import GuardedTask
 from .heartbeat import install_versions
 from .runtime import RuntimeFactory
@@ -336,7 +337,13 @@ def create_app(settings: Settings | None = None) -> Celery:
         )
         return {"id": anchor.id, "sagas": anchor.sagas, "rows": anchor.rows, "hash": anchor.hash}
 
-    registry.on_register(lambda definition: register_step_tasks(app, runtimes, definition))
+    step_tasks: set[str] = set()
+    registry.on_register(
+        lambda definition: step_tasks.update(register_step_tasks(app, runtimes, definition))
+    )
+    if not settings.is_embedded_broker:  # its transport keeps no redelivered flag
+        redactor = Redactor(settings.redact_keys)
+        install_expiry_reports(app, step_tasks.__contains__, lambda: redactor)
     for module in settings.imports:
         importlib.import_module(module)
     install_versions(app, settings)

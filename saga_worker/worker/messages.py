@@ -21,6 +21,7 @@ ADVANCE_FIELDS = frozenset(
         "stack_trace",
         "retryable",
         "timed_out",
+        "start_by",
     }
 )
 STEP_FIELDS = frozenset({"token", "saga_type", "context", "checkpoint"})

@@ -77,14 +77,19 @@ def _report_failed_attempt(
     raise Retry(exc=failure, when=round(delay, 3))
 
 
-def register_step_tasks(app: Any, runtimes: RuntimeFactory, definition: SagaDefinition) -> None:
-    """One task per local action and compensation, named saga.<type>.<step>[.compensate]."""
+def register_step_tasks(
+    app: Any, runtimes: RuntimeFactory, definition: SagaDefinition
+) -> list[str]:
+    """One task per local action and compensation, named saga.<type>.<step>[.compensate];
+    returns the names of this definition's step tasks."""
+    names: list[str] = []
     for index, step in enumerate(definition.steps):
         for direction in (Direction.FORWARD, Direction.COMPENSATE):
             target = step.target(direction)
             if target is None or not callable(target):
                 continue
             name = definition.task_name(index, direction)
+            names.append(name)
             if name in app.tasks:
                 continue
             app.task(
@@ -95,6 +100,7 @@ def register_step_tasks(app: Any, runtimes: RuntimeFactory, definition: SagaDefi
                 throws=(StepAttemptFailed,),
                 **DB_OUTAGE_RETRY,
             )(settle_permanent_db_errors(runtimes, name)(_step_task(app, runtimes, name)))
+    return names
 
 
 def _sent_again(request: Any) -> bool:

@@ -7,19 +7,21 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Mapping
+from datetime import datetime
 from typing import Any, TypeVar
 
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from .. import registry
 from ..attempt import output_problem
-from ..core.events import StepFailed, StepSucceeded
+from ..core.events import AttemptExpired, StepFailed, StepSucceeded
 from ..core.failure import (
     MAX_ERROR_CHARS,
     reported_duration,
     reported_failure,
     storable_text,
 )
+from ..core.recovery import RECOVERY_USER
 from ..errors import (
     InvalidRequest,
     SagaError,
@@ -138,8 +140,9 @@ def register_core_tasks(app: Any, runtimes: RuntimeFactory) -> None:
         try:
             ref = parse_attempt_ref(kwargs, extra=ADVANCE_FIELDS)
             outcome = kwargs["outcome"]
-            if outcome not in ("success", "failure"):
-                raise InvalidRequest("outcome", "must be 'success' or 'failure'")
+            if outcome not in ("success", "failure", "expired"):
+                raise InvalidRequest("outcome", "must be 'success', 'failure' or 'expired'")
+            start_by = _start_by(kwargs) if outcome == "expired" else None
         except (InvalidRequest, KeyError) as exc:
             refused(runtimes, "invalid_message", "saga.advance refused: %s", short(exc))
             return {"accepted": False, "error": short(exc)}
@@ -159,7 +162,11 @@ def register_core_tasks(app: Any, runtimes: RuntimeFactory) -> None:
                 attempt,
             )
             return {"accepted": False, "error": "invalid token"}
-        event = _advance_event(result, kwargs, ref, outcome == "success", rt.settings)
+        event: StepSucceeded | StepFailed | AttemptExpired
+        if start_by is not None:
+            event = AttemptExpired(step_index, direction, attempt, start_by, RECOVERY_USER)
+        else:
+            event = _advance_event(result, kwargs, ref, outcome == "success", rt.settings)
         try:
             outcome = rt.engine.handle(saga_id, event)
         except UnknownDefinitionVersion as exc:
@@ -176,6 +183,18 @@ def register_core_tasks(app: Any, runtimes: RuntimeFactory) -> None:
             # the broker as forged ones, and the saga did not change (the engine logged why).
             runtimes.rejected("not_pending")
         return {"accepted": outcome.changed, "ignored": outcome.ignored}
+
+
+def _start_by(kwargs: Mapping[str, Any]) -> datetime:
+    """The start-by time an expiry report names: the discarded copy's `expires`."""
+    value = kwargs.get("start_by")
+    try:
+        parsed = datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.tzinfo is None:
+        raise InvalidRequest("start_by", "must be an ISO 8601 time with its offset")
+    return parsed
 
 
 def _advance_event(

@@ -540,3 +540,42 @@ def test_a_worker_clock_ahead_by_more_than_the_allowance_still_runs_each_step_on
     )
     print(f"skew +3 s: 12 sagas, {discarded} copies discarded, {recovered} re-sends, 0 twice")
     assert discarded > 0 and recovered > 0
+
+
+def test_steps_queued_through_a_worker_outage_longer_than_the_grace_run_when_it_ends(
+    database_url: str, broker_url: str, tmp_path: Path
+) -> None:
+    """Issue 14, item 6 (review): 10 sagas' first steps are sent while no worker runs, for 5 s
+    with a 3 s queue allowance (a deploy). Every copy expires unstarted; the workers that
+    come back discard them, report each discard, and the engine re-sends at once: the sagas
+    finish in seconds, not after each step's 10 s timeout and a sweep."""
+    rig = Rig.create(
+        database_url,
+        broker_url,
+        tmp_path,
+        SAGA_STALL_GRACE_SECONDS="3",
+        SAGA_RECOVERY_INTERVAL_SECONDS=INTERVAL,
+        REC_DEAD_QUEUE=unique("rec-dead"),
+        REC_REMOTE_QUEUE=unique("rec-remote"),
+    )
+    producer = Celery("outage-dispatch", broker=broker_url, set_as_current=False)
+    producer.conf.update(task_serializer="json", accept_content=["json"])
+    try:
+        dispatcher = CeleryDispatcher(producer, Settings.from_env(rig.env), SIGNING_KEY)
+        engine = engine_for(rig, dispatcher, clock_offset=timedelta(0))
+        saga_ids = start_in_process(engine, "rec_quick", 10)
+        time.sleep(5.0)  # the workers are down a little longer than the allowance
+        back = time.monotonic()
+        rig.start_worker()
+        sagas = rig.wait_all(saga_ids, timeout=60)
+        took = time.monotonic() - back
+        assert {s.state.value for s in sagas.values()} == {"COMPLETED"}
+        resent = recovered_rows(rig, saga_ids)
+        reasons = {r["event_data"].get("reason") for rows in resent.values() for r in rows}
+        assert reasons == {"expired"}, reasons  # no beat runs: the reports did it
+        assert all(len(rows) == 1 for rows in resent.values()), resent
+        print(f"\n[outage] 10 sagas, 5 s without workers (grace 3 s): done {took:.1f} s after")
+        assert took < 8, took  # the step timeout is 10 s: no saga waited for a deadline
+    finally:
+        producer.close()
+        rig.close()

@@ -25,6 +25,7 @@ from saga_worker.core.definition import SagaDefinition, Step
 from saga_worker.core.events import (
     AbortRequested,
     AttemptDue,
+    AttemptExpired,
     AttemptStalled,
     ParkRequested,
     RetryRequested,
@@ -178,7 +179,7 @@ class Sim:
             moves.append("operator_retry")
         if self.saga.pending is not None:
             moves += ["stall"] * 2
-            moves.append("park")
+            moves += ["park", "expire"]
         if self.saga.parked_at is not None:
             moves.append("unpark")
         move = self.data.draw(st.sampled_from(moves), label="move")
@@ -194,6 +195,16 @@ class Sim:
             self.apply(AbortRequested(reason="test", user_id="op"))
         elif move == "park":
             self.park()
+        elif move == "expire":
+            # A worker discarded a copy unstarted at its start-by time (the latest one, or
+            # an older one whose start-by passed before a re-send).
+            pending = self.saga.pending
+            assert pending is not None
+            late = self.data.draw(st.sampled_from([0, 0, 7]), label="older copy by")
+            start_by = pending.start_by - timedelta(seconds=late)
+            self.apply(
+                AttemptExpired(pending.step_index, pending.direction, pending.number, start_by)
+            )
         elif move == "unpark":
             self.apply(UnparkRequested(user_id="system:recovery"))
         elif move == "operator_retry":
@@ -382,7 +393,7 @@ def check_decision(sim: Sim, before: Saga, event: Any, decision: Decision) -> No
         unknown = before.pending.uncertain or (
             isinstance(event, StepFailed) and event.outcome_unknown
         )
-        unknown = unknown or isinstance(event, AttemptStalled)
+        unknown = unknown or isinstance(event, AttemptStalled | AttemptExpired)
         assert failed_for_good[0].event_data.get("outcome_unknown", False) is unknown
         own = step.compensate is not None and (unknown or step.compensate_on_failure)
         comp_of_itself = after.pending is not None and after.pending.key() == (
