@@ -23,3 +23,22 @@ def test_sweep_gate_does_not_skip_the_next_beat_after_a_long_sweep() -> None:
     gate.done()  # ...and ends at t=6
     now[0] = interval  # the beat's next tick, one full interval after the last scan
     assert gate.open(), "a sweep one interval after the previous scan was coalesced away"
+
+
+def test_a_second_beat_means_more_frequent_sweeps_as_documented() -> None:
+    """docs/recovery.md: "Any number of beats may run (one per host is fine) ... more beats
+    mean more frequent sweeps, not duplicate re-sends." With SweepGate a worker process skips
+    every sweep that starts within half an interval of its previous one: two beats 3 s apart
+    (interval 10 s) give exactly the sweeps of one beat; the second beat's are all
+    "coalesced"."""
+    interval = 10.0
+    now = [0.0]
+    gate = SweepGate(interval / 2, clock=lambda: now[0])
+    ticks = sorted([t * interval for t in range(6)] + [t * interval + 3.0 for t in range(6)])
+    ran = 0
+    for tick in ticks:
+        now[0] = tick
+        if gate.open():
+            ran += 1
+            gate.done()  # an instant sweep
+    assert ran > 6, f"two beats, 12 sweeps sent in 60 s: {ran} ran, as with one beat"
