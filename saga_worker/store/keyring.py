@@ -95,8 +95,7 @@ def move_stored_key(store: SagaStore, path: Path) -> str:
         ).scalar()
         if stored is not None and stored != fingerprint(key):
             raise SigningKeyMismatch(
-                "the stored key does not match the fingerprint this database keeps; "
-                "nothing moved"
+                "the stored key does not match the fingerprint this database keeps; nothing moved"
             )
         if stored is None:
             conn.execute(insert(settings_table).values(key=FINGERPRINT, value=fingerprint(key)))

@@ -52,17 +52,13 @@ def test_the_wheel_carries_migrations_and_points_nowhere_outside_itself(wheel: P
             assert OUTSIDE.search(text) is None, name
 
 
-def test_a_plain_install_runs_the_cli_the_app_and_the_demo(
-    wheel: Path, tmp_path: Path
-) -> None:
+def test_a_plain_install_runs_the_cli_the_app_and_the_demo(wheel: Path, tmp_path: Path) -> None:
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
     python, bin_dir = env_dir / "bin" / "python", env_dir / "bin"
     # Nothing of the test run's environment may leak in: no SAGA_* settings, no PYTHONPATH.
     env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("SAGA_", "PYTHON", "VIRTUAL_ENV"))
+        k: v for k, v in os.environ.items() if not k.startswith(("SAGA_", "PYTHON", "VIRTUAL_ENV"))
     }
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     env["TMPDIR"] = str(tmp_path)
@@ -92,9 +88,7 @@ def test_the_readme_demo_command_runs_on_a_fresh_clone(tmp_path: Path) -> None:
         unavailable(f"{REPO} is not a git checkout: this test clones it")
     clone = tmp_path / "clone"
     env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("SAGA_", "PYTHON", "VIRTUAL_ENV"))
+        k: v for k, v in os.environ.items() if not k.startswith(("SAGA_", "PYTHON", "VIRTUAL_ENV"))
     }
     env["TMPDIR"] = str(tmp_path)
     env["XDG_DATA_HOME"] = str(tmp_path / "data")
