@@ -1,4 +1,5 @@
-"""Review of issue 14, item 6: a start's first step message after a database retry."""
+"""SagaEngine.start decides inside the store's retry: a database outage cannot expire the first
+step message before it is sent."""
 
 from __future__ import annotations
 
@@ -36,13 +37,12 @@ class SlowCommitStore(InMemoryStore):
 
 
 def test_the_first_step_message_of_a_start_is_not_sent_already_expired() -> None:
-    """SagaEngine.start decides (and computes the first attempt's start-by = now + grace)
-    before `store.retrying` waits out the database, then sends the decision it made before
-    the wait. After a failover longer than the grace (30 s by default; the store waits up to
-    60 s) the first step message is published with an `expires` in the past: Celery logs
-    "expiration date in the past", RabbitMQ gets TTL 0 and the worker discards it, so the
-    saga sits idle until start-by + the step timeout (here 300 s) and a recovery. Transitions
-    (SagaEngine.handle) re-decide with a fresh clock on each retry; starts do not."""
+    """SagaEngine.start computes the first attempt's start-by (now + grace) inside
+    `store.retrying`, with the clock read on each try as transitions do: after a failover
+    longer than the grace (30 s by default; the SQL store waits up to 60 s) the first step
+    message still has its full queue allowance. Deciding before the wait would publish it
+    with an `expires` in the past: the worker discards it and the saga sits idle until
+    start-by + the step timeout (here 300 s) and a recovery."""
     clock = FakeClock()
     store = SlowCommitStore(clock)
     dispatcher = RecordingDispatcher()
