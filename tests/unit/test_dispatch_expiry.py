@@ -3,6 +3,7 @@ by anyone's clock (issue 14, item 6)."""
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -73,8 +74,39 @@ def test_sweeps_that_pile_up_are_coalesced_on_the_monotonic_clock() -> None:
     now = [100.0]
     gate = SweepGate(5.0, clock=lambda: now[0])
     assert gate.open()
-    gate.done()
     now[0] += 1.0  # the next queued sweep right after: same overdue attempts, skipped
     assert not gate.open()
     now[0] += 4.0
     assert gate.open()
+
+
+def test_a_long_sweep_does_not_make_the_next_due_sweep_coalesce() -> None:
+    """The gate measures from the previous sweep's start: with a 10 s interval, a sweep that
+    scanned at t=0 and took 6 s (a page of re-sends under a backlog) must not swallow the
+    beat's sweep of t=10, which would see what became overdue since the scan of t=0."""
+    interval = 10.0
+    now = [0.0]
+    gate = SweepGate(interval / 2, clock=lambda: now[0])
+    assert gate.open()  # the sweep of t=0 scans, and runs until t=6
+    now[0] = interval  # the beat's next tick, one full interval after the last scan
+    assert gate.open(), "a sweep one interval after the previous scan was coalesced away"
+    now[0] = interval + 1.0  # one queued behind it: merged with the scan of t=10
+    assert not gate.open()
+
+
+def test_a_second_beat_is_for_availability_not_more_sweeps() -> None:
+    """docs/recovery.md: a worker process runs at most one sweep per half interval, so two
+    beats 3 s apart (interval 10 s) give the sweeps of one beat; when one beat stops, the
+    other's keep recovery going at one sweep per interval."""
+    interval = 10.0
+    now = [0.0]
+    gate = SweepGate(interval / 2, clock=lambda: now[0])
+    beat_a = [t * interval for t in range(3)]  # stops after t=20
+    beat_b = [t * interval + 3.0 for t in range(6)]
+    ran: list[float] = []
+    for tick in sorted(beat_a + beat_b):
+        now[0] = tick
+        if gate.open():
+            ran.append(tick)
+    assert ran == [0.0, 10.0, 20.0, 33.0, 43.0, 53.0]
+    assert all(later - earlier >= interval / 2 for earlier, later in itertools.pairwise(ran))
