@@ -94,8 +94,17 @@ class Settings:
             max_context_depth=_int(env, "SAGA_MAX_CONTEXT_DEPTH", 32, minimum=1) or 32,
             signing_key=_signing_key(env),
             redact_keys=DEFAULT_REDACT_KEYS + extra_redact,
-            max_recoveries=_int(env, "SAGA_MAX_RECOVERIES", 5, minimum=0) or 0,
+            max_recoveries=_int(
+                env, "SAGA_MAX_RECOVERIES", 5, minimum=0, maximum=MAX_RECOVERIES_LIMIT
+            )
+            or 0,
         )
+
+
+#: Upper bound of SAGA_MAX_RECOVERIES: each re-send of a lost message waits out its queue
+#: allowance (doubled per re-send up to an hour) and the step timeout, so more re-sends than
+#: this only keep a saga that cannot run waiting for days before it compensates.
+MAX_RECOVERIES_LIMIT = 100
 
 
 SUPPORTED_DATABASES = ("postgresql", "sqlite")
@@ -203,7 +212,14 @@ def _metrics_dir(env: Mapping[str, str]) -> Path | None:
     return path
 
 
-def _int(env: Mapping[str, str], name: str, default: int | None, *, minimum: int) -> int | None:
+def _int(
+    env: Mapping[str, str],
+    name: str,
+    default: int | None,
+    *,
+    minimum: int,
+    maximum: int | None = None,
+) -> int | None:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default
@@ -213,6 +229,8 @@ def _int(env: Mapping[str, str], name: str, default: int | None, *, minimum: int
         raise ConfigurationError(f"{name} must be an integer, got {raw!r}") from None
     if value < minimum:
         raise ConfigurationError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigurationError(f"{name} must be <= {maximum}, got {value}")
     return value
 
 
