@@ -88,7 +88,7 @@ class Settings:
             metrics_dir=_metrics_dir(env),
             recovery_interval_seconds=_float(env, "SAGA_RECOVERY_INTERVAL_SECONDS", 10.0),
             anchor_interval_seconds=_float_or_off(env, "SAGA_ANCHOR_INTERVAL_SECONDS", 3600.0),
-            stall_grace_seconds=_float(env, "SAGA_STALL_GRACE_SECONDS", 30.0),
+            stall_grace_seconds=_stall_grace(env),
             default_step_timeout_seconds=_float(env, "SAGA_DEFAULT_STEP_TIMEOUT_SECONDS", 300.0),
             max_context_bytes=_int(env, "SAGA_MAX_CONTEXT_BYTES", 262_144, minimum=2) or 262_144,
             max_context_depth=_int(env, "SAGA_MAX_CONTEXT_DEPTH", 32, minimum=1) or 32,
@@ -231,6 +231,24 @@ def _int(
         raise ConfigurationError(f"{name} must be >= {minimum}, got {value}")
     if maximum is not None and value > maximum:
         raise ConfigurationError(f"{name} must be <= {maximum}, got {value}")
+    return value
+
+
+#: Shortest SAGA_STALL_GRACE_SECONDS: on amqp:// a retry's countdown is rounded up to whole
+#: seconds, so its message may be delivered up to 1 s after it is due; its `expires` (due time
+#: + the allowance) must not come before that.
+MIN_STALL_GRACE_SECONDS = 1.0
+
+
+def _stall_grace(env: Mapping[str, str]) -> float:
+    name = "SAGA_STALL_GRACE_SECONDS"
+    value = _float(env, name, 30.0)
+    if value < MIN_STALL_GRACE_SECONDS:
+        raise ConfigurationError(
+            f"{name} must be >= {MIN_STALL_GRACE_SECONDS:g} second, got {env[name]!r}: a step "
+            "message expires that long after it is due, and a broker countdown is rounded up "
+            "to whole seconds on RabbitMQ, so a shorter grace can expire a retry unstarted"
+        )
     return value
 
 

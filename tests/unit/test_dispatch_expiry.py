@@ -8,10 +8,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from saga_worker.config import Settings
+from saga_worker.core.commands import RunAttempt
 from saga_worker.core.definition import Remote, SagaDefinition, Step
 from saga_worker.core.events import StartRequested
+from saga_worker.core.model import Direction
 from saga_worker.core.transition import start
+from saga_worker.errors import ConfigurationError
 from saga_worker.worker.app import RECOVERY_ENTRY, SweepGate, create_app
 from saga_worker.worker.dispatch import CeleryDispatcher
 
@@ -110,3 +115,37 @@ def test_a_second_beat_is_for_availability_not_more_sweeps() -> None:
             ran.append(tick)
     assert ran == [0.0, 10.0, 20.0, 33.0, 43.0, 53.0]
     assert all(later - earlier >= interval / 2 for earlier, later in itertools.pairwise(ran))
+
+
+def test_a_stall_grace_under_a_second_is_refused(tmp_path: Path) -> None:
+    """On amqp:// the dispatcher rounds a countdown up to whole seconds (docs/rabbitmq.md), so
+    a retry may be delivered up to 1 s after not_before; start-by is not_before + the grace.
+    With a grace under 1 s a retry delayed 1.2 s would get countdown 2 s and expire 1.7 s
+    after sending: discarded when its ETA comes, every time."""
+    with pytest.raises(ConfigurationError, match="SAGA_STALL_GRACE_SECONDS must be >= 1"):
+        Settings.from_env({"SAGA_HOME": str(tmp_path), "SAGA_STALL_GRACE_SECONDS": "0.5"})
+
+
+def test_a_rounded_up_amqp_countdown_ends_by_the_messages_expiry(tmp_path: Path) -> None:
+    """With the shortest grace allowed (1 s), a retry whose countdown is rounded up still
+    reaches its ETA no later than its `expires`."""
+    definition = SagaDefinition("cd", [Step("only", NOOP, timeout_seconds=10)])
+    settings = Settings.from_env(
+        {
+            "SAGA_HOME": str(tmp_path),
+            "SAGA_BROKER_URL": "amqp://guest:guest@127.0.0.1:1//",
+            "SAGA_STALL_GRACE_SECONDS": "1",
+        }
+    )
+    grace = settings.stall_grace_seconds
+    now = datetime.now(UTC)
+    decision = start(definition, StartRequested("s-cd", "cd", {}), now, settings.limits())
+    not_before = now + timedelta(seconds=1.2)
+    command = RunAttempt(
+        "s-cd", 0, Direction.FORWARD, 2, not_before, not_before + timedelta(seconds=grace)
+    )
+    app = FakeApp()
+    CeleryDispatcher(app, settings, KEY).send(definition, decision.saga, command)
+    ((_, options),) = app.sent
+    assert options["countdown"] == 2  # 1.2 s rounded up
+    assert now + timedelta(seconds=options["countdown"]) <= options["expires"]
