@@ -88,14 +88,23 @@ class Settings:
             metrics_dir=_metrics_dir(env),
             recovery_interval_seconds=_float(env, "SAGA_RECOVERY_INTERVAL_SECONDS", 10.0),
             anchor_interval_seconds=_float_or_off(env, "SAGA_ANCHOR_INTERVAL_SECONDS", 3600.0),
-            stall_grace_seconds=_float(env, "SAGA_STALL_GRACE_SECONDS", 30.0),
+            stall_grace_seconds=_stall_grace(env),
             default_step_timeout_seconds=_float(env, "SAGA_DEFAULT_STEP_TIMEOUT_SECONDS", 300.0),
             max_context_bytes=_int(env, "SAGA_MAX_CONTEXT_BYTES", 262_144, minimum=2) or 262_144,
             max_context_depth=_int(env, "SAGA_MAX_CONTEXT_DEPTH", 32, minimum=1) or 32,
             signing_key=_signing_key(env),
             redact_keys=DEFAULT_REDACT_KEYS + extra_redact,
-            max_recoveries=_int(env, "SAGA_MAX_RECOVERIES", 5, minimum=0) or 0,
+            max_recoveries=_int(
+                env, "SAGA_MAX_RECOVERIES", 5, minimum=0, maximum=MAX_RECOVERIES_LIMIT
+            )
+            or 0,
         )
+
+
+#: Upper bound of SAGA_MAX_RECOVERIES: each re-send of a lost message waits out its queue
+#: allowance (doubled per re-send up to an hour) and the step timeout, so more re-sends than
+#: this only keep a saga that cannot run waiting for days before it compensates.
+MAX_RECOVERIES_LIMIT = 100
 
 
 SUPPORTED_DATABASES = ("postgresql", "sqlite")
@@ -203,7 +212,14 @@ def _metrics_dir(env: Mapping[str, str]) -> Path | None:
     return path
 
 
-def _int(env: Mapping[str, str], name: str, default: int | None, *, minimum: int) -> int | None:
+def _int(
+    env: Mapping[str, str],
+    name: str,
+    default: int | None,
+    *,
+    minimum: int,
+    maximum: int | None = None,
+) -> int | None:
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default
@@ -213,6 +229,26 @@ def _int(env: Mapping[str, str], name: str, default: int | None, *, minimum: int
         raise ConfigurationError(f"{name} must be an integer, got {raw!r}") from None
     if value < minimum:
         raise ConfigurationError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigurationError(f"{name} must be <= {maximum}, got {value}")
+    return value
+
+
+#: Shortest SAGA_STALL_GRACE_SECONDS: on amqp:// a retry's countdown is rounded up to whole
+#: seconds, so its message may be delivered up to 1 s after it is due; its `expires` (due time
+#: + the allowance) must not come before that.
+MIN_STALL_GRACE_SECONDS = 1.0
+
+
+def _stall_grace(env: Mapping[str, str]) -> float:
+    name = "SAGA_STALL_GRACE_SECONDS"
+    value = _float(env, name, 30.0)
+    if value < MIN_STALL_GRACE_SECONDS:
+        raise ConfigurationError(
+            f"{name} must be >= {MIN_STALL_GRACE_SECONDS:g} second, got {env[name]!r}: a step "
+            "message expires that long after it is due, and a broker countdown is rounded up "
+            "to whole seconds on RabbitMQ, so a shorter grace can expire a retry unstarted"
+        )
     return value
 
 

@@ -130,21 +130,31 @@ class SagaEngine:
     def start(self, request: StartRequested) -> StartResult:
         """Create the saga and send its first step; a known saga_id is a silent duplicate."""
         definition = self.definitions(request.saga_type, None)
+        record = self.store.retrying(
+            lambda: self._start_once(definition, request),
+            f"start of saga {request.saga_id}",
+        )
+        if record is None:
+            log.info("saga %s already exists: duplicate start ignored", request.saga_id)
+            return StartResult(request.saga_id, False, None)
+        outcome = self._after_commit(record)
+        return StartResult(request.saga_id, True, record.decision, outcome.send_failures)
+
+    def _start_once(
+        self, definition: SagaDefinition, request: StartRequested
+    ) -> TransitionRecord | None:
+        # Decided on each try with a fresh clock, as `_apply_once` does: after the store
+        # waited out a database outage, the first attempt's start-by counts from now, not
+        # from before the wait (which could send the step message already expired).
         now = self.clock()
         decision = start(definition, request, now, self.limits)
         began = time.perf_counter()
-        committed = self.store.retrying(
-            lambda: self.store.create(decision, now),
-            f"start of saga {request.saga_id}",
-        )
-        elapsed = time.perf_counter() - began
+        committed = self.store.create(decision, now)
         if committed is None:
-            log.info("saga %s already exists: duplicate start ignored", request.saga_id)
-            return StartResult(request.saga_id, False, None)
-        outcome = self._after_commit(
-            TransitionRecord(definition, None, decision, elapsed, False, committed)
+            return None
+        return TransitionRecord(
+            definition, None, decision, time.perf_counter() - began, False, committed
         )
-        return StartResult(request.saga_id, True, decision, outcome.send_failures)
 
     def handle(
         self,

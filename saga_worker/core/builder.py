@@ -15,6 +15,16 @@ from .decision import AuditEvent, Decision, Limits
 from .definition import SagaDefinition
 from .model import Attempt, Direction, Saga, SagaState
 
+#: The most a re-send doubles a queue allowance to (never below the stall grace): without a
+#: cap, a few dozen re-sends (an operator's `retry --force` loop) push start-by past
+#: datetime.max, and even SAGA_MAX_RECOVERIES=20 would make a lost message wait a year.
+MAX_QUEUE_ALLOWANCE_SECONDS = 3600.0
+
+
+def next_allowance(allowance: float, grace: float) -> float:
+    """A re-sent copy's queue allowance: twice the last, up to the cap (or the grace, if more)."""
+    return min(2 * allowance, max(MAX_QUEUE_ALLOWANCE_SECONDS, grace))
+
 
 class Builder:
     """Accumulates the new saga value, audit events and commands of one transition."""
@@ -187,9 +197,11 @@ def resend(
     if uncertain is None:
         uncertain = pending.uncertain or not pending.held
     # A copy that was sent may still be queued behind a backlog: give the new one twice the
-    # queue allowance, so a backlog drains instead of being re-sent until StalledTooOften.
+    # queue allowance (up to MAX_QUEUE_ALLOWANCE_SECONDS), so a backlog drains instead of
+    # being re-sent until StalledTooOften.
     # (The old copy expired at its start-by time, before this deadline: it cannot start.)
-    base = pending.allowance or b.limits.stall_grace_seconds
+    grace = b.limits.stall_grace_seconds
+    base = pending.allowance or grace
     send_now(
         b,
         pending,
@@ -198,7 +210,7 @@ def resend(
         uncertain=uncertain,
         # (A parked saga's copy waited for want of a worker with its version, not behind a
         # backlog: resumed with the same allowance.)
-        allowance=base if pending.held or not counted else 2 * base,
+        allowance=base if pending.held or not counted else next_allowance(base, grace),
     )
 
 

@@ -50,7 +50,9 @@ class StepRun:
     """One delivered message: whether its step ran, what it reported and what followed.
 
     `ran` is False when the attempt was no longer pending (a duplicate or superseded
-    message, skipped as a worker skips it). `error` is the exception the step raised.
+    message, skipped as a worker skips it) or when `expired`: the message was delivered after
+    its start-by time, which it carries as Celery's `expires`, and a worker discards it
+    unrun. `error` is the exception the step raised.
     """
 
     attempt: SentAttempt
@@ -58,6 +60,7 @@ class StepRun:
     event: StepSucceeded | StepFailed | None = None
     decision: Decision | None = None
     error: Exception | None = None
+    expired: bool = False
 
 
 class SagaTestHarness:
@@ -128,6 +131,7 @@ class SagaTestHarness:
         """Deliver the next sent message (earliest `not_before` first) and run its local step.
 
         The clock moves to the message's `not_before` when that is later (a retry's backoff).
+        A message delivered after its start-by is discarded unrun (`StepRun.expired`).
         """
         index, sent = self._next()
         if sent.remote:
@@ -288,6 +292,10 @@ class SagaTestHarness:
             )
         return upcoming[0]
 
+    def _expired(self, sent: SentAttempt) -> bool:
+        start_by = sent.command.start_by
+        return start_by is not None and self.clock() > start_by
+
     def _deliver(self, index: int) -> None:
         self._delivered.add(index)
         self.clock.advance_to(self.dispatcher.sent[index].command.not_before)
@@ -307,12 +315,16 @@ class SagaTestHarness:
                 f"{where} is held until {pending.not_before.isoformat()}: "
                 "advance_clock() past it and recover() to send it"
             )
+        expired = False
         for index, sent in self._upcoming():
             if sent.command.saga_id == saga.saga_id and sent.key == pending.key():
                 self._deliver(index)
-                return sent
+                if not self._expired(sent):
+                    return sent
+                expired = True  # discarded unrun, as the receiving service's Celery does
+        why = "expired unstarted (past its start-by)" if expired else "was never sent"
         raise HarnessError(
-            f"{where} was never sent (a failed send?): advance_clock() past its deadline "
+            f"{where} {why}: advance_clock() past its deadline "
             f"{pending.deadline.isoformat()} and recover() to re-send it"
         )
 
@@ -320,6 +332,10 @@ class SagaTestHarness:
         """What a worker's step task does with a message (saga_worker/worker/tasks.py)."""
         command = sent.command
         saga_id = command.saga_id
+        if self._expired(sent):
+            # Celery discards a message received after its `expires` before any task code
+            # runs; the sweep re-sends the attempt after its deadline.
+            return StepRun(sent, ran=False, expired=True)
         loaded = self.store.load_for_step(saga_id)
         if loaded is None or not loaded.saga.awaits(*sent.key):
             # A redelivered or superseded attempt: a worker skips it without running it.

@@ -123,21 +123,24 @@ def _beat_schedule(settings: Settings) -> dict[str, Any]:
 
 class SweepGate:
     """Coalesces sweeps that arrive in a burst (those the beat sent while a backlog or an
-    outage held them): one that starts less than `min_gap` seconds after this process's
-    last sweep ended returns at once. Measured on the monotonic clock, so no host's wall
-    clock can skip a sweep; a sweep that is due is never dropped, only merged with the
-    one just run (which saw the same overdue attempts)."""
+    outage held them, or a second beat's): one that arrives less than `min_gap` seconds after
+    this process's previous sweep *started* returns at once. Measured from the start, not the
+    end, so a long sweep does not make the next due one look early: every sweep skipped was
+    merged with one that scanned less than `min_gap` earlier. Measured on the monotonic clock,
+    so no host's wall clock can skip a sweep."""
 
     def __init__(self, min_gap: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.min_gap = min_gap
         self.clock = clock
-        self.last_end: float | None = None
+        self.last_start: float | None = None
 
     def open(self) -> bool:
-        return self.last_end is None or self.clock() - self.last_end >= self.min_gap
-
-    def done(self) -> None:
-        self.last_end = self.clock()
+        """True, and the sweep's start recorded, when a sweep may run now."""
+        now = self.clock()
+        if self.last_start is not None and now - self.last_start < self.min_gap:
+            return False
+        self.last_start = now
+        return True
 
 
 def apply_celery_config(app: Celery, module_name: str) -> None:
@@ -280,10 +283,7 @@ def create_app(settings: Settings | None = None) -> Celery:
         if not gate.open():
             return {"examined": 0, "recovered": 0, "failed": 0, "coalesced": 1}
         rt = runtimes.get()
-        try:
-            result = sweep(rt.store, rt.engine, utcnow())
-        finally:
-            gate.done()
+        result = sweep(rt.store, rt.engine, utcnow())
         return {
             "examined": result.examined,
             "recovered": result.recovered,

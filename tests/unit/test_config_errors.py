@@ -22,6 +22,7 @@ def run(args: list[str], env: dict[str, str], home: Path) -> subprocess.Complete
     [
         (["list"], {"SAGA_RECOVERY_INTERVAL_SECONDS": "abc"}, "SAGA_RECOVERY_INTERVAL_SECONDS"),
         (["list"], {"SAGA_MAX_RECOVERIES": "-1"}, "SAGA_MAX_RECOVERIES"),
+        (["list"], {"SAGA_MAX_RECOVERIES": "101"}, "SAGA_MAX_RECOVERIES"),
         (["list"], {"SAGA_METRICS_DIR": "relative/metrics"}, "SAGA_METRICS_DIR"),
         (["list"], {"SAGA_DATABASE_URL": "mysql://u:pw-x1@db/sagas"}, "SAGA_DATABASE_URL"),
         (["list", "--json"], {"SAGA_DATABASE_URL": "no url at all"}, "SAGA_DATABASE_URL"),

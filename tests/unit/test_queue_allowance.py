@@ -2,14 +2,16 @@
 
 Each send gives the attempt a start-by time (not_before + its queue allowance), which the
 step message carries as Celery's `expires`; its deadline is start-by + the step's timeout.
-A re-send of the same attempt doubles the allowance, so a backlog longer than timeout +
-grace drains instead of being re-sent until StalledTooOften.
+A re-send of the same attempt doubles the allowance (up to MAX_QUEUE_ALLOWANCE_SECONDS), so
+a backlog longer than timeout + grace drains instead of being re-sent until StalledTooOften.
 """
 
 from __future__ import annotations
 
 from datetime import timedelta
 
+from saga_worker.core.builder import MAX_QUEUE_ALLOWANCE_SECONDS
+from saga_worker.core.decision import Limits
 from saga_worker.core.events import AttemptDue, AttemptStalled, RetryRequested
 from saga_worker.store.codec import pending_from_json, pending_to_json
 from tests.unit.test_transition import FWD, HELD_LIMITS, LIMITS, Run, only_command
@@ -85,3 +87,37 @@ def test_the_checkpoint_keeps_the_allowance_and_an_old_one_falls_back_to_the_gra
     run.apply(AttemptStalled(0, FWD, 1, recoveries=1), advance=200.0)
     again = run.saga.pending
     assert again is not None and again.allowance == 2 * GRACE
+
+
+def test_repeated_re_sends_are_capped_and_do_not_overflow_the_start_by() -> None:
+    """An operator's `saga-worker retry --force` re-sends at once, whatever the recoveries:
+    uncapped, 60 of them (a retry loop in a runbook script) doubled 30 s past datetime.max
+    and every later transition raised OverflowError."""
+    run = Run(limits=Limits(stall_grace_seconds=GRACE, max_recoveries=100))
+    for _ in range(60):
+        run.apply(RetryRequested(user_id="op", force=True), advance=1.0)
+    pending = run.saga.pending
+    assert pending is not None and pending.step_index == 0 and pending.direction is FWD
+    assert pending.recoveries == 60
+    assert pending.allowance == MAX_QUEUE_ALLOWANCE_SECONDS
+    assert pending.start_by == run.now + timedelta(seconds=MAX_QUEUE_ALLOWANCE_SECONDS)
+
+
+def test_the_cap_stops_doubling_exactly_at_the_cap() -> None:
+    run = Run(limits=Limits(stall_grace_seconds=GRACE, max_recoveries=100))
+    allowances = []
+    for _ in range(9):
+        run.apply(RetryRequested(user_id="op", force=True))
+        pending = run.saga.pending
+        assert pending is not None
+        allowances.append(pending.allowance)
+    # 60, 120, ... 1920, then the cap (3840 would be over it)
+    assert allowances == [GRACE * 2**n for n in range(1, 7)] + [MAX_QUEUE_ALLOWANCE_SECONDS] * 3
+
+
+def test_a_grace_above_the_cap_is_kept_not_lowered() -> None:
+    grace = 2 * MAX_QUEUE_ALLOWANCE_SECONDS
+    run = Run(limits=Limits(stall_grace_seconds=grace, max_recoveries=3))
+    run.apply(RetryRequested(user_id="op", force=True))
+    pending = run.saga.pending
+    assert pending is not None and pending.allowance == grace

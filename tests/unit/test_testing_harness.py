@@ -424,12 +424,29 @@ def test_a_superseded_message_is_skipped_without_running_the_step() -> None:
     script = Script()
     h = SagaTestHarness(order(script), limits=Limits(stall_grace_seconds=5))
     h.start({})
-    h.advance_clock(16)  # reserve's message sat in the queue past its deadline
-    assert h.recover().recovered == 1
+    h.retry(force=True)  # a second copy of reserve's attempt, both inside their start-by
     assert [s.key for s in h.queued] == [(0, FWD, 1), (0, FWD, 1)]
     first, second = h.run_next(), h.run_next()
-    assert first.ran and not second.ran and second.event is None
+    assert first.ran and not second.ran and second.event is None and not second.expired
     assert script.ran() == [("reserve", 1)]
+
+
+def test_a_message_past_its_start_by_is_discarded_and_the_re_sent_copy_runs() -> None:
+    """A worker discards a step message received after its `expires` (the start-by time);
+    the harness does too, so the stale first copy does not run 11 s after it expired."""
+    script = Script()
+    h = SagaTestHarness(order(script), limits=Limits(stall_grace_seconds=5))
+    h.start({})  # start-by = send + 5 s, deadline + 10 s
+    h.advance_clock(16)  # reserve's message sat in the queue past its start-by and deadline
+    assert h.recover().recovered == 1
+    stale, fresh = h.run_next(), h.run_next()
+    start_by = stale.attempt.command.start_by
+    assert start_by is not None and h.clock() > start_by
+    assert stale.expired and not stale.ran and stale.event is None
+    assert fresh.ran and not fresh.expired and fresh.attempt.command.start_by is not None
+    assert fresh.attempt.command.start_by > start_by
+    assert script.ran() == [("reserve", 1)]
+    assert h.audit_events()[:4] == ["saga_start", "step_start", "saga_recovered", "step_start"]
 
 
 def test_remote_steps_wait_for_a_result_the_test_delivers() -> None:
@@ -463,6 +480,22 @@ def test_remote_steps_wait_for_a_result_the_test_delivers() -> None:
     h.succeed("book", {"trade_id": 42})
     settled = h.saga  # read again: the steps above moved it on
     assert settled.state is SagaState.COMPLETED and settled.context["trade_id"] == 42
+
+
+def test_a_remote_result_for_a_message_past_its_start_by_is_refused() -> None:
+    """The remote service's Celery discards the expired message too: no result comes."""
+    definition = SagaDefinition(
+        "remote_only", [Step("book", Remote("trading.book", "trading"), timeout_seconds=10)]
+    )
+    h = SagaTestHarness(definition, limits=Limits(stall_grace_seconds=5))
+    h.start({})
+    h.advance_clock(6)
+    with pytest.raises(HarnessError, match="expired unstarted"):
+        h.succeed("book")
+    h.advance_clock(10)  # past the deadline: start-by + the timeout
+    assert h.recover().recovered == 1
+    h.succeed("book", {"trade_id": 7})
+    assert h.saga.state is SagaState.COMPLETED
 
 
 def test_succeed_refuses_an_output_that_is_not_a_json_object() -> None:

@@ -19,6 +19,7 @@ from typing import Any
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from saga_worker.core.builder import MAX_QUEUE_ALLOWANCE_SECONDS
 from saga_worker.core.commands import RunAttempt
 from saga_worker.core.decision import Decision, Limits
 from saga_worker.core.definition import SagaDefinition, Step
@@ -257,9 +258,11 @@ def check_saga(definition: SagaDefinition, saga: Saga, *, retried: bool = False)
             # A copy starts by its start-by time or never; the deadline is that + the timeout.
             timeout = definition.timeout(pending.step_index, pending.direction)
             assert pending.deadline == pending.start_by + timedelta(seconds=timeout)
-        # The first allowance is the grace; each re-send of a sent copy doubles it (item 6).
+        # The first allowance is the grace; each re-send of a sent copy doubles it (item 6),
+        # up to the cap (or the grace, when that is larger).
         grace = LIMITS.stall_grace_seconds
         assert grace <= pending.allowance <= grace * 2**pending.recoveries
+        assert pending.allowance <= max(MAX_QUEUE_ALLOWANCE_SECONDS, grace)
         step = definition.steps[pending.step_index]
         assert pending.first <= pending.number
         assert pending.number < pending.first + step.policy(pending.direction).max_attempts
@@ -380,7 +383,8 @@ def check_decision(sim: Sim, before: Saga, event: Any, decision: Decision) -> No
             assert after.pending is not None
             assert after.pending.key() == before.pending.key()
             assert after.pending.recoveries == before.pending.recoveries + 1
-            assert after.pending.allowance == 2 * before.pending.allowance
+            cap = max(MAX_QUEUE_ALLOWANCE_SECONDS, LIMITS.stall_grace_seconds)
+            assert after.pending.allowance == min(2 * before.pending.allowance, cap)
         else:
             assert decision.audit[0].event_type in ("step_failed", "compensation_failed")
     # A step that failed for good is compensated first when its outcome is unknown (this
