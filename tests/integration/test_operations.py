@@ -87,6 +87,10 @@ EXPECTED = {
     ("saga_audit_logs", "INSERT"),
     ("saga_settings", "SELECT"),
     ("saga_settings", "INSERT"),
+    ("saga_workers", "SELECT"),
+    ("saga_workers", "INSERT"),
+    ("saga_workers", "UPDATE"),
+    ("saga_workers", "DELETE"),
     ("saga_alembic_version", "SELECT"),
     ("saga_audit_anchors", "SELECT"),
     ("saga_audit_anchors", "INSERT"),
@@ -275,7 +279,8 @@ def test_operator_abort_and_the_recovery_sweep_run_as_the_runtime_role(
     runtime: RuntimeStack, broker_url: str
 ) -> None:
     saga_id = f"ops-abort-{uuid.uuid4().hex[:8]}"
-    context = {"strategy_id": 4, "slow_step": {"step": "run_strategy", "seconds": 2}}
+    # Slow enough that the CLI's abort (a process start on a loaded machine) finds it running.
+    context = {"strategy_id": 4, "slow_step": {"step": "run_strategy", "seconds": 8}}
     sent = cli(
         ["start", "backtest_workflow", "--context", json.dumps(context), "--saga-id", saga_id],
         runtime.env,

@@ -24,6 +24,7 @@ from celery import Celery
 from kombu.connection import Connection
 
 import tests.fixtures.recovery_sagas as fixtures
+from saga_worker import registry
 from saga_worker.config import Settings
 from saga_worker.core.commands import RunAttempt
 from saga_worker.core.decision import Limits
@@ -325,10 +326,11 @@ def test_messages_lost_by_the_broker_are_recovered(rig: Rig, broker: redis.Redis
         saga_ids = start_in_process(engine_for(rig, dispatcher), "rec_quick", 40)
     finally:
         producer.close()
-    # The first attempts are in Redis, and no worker consumes the queue yet...
-    assert broker.llen(rig.queue) == 40
+    # The first attempts are in Redis, on their version's queue, and no worker consumes it yet...
+    steps = f"{rig.queue}.rec_quick.{registry.get('rec_quick').version}"
+    assert broker.llen(steps) == 40
     # ...when the broker loses them (what a restart without persistence does to a queue).
-    assert broker.delete(rig.queue) == 1
+    assert broker.delete(steps) == 1
 
     rig.start_worker()
     rig.start_beat()
@@ -471,12 +473,24 @@ def test_a_backlog_longer_than_timeout_and_grace_runs_each_step_once(
             "tests.fixtures.remote_service", env, remote_queue, remote_log, concurrency=1
         )
         rig.workers.insert(0, remote)  # stopped with the rig's workers
-    rig.start_worker(concurrency=1)
-    rig.start_beat()
-    sagas = [
-        rig.start_saga(saga_type, {"runs_file": str(runs), "seconds": 0.3}, unique("blog"))
-        for _ in range(40)
-    ]
+    context = {"runs_file": str(runs), "seconds": 0.3}
+    if served_by == "saga worker":
+        # The 40 first steps wait on their version's queue before the worker comes up (it
+        # takes starts and steps from their queues in turn, so starts alone make no backlog).
+        producer = Celery("blog-dispatch", broker=rig.env["SAGA_BROKER_URL"], set_as_current=False)
+        producer.conf.update(task_serializer="json", accept_content=["json"])
+        try:
+            dispatcher = CeleryDispatcher(producer, Settings.from_env(rig.env), SIGNING_KEY)
+            engine = engine_for(rig, dispatcher, clock_offset=timedelta(0))
+            sagas = start_in_process(engine, saga_type, 40, **context)
+        finally:
+            producer.close()
+        rig.start_worker(concurrency=1)
+        rig.start_beat()
+    else:
+        rig.start_worker(concurrency=1)
+        rig.start_beat()
+        sagas = [rig.start_saga(saga_type, context, unique("blog")) for _ in range(40)]
     final = rig.wait_all(sagas, timeout=240)
     assert {s.state.value for s in final.values()} == {"COMPLETED"}, Counter(
         s.state.value for s in final.values()
