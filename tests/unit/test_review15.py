@@ -6,7 +6,6 @@ Each test states what should hold; the docstring says what goes wrong today.
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -46,59 +45,6 @@ def engine_with(
     return SagaEngine(
         store, dispatcher, Limits(stall_grace_seconds=1), clock=clock, definitions=lookup
     )
-
-
-# -- 3. heartbeat rows are keyed by the Celery node name --------------------------------------
-
-
-def test_two_workers_with_one_node_name_both_count_as_live(tmp_path: Path) -> None:
-    """worker/heartbeat.py keys the saga_workers row by `sender.hostname`, the Celery node
-    name (`celery@HOST` unless -n is given). A rolling deploy on one host (start the new
-    generation, then warm-stop the old one, both `celery@HOST`) makes the two workers
-    overwrite each other's row every 5 s, so the versions of one of them are missing at any
-    time (sweeps elsewhere park its sagas, then it resumes them: saga_parked churn), and the
-    old worker's warm shutdown deletes the row the new one keeps."""
-    from saga_worker.client import SagaClient
-    from saga_worker.config import Settings
-    from saga_worker.store import workers
-    from saga_worker.store.migrate import upgrade
-
-    client = SagaClient(Settings.from_env({"SAGA_HOME": str(tmp_path)}))
-    upgrade(client.store.engine)
-    engine = client.store.engine
-    now = datetime.now(UTC)
-    name = "celery@host-1"
-    workers.beat(engine, name, "saga", {("order", "1")}, now, now)  # generation 1
-    workers.beat(engine, name, "saga", {("order", "2")}, now, now)  # generation 2, same host
-    live = workers.live_versions(engine, now - timedelta(seconds=20))
-    assert live == {("order", "1"), ("order", "2")}, f"live versions: {live}"
-    workers.forget(engine, name)  # generation 1's warm shutdown
-    live = workers.live_versions(engine, now - timedelta(seconds=20))
-    assert ("order", "2") in live, "generation 2 is running, but its row was deleted"
-
-
-# -- 4. heartbeat liveness compares two hosts' clocks -----------------------------------------
-
-
-def test_a_live_worker_whose_clock_lags_still_counts_as_live(tmp_path: Path) -> None:
-    """seen_at is the worker host's clock (heartbeat.py `datetime.now(UTC)`), compared with
-    the sweeping host's clock minus 20 s (recovery.py). A worker whose clock is 30 s behind
-    never counts as live: every stalled saga of its version is parked by other workers'
-    sweeps and resumed by its own, over and over (each a saga_parked + saga_recovered
-    audit pair); a clock 30 s ahead keeps a killed worker 'live' for 50 s. The database's
-    own now() for both would not depend on host clocks."""
-    from saga_worker.client import SagaClient
-    from saga_worker.config import Settings
-    from saga_worker.store import workers
-    from saga_worker.store.migrate import upgrade
-
-    client = SagaClient(Settings.from_env({"SAGA_HOME": str(tmp_path)}))
-    upgrade(client.store.engine)
-    engine = client.store.engine
-    sweeper_now = datetime.now(UTC)
-    lagging_worker_now = sweeper_now - timedelta(seconds=30)
-    workers.beat(engine, "w@a", "saga", {("order", "1")}, lagging_worker_now, lagging_worker_now)
-    assert ("order", "1") in workers.live_versions(engine, sweeper_now - timedelta(seconds=20))
 
 
 # -- 6. the docs still send remote results to SAGA_QUEUE --------------------------------------
