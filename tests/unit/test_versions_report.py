@@ -110,3 +110,13 @@ def test_versions_counts_in_flight_per_version_and_names_live_workers(tmp_path: 
     )
     assert done.returncode == 0, done.stderr
     assert "w-new@host" in done.stdout and "shop" in done.stdout
+    # shop=9: no saga, no live worker has it; drained as far as anyone knows, but a typo?
+    assert "warning" in done.stderr and "shop=9" in done.stderr and "mistyped" in done.stderr
+    known = subprocess.run(
+        [SAGA_WORKER, "versions", "--drained", "shop=2", "--drained", "shop=1"],
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert known.returncode == 1 and "warning" not in known.stderr, known.stderr
