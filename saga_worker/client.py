@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
@@ -276,14 +277,16 @@ class SagaClient:
     def versions(self) -> VersionsReport:
         """Per saga type and definition version: sagas not yet ended, the oldest, and the
         live workers (heartbeats) that have the version."""
-        since = self.clock() - LIVE_WINDOW
         with self._database():
             loads = workers.versions_in_flight(self.store.engine)
-            live = workers.live_workers(self.store.engine, since)
+            live = workers.live_workers(self.store.engine, LIVE_WINDOW, self.clock())
+        nodes = Counter(w.node for w in live)
         serving: dict[tuple[str, str | None], list[str]] = {}
         for worker in live:
+            # The node name, and the instance id where workers share it (one host, no -n).
+            label = worker.node if nodes[worker.node] == 1 else worker.key
             for key in worker.versions:
-                serving.setdefault(key, []).append(worker.name)
+                serving.setdefault(key, []).append(label)
         keys = {(x.saga_type, x.version) for x in loads} | set(serving)
         by_key = {(x.saga_type, x.version): x for x in loads}
         lines = []
@@ -300,7 +303,17 @@ class SagaClient:
                     tuple(serving.get((saga_type, version), ())),
                 )
             )
-        shown = {w.name: [{"saga_type": t, "version": v} for t, v in w.versions] for w in live}
+        shown = tuple(
+            {
+                "node": w.node,
+                "instance": w.instance,
+                "queue": w.queue,
+                "versions": [{"saga_type": t, "version": v} for t, v in w.versions],
+                "started_at": iso_utc(w.started_at),
+                "seen_at": iso_utc(w.seen_at),
+            }
+            for w in live
+        )
         return VersionsReport(tuple(lines), shown)
 
     def definition(self, saga_type: str, version: str | None = None) -> SagaDefinition | None:

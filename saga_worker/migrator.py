@@ -100,8 +100,9 @@ class Migrator:
                 target,
                 dry_run,
                 f"cannot migrate saga {saga.saga_id}: the outline of its version "
-                f"{saga.definition_version} is neither in its audit trail nor registered here; "
-                "list the module that defines that version in SAGA_IMPORTS",
+                f"{saga.definition_version} is neither registered here nor readable in its "
+                "audit trail (absent, or masked by SAGA_REDACT_KEYS); list the module that "
+                "defines that version in SAGA_IMPORTS",
             )
         try:
             outcome = self.engine(dry_run).migrate(
@@ -132,16 +133,13 @@ class Migrator:
         )
 
     def shape_of(self, saga: Saga) -> Shape | None:
-        """The outline of the version the saga runs: as its audit trail recorded it, else
-        as the registered definition of that version has it (a saga started before
-        versions were recorded runs under its type's default)."""
-        shape = Shape.from_audit(self.reads.shape_rows(saga.saga_id), saga.definition_version)
-        if shape is not None:
-            return shape
+        """The outline of the version the saga runs: as the registered definition of that
+        version has it (a saga started before versions were recorded runs under its type's
+        default), else as its audit trail recorded it (the old code is gone)."""
         try:
-            definition = registry.get_version(saga.saga_type, saga.definition_version)
+            definition = self.engine(True).definitions(saga.saga_type, saga.definition_version)
         except (UnknownDefinitionVersion, UnknownSagaType):
-            return None
+            return Shape.from_audit(self.reads.shape_rows(saga.saga_id), saga.definition_version)
         return Shape.of(definition, saga.definition_version)
 
     @staticmethod

@@ -71,8 +71,9 @@ def sweep(
 
     `local` are the definition versions this process has (default: every registered one).
     A stalled saga of another version is left to a live worker that has it, or parked when
-    none has (`live_since`: heartbeats older than this are not live; default:
-    store/workers.py's LIVE_WINDOW). Parked sagas of a local version are resumed first.
+    none has. A heartbeat is live for LIVE_WINDOW, measured by the database's clock on
+    PostgreSQL (store/workers.py); `live_since` shortens or widens that to `now - live_since`.
+    Parked sagas of a local version are resumed first.
     """
     mine = set(registry_versions() if local is None else local)
     counts: Counter[RecoveryOutcome | None] = Counter()
@@ -90,7 +91,8 @@ def sweep(
                 counts[_recover_one(engine, row)] += 1
             else:
                 if live is None:
-                    live = store.live_versions(live_since or now - LIVE_WINDOW)
+                    window = LIVE_WINDOW if live_since is None else now - live_since
+                    live = store.live_versions(window, now)
                 counts[_foreign(engine, row, live)] += 1
             after = (row.deadline, row.saga_id)
         if len(page) < batch:

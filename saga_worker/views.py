@@ -191,7 +191,8 @@ class VersionsReport:
     """What `saga-worker versions` shows: per version, what is in flight and who serves it."""
 
     lines: tuple[VersionLine, ...]
-    workers: dict[str, list[dict[str, str]]]
+    #: The live workers: node name, instance id, queue, versions, first and last heartbeat.
+    workers: tuple[dict[str, Any], ...]
 
     def line(self, saga_type: str, version: str) -> VersionLine | None:
         return next(
@@ -199,7 +200,7 @@ class VersionsReport:
         )
 
     def as_dict(self) -> dict[str, Any]:
-        return {"versions": [x.as_dict() for x in self.lines], "workers": self.workers}
+        return {"versions": [x.as_dict() for x in self.lines], "workers": list(self.workers)}
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,8 @@ def versions(ctx: click.Context, drained: tuple[str, ...], json_mode: bool) -> N
     and the live workers that have the version (docs/deploys.md).
 
     A deploy waits until `saga-worker versions --drained TYPE=OLD` exits 0 before it stops
-    the last worker of the old version.
+    the last worker of the old version. A version that no saga in flight and no live worker
+    has exits 0 too, with a warning on stderr (a mistyped name?).
     """
     from . import client_from
 
@@ -47,6 +48,14 @@ def versions(ctx: click.Context, drained: tuple[str, ...], json_mode: bool) -> N
         for t, v in wanted
         if (line := report.line(t, v)) is not None and line.in_flight > 0
     ]
+    for t, v in wanted:
+        if report.line(t, v) is None:
+            # Drained, as far as anyone can tell; but a typo would pass a deploy script too.
+            click.echo(
+                f"warning: no saga in flight and no live worker has {t}={v}: drained and "
+                "gone, or mistyped? (`saga-worker versions` lists the versions known)",
+                err=True,
+            )
     out = Output(json_mode)
     if json_mode:
         out.json({**report.as_dict(), "not_drained": busy})

@@ -15,12 +15,23 @@ from typing import Any
 
 from .builder import Builder
 from .decision import DEFAULT_LIMITS, Decision, Limits
-from .definition import SagaDefinition
+from .definition import NAME_RE, SagaDefinition
 from .events import MigrateRequested
 from .model import MAX_ATTEMPT, Direction, Saga, SagaState
 
 #: Audit rows whose event_data records the outline of the version a saga runs from then on.
 SHAPE_EVENTS = ("saga_start", "saga_migrated")
+
+
+def outline_event_data(definition: SagaDefinition) -> list[list[str | bool]]:
+    """The step outline as audit rows keep it (`"steps"` of saga_start and saga_migrated):
+    `[step name, has a compensation]` per step, in order, so that a saga can be migrated
+    after its definition's code is gone.
+
+    Pairs, not objects: audit event_data is redacted by key (SAGA_REDACT_KEYS), and a key
+    such as `name` (customer names) would mask every step name of `{"name": ...}`.
+    """
+    return [[s.name, s.compensate is not None] for s in definition.steps]
 
 
 @dataclass(frozen=True)
@@ -114,7 +125,7 @@ def migrate(
             "reason": event.reason,
             "resume_step": definition.steps[plan.index].name,
             "direction": plan.direction.value,
-            "steps": definition.outline(),
+            "steps": outline_event_data(definition),
         },
         user_id=event.user_id,
     )
@@ -329,14 +340,27 @@ def _has_compensation(shape: Shape, name: str) -> bool:
 
 
 def _outline(value: Any) -> tuple[OutlineStep, ...] | None:
-    """An outline as event_data records it, or None when it is not one."""
+    """An outline as event_data records it, or None when it is not one (or was redacted).
+
+    Pairs `[name, compensate]` (outline_event_data), or `{"name", "compensate"}` objects as
+    the first 0.4 builds wrote them. A masked value (a redaction key hit `name`) is no step
+    name (NAME_RE) nor a bool: the outline is then unknown, not wrong.
+    """
     if not isinstance(value, list):
         return None
     steps = []
     for item in value:
-        if not isinstance(item, Mapping) or not isinstance(item.get("name"), str):
+        if isinstance(item, Mapping):
+            name, compensate = item.get("name"), item.get("compensate")
+        elif isinstance(item, list | tuple) and len(item) == 2:
+            name, compensate = item
+        else:
             return None
-        steps.append(OutlineStep(item["name"], bool(item.get("compensate"))))
+        if not isinstance(name, str) or not NAME_RE.fullmatch(name):
+            return None
+        if not isinstance(compensate, bool):
+            return None
+        steps.append(OutlineStep(name, compensate))
     return tuple(steps)
 
 

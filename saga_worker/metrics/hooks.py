@@ -52,6 +52,10 @@ REJECTION_REASONS = (
     "invalid_token",  # a step or result message whose token is not its attempt's
     "not_pending",  # a valid token for an attempt the saga no longer waits for (a replay)
     "unstorable",  # the database refused a value for good (DataError, IntegrityError)
+    # A step message of a definition version this worker does not have, or whose step index
+    # does not name that task in it (sent by hand, or by a build before versions): not run,
+    # the attempt stalls and the recovery sweep sends it to its version's queue or parks it.
+    "wrong_version",
 )
 
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)

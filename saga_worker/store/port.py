@@ -98,8 +98,9 @@ class Store(Protocol):
     def parked(self, versions: Collection[VersionKey], limit: int) -> list[str]:
         """Up to `limit` ids of parked sagas of these (saga_type, version)s."""
 
-    def live_versions(self, since: datetime) -> set[VersionKey]:
-        """The versions of the workers whose heartbeat is not older than `since`."""
+    def live_versions(self, window: timedelta, now: datetime) -> set[VersionKey]:
+        """The versions of the workers whose last heartbeat is at most `window` old, by the
+        database's clock where heartbeats are written with it (PostgreSQL), else by `now`."""
 
     def retrying(self, operation: Callable[[], T], what: str) -> T:
         """Run `operation`, retrying the store's transient errors (a database restart)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, delete, insert, select
@@ -211,8 +211,8 @@ class SagaStore(OperatorQueries):
     def parked(self, versions: Collection[VersionKey], limit: int) -> list[str]:
         return workers.parked(self.engine, sorted(versions), limit)
 
-    def live_versions(self, since: datetime) -> set[VersionKey]:
-        return workers.live_versions(self.engine, since)
+    def live_versions(self, window: timedelta, now: datetime) -> set[VersionKey]:
+        return workers.live_versions(self.engine, window, now)
 
     def exists(self, saga_id: str) -> bool:
         with self.engine.connect() as conn:

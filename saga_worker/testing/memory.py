@@ -218,7 +218,7 @@ class InMemoryStore:
             )
         return [saga_id for _, saga_id in found[:limit]]
 
-    def live_versions(self, since: datetime) -> set[VersionKey]:
+    def live_versions(self, window: timedelta, now: datetime) -> set[VersionKey]:
         """The versions `workers` says live workers have (a test sets it; default none)."""
         return set(self.workers)
 

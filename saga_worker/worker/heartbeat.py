@@ -10,6 +10,7 @@ shutdown.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 from collections.abc import Collection
 from datetime import UTC, datetime
@@ -27,6 +28,9 @@ from .dispatch import version_queue
 
 log = logging.getLogger(__name__)
 
+#: Random bytes of a worker's instance id (hex in its heartbeat row's key).
+INSTANCE_BYTES = 4
+
 
 def local_versions() -> set[VersionKey]:
     """Every (saga_type, version) registered in this process."""
@@ -38,26 +42,40 @@ def version_queues(base: str, versions: Collection[VersionKey]) -> list[str]:
 
 
 class Heartbeat:
-    """Refreshes this worker's row every HEARTBEAT_SECONDS from a thread of the main process."""
+    """Refreshes this worker's row every HEARTBEAT_SECONDS from a thread of the main process.
 
-    def __init__(self, settings: Settings, name: str, versions: Collection[VersionKey]) -> None:
+    The row is keyed by the node name plus `instance`, drawn here once per worker (its main
+    process and pool): another worker with the same node name keeps a row of its own.
+    """
+
+    def __init__(self, settings: Settings, node: str, versions: Collection[VersionKey]) -> None:
         self.settings = settings
-        self.name = name
+        self.node = node
+        self.instance = secrets.token_hex(INSTANCE_BYTES)
         self.versions = set(versions)
-        self.started_at = datetime.now(UTC)
         self.stopped = threading.Event()
         self.engine = create_db_engine(settings.database_url, pool=False)
         self.thread = threading.Thread(target=self._run, name="saga-heartbeat", daemon=True)
 
     def start(self) -> None:
-        self._beat()  # before the first message is taken: sweeps elsewhere see it at once
+        self._prune()
+        # At once, not after HEARTBEAT_SECONDS: worker_ready fires once the consumer has
+        # started, so messages may already be taken; sweeps elsewhere should see this worker's
+        # versions as soon as possible.
+        self._beat()
         self.thread.start()
+        log.info(
+            "heartbeat of %s (instance %s) lists %d definition version(s)",
+            self.node,
+            self.instance,
+            len(self.versions),
+        )
 
     def stop(self) -> None:
         self.stopped.set()
         self.thread.join(timeout=5)
         try:
-            workers.forget(self.engine, self.name)
+            workers.forget(self.engine, self.node, self.instance)
         except Exception as exc:  # the row then ages out (LIVE_WINDOW)
             log.warning("could not delete this worker's heartbeat row: %s", exc)
         self.engine.dispose()
@@ -66,15 +84,25 @@ class Heartbeat:
         while not self.stopped.wait(HEARTBEAT_SECONDS):
             self._beat()
 
+    def _prune(self) -> None:
+        """Delete rows of workers killed long ago (a warm shutdown deletes its own)."""
+        try:
+            pruned = workers.prune(self.engine, datetime.now(UTC))
+        except Exception as exc:  # harmless: the rows are not live; the next start tries again
+            log.warning("old heartbeat rows not pruned: %s", exc)
+            return
+        if pruned:
+            log.info("deleted %d heartbeat row(s) older than %s", pruned, workers.PRUNE_AFTER)
+
     def _beat(self) -> None:
         try:
             workers.beat(
                 self.engine,
-                self.name,
+                self.node,
+                self.instance,
                 self.settings.queue,
                 self.versions,
                 datetime.now(UTC),
-                self.started_at,
             )
         except Exception as exc:  # a database outage: the next beat tries again
             log.warning("heartbeat not written: %s", exc)

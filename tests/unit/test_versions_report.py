@@ -68,9 +68,9 @@ def test_versions_counts_in_flight_per_version_and_names_live_workers(tmp_path: 
         "v1-0", ParkRequested(0, Direction.FORWARD, 1, 0, "no live worker has shop version 1")
     )
     now = datetime.now(UTC)
-    workers.beat(client.store.engine, "w-new@host", "saga", {("shop", "2")}, now, now)
+    workers.beat(client.store.engine, "w-new@host", "1f2e", "saga", {("shop", "2")}, now)
     stale = now - timedelta(hours=1)
-    workers.beat(client.store.engine, "w-gone@host", "saga", {("shop", "1")}, stale, stale)
+    workers.beat(client.store.engine, "w-gone@host", "3c4d", "saga", {("shop", "1")}, stale)
 
     report = client.versions()
     lines = {x.version: x.as_dict() for x in report.lines}
@@ -85,7 +85,10 @@ def test_versions_counts_in_flight_per_version_and_names_live_workers(tmp_path: 
         "workers": [],  # its worker's heartbeat is an hour old: not live
     }
     assert (lines["2"]["running"], lines["2"]["workers"]) == (3, ["w-new@host"])
-    assert report.workers == {"w-new@host": [{"saga_type": "shop", "version": "2"}]}
+    (worker,) = report.workers
+    assert (worker["node"], worker["instance"], worker["queue"]) == ("w-new@host", "1f2e", "saga")
+    assert worker["versions"] == [{"saga_type": "shop", "version": "2"}]
+    assert worker["seen_at"] == worker["started_at"] == now.isoformat()
 
     # The CLI: a deploy script waits for `--drained` to exit 0.
     cli_env = {**os.environ, **env}
@@ -107,3 +110,13 @@ def test_versions_counts_in_flight_per_version_and_names_live_workers(tmp_path: 
     )
     assert done.returncode == 0, done.stderr
     assert "w-new@host" in done.stdout and "shop" in done.stdout
+    # shop=9: no saga, no live worker has it; drained as far as anyone knows, but a typo?
+    assert "warning" in done.stderr and "shop=9" in done.stderr and "mistyped" in done.stderr
+    known = subprocess.run(
+        [SAGA_WORKER, "versions", "--drained", "shop=2", "--drained", "shop=1"],
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert known.returncode == 1 and "warning" not in known.stderr, known.stderr
