@@ -153,11 +153,6 @@ class SagaDefinition:
         steps = [[s.name, _target_shape(s.action), _target_shape(s.compensate)] for s in self.steps]
         return _digest({"saga_type": self.saga_type, "steps": steps})
 
-    def outline(self) -> list[dict[str, Any]]:
-        """Step names and whether each has a compensation: kept in the saga_start audit row,
-        so a saga can be migrated after its definition's code is gone."""
-        return [{"name": s.name, "compensate": s.compensate is not None} for s in self.steps]
-
     def problems(self) -> list[str]:
         """Every problem of this definition, so that one error can list them all."""
         found: list[str] = []

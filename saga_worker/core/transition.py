@@ -26,6 +26,7 @@ from .events import (
     StepSucceeded,
     UnparkRequested,
 )
+from .migration import outline_event_data
 from .model import Attempt, Direction, Saga, SagaState
 from .operator import operator_retry
 from .retry import backoff_seconds
@@ -60,7 +61,7 @@ def start(
         event_data={
             "saga_type": definition.saga_type,
             "definition_version": definition.version,
-            "steps": definition.outline(),
+            "steps": outline_event_data(definition),
         },
     )
     b.run(0, Direction.FORWARD, 1, now)

@@ -152,10 +152,7 @@ def test_a_saga_records_its_version_and_outline_at_start() -> None:
     assert saga is not None and saga.definition_version == "1" and saga.parked_at is None
     start = store.audit_trail("s")[0]
     assert start["event_data"]["definition_version"] == "1"
-    assert start["event_data"]["steps"] == [
-        {"name": "a", "compensate": True},
-        {"name": "b", "compensate": True},
-    ]
+    assert start["event_data"]["steps"] == [["a", True], ["b", True]]
 
 
 def test_a_stalled_saga_whose_version_no_live_worker_has_is_parked_once_then_resumed() -> None:
