@@ -19,22 +19,10 @@ from saga_worker.core.transition import start
 from saga_worker.errors import ConfigurationError
 from saga_worker.worker.app import RECOVERY_ENTRY, SweepGate, create_app
 from saga_worker.worker.dispatch import CeleryDispatcher
+from tests.unit.fake_celery import FakeApp
 
 NOOP: Any = lambda call: {}  # noqa: E731
 KEY = "k" * 32
-
-
-class FakeApp:
-    """Records send_task calls; signature() returns its kwargs."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, dict[str, Any]]] = []
-
-    def send_task(self, name: str, **options: Any) -> None:
-        self.sent.append((name, options))
-
-    def signature(self, name: str, **options: Any) -> dict[str, Any]:
-        return {"task": name, **options}
 
 
 def _settings(tmp_path: Path) -> Settings:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from saga_worker.config import Settings
 from saga_worker.core.definition import Remote, SagaDefinition, Step
@@ -13,22 +12,10 @@ from saga_worker.core.events import StartRequested
 from saga_worker.core.model import Direction
 from saga_worker.core.transition import start
 from saga_worker.worker.dispatch import ADVANCE_TASK, CeleryDispatcher
+from tests.unit.fake_celery import FakeApp
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = "k" * 32
-
-
-class FakeApp:
-    """Records send_task calls; signature() returns its options."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, dict[str, Any]]] = []
-
-    def send_task(self, name: str, **options: Any) -> None:
-        self.sent.append((name, options))
-
-    def signature(self, name: str, **options: Any) -> dict[str, Any]:
-        return {"task": name, **options}
 
 
 def test_a_remote_steps_result_and_failure_come_back_on_the_version_queue(
