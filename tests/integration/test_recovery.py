@@ -45,6 +45,8 @@ GRACE = "1"  # SAGA_STALL_GRACE_SECONDS of every process here
 INTERVAL = "0.5"  # SAGA_RECOVERY_INTERVAL_SECONDS of every beat here
 # The crash happened a minute ago: the first attempts' deadlines (10 s + grace) have passed.
 CRASHED_AGO = timedelta(seconds=60)
+#: Runs a worker with its clock off the others' (Debian's faketime; scripts/test.sh installs it).
+FAKETIME_LIB = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 
 
 @pytest.fixture
@@ -317,7 +319,13 @@ def test_worker_killed_mid_step_is_recovered_after_its_deadline(
 # -- (c) messages lost by the broker ---------------------------------------------------------
 
 
-def test_messages_lost_by_the_broker_are_recovered(rig: Rig, broker: redis.Redis) -> None:
+@pytest.mark.parametrize("worker_clock", ["", "+5s", "-5s"], ids=["same", "ahead", "behind"])
+def test_messages_lost_by_the_broker_are_recovered(
+    rig: Rig, broker: redis.Redis, worker_clock: str
+) -> None:
+    """Lost first attempts are re-sent by the sweep once each; also with the worker's clock
+    5 s off the beat's (libfaketime): the beat's saga.recover carries no wall-clock expiry, so
+    no skew can make the worker drop every sweep (issue 14, item 6)."""
     producer = Celery("rec-dispatch", broker=rig.env["SAGA_BROKER_URL"], set_as_current=False)
     producer.conf.update(task_serializer="json", accept_content=["json"])
     settings = Settings.from_env(rig.env)
@@ -332,7 +340,13 @@ def test_messages_lost_by_the_broker_are_recovered(rig: Rig, broker: redis.Redis
     # ...when the broker loses them (what a restart without persistence does to a queue).
     assert broker.delete(steps) == 1
 
-    rig.start_worker()
+    skewed = {"LD_PRELOAD": str(FAKETIME_LIB), "FAKETIME": worker_clock} if worker_clock else {}
+    rig.env.update(skewed)
+    try:
+        rig.start_worker()
+    finally:
+        for name in skewed:
+            del rig.env[name]
     rig.start_beat()
     sagas = rig.wait_all(saga_ids, timeout=60)
     rig.settle()  # a duplicate send would arrive after its saga completed
@@ -507,9 +521,6 @@ def test_a_backlog_longer_than_timeout_and_grace_runs_each_step_once(
     ]
     print(f"backlog ({served_by}): 40 starts, {len(recovered)} re-sent after their start-by time")
     assert recovered, "no step message waited past its start-by time: the test made no backlog"
-
-
-FAKETIME_LIB = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 
 
 def test_a_worker_clock_ahead_by_more_than_the_allowance_still_runs_each_step_once(
