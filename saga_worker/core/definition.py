@@ -15,6 +15,7 @@ from typing import Any
 from ..errors import InvalidSagaDefinition
 from .model import Direction, JSONObject
 from .retry import RetryPolicy
+from .stages import Parallel, Stage, Wait, flatten, wait_problems
 
 NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}")
 #: An explicit version label: it becomes part of a queue name (and of Redis keys).
@@ -64,7 +65,7 @@ class Step:
     """
 
     name: str
-    action: LocalFunction | Remote
+    action: LocalFunction | Remote | Wait
     compensate: LocalFunction | Remote | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     timeout_seconds: float | None = None
@@ -75,7 +76,7 @@ class Step:
     #: outcome (timeout, lost worker, stalls) have it run anyway.
     compensate_on_failure: bool = False
 
-    def target(self, direction: Direction) -> LocalFunction | Remote | None:
+    def target(self, direction: Direction) -> LocalFunction | Remote | Wait | None:
         return self.action if direction is Direction.FORWARD else self.compensate
 
     def policy(self, direction: Direction) -> RetryPolicy:
@@ -104,21 +105,25 @@ class SagaDefinition:
     default_timeout_seconds: float | None = None
     version: str = ""
     default: bool = False
+    #: The stages the steps were given in (core/stages.py); `steps` are their flat leaves.
+    stages: tuple[Stage, ...] = ()
 
     def __init__(
         self,
         saga_type: str,
-        steps: Sequence[Step],
+        steps: Sequence[Step | Parallel],
         *,
         default_timeout_seconds: float | None = None,
         version: str | None = None,
         default: bool = False,
     ) -> None:
+        leaves, stages, stage_problems = flatten(steps)
         object.__setattr__(self, "saga_type", saga_type)
-        object.__setattr__(self, "steps", tuple(steps))
+        object.__setattr__(self, "steps", leaves)
+        object.__setattr__(self, "stages", stages)
         object.__setattr__(self, "default_timeout_seconds", default_timeout_seconds)
         object.__setattr__(self, "default", default)
-        problems = self.problems()
+        problems = stage_problems + self.problems()
         if version is not None and (
             not isinstance(version, str) or not VERSION_RE.fullmatch(version)
         ):
@@ -134,11 +139,23 @@ class SagaDefinition:
         """What the version fingerprint covers: step names and order, kinds, remote task
         names and queues, retry and timeout policies. Not the code of local functions: a
         change to a step's code that keeps all of this is a compatible change."""
-        return {
+        shape: dict[str, Any] = {
             "saga_type": self.saga_type,
             "default_timeout_seconds": self.default_timeout_seconds,
             "steps": [_step_shape(step) for step in self.steps],
         }
+        if not self.linear:
+            # Only then: a linear definition keeps the version it had before stages existed.
+            shape["stages"] = self._stage_shape()
+        return shape
+
+    @property
+    def linear(self) -> bool:
+        """One step after another: no group and no wait."""
+        return all(stage.kind == "step" for stage in self.stages)
+
+    def _stage_shape(self) -> list[list[Any]]:
+        return [[st.kind, st.name, [self.steps[i].name for i in st.leaves]] for st in self.stages]
 
     def fingerprint(self) -> str:
         """The version a definition without a label gets: a digest of its whole shape."""
@@ -151,7 +168,10 @@ class SagaDefinition:
         task). Policies are not in it: a label may keep a saga's version across a retry or
         timeout change, never across a change of steps."""
         steps = [[s.name, _target_shape(s.action), _target_shape(s.compensate)] for s in self.steps]
-        return _digest({"saga_type": self.saga_type, "steps": steps})
+        structure: dict[str, Any] = {"saga_type": self.saga_type, "steps": steps}
+        if not self.linear:
+            structure["stages"] = self._stage_shape()
+        return _digest(structure)
 
     def problems(self) -> list[str]:
         """Every problem of this definition, so that one error can list them all."""
@@ -170,7 +190,9 @@ class SagaDefinition:
                 f"default_timeout_seconds must be a finite number > 0, "
                 f"got {self.default_timeout_seconds!r}"
             )
-        seen: set[str] = set()
+        seen: set[str] = {st.name for st in self.stages if st.kind == "parallel"}
+        if len(seen) < sum(1 for st in self.stages if st.kind == "parallel"):
+            found.append("two groups have the same name; group names must be unique")
         for index, step in enumerate(self.steps):
             where = f"step {index} ({getattr(step, 'name', '?')!r})"
             if not isinstance(step, Step):
@@ -179,12 +201,14 @@ class SagaDefinition:
             if not isinstance(step.name, str) or not NAME_RE.fullmatch(step.name):
                 found.append(f"{where}: name must match {NAME_RE.pattern}")
             elif step.name in seen:
-                found.append(f"{where}: duplicate step name; step names must be unique")
+                found.append(f"{where}: duplicate name; step and group names must be unique")
             seen.add(step.name)
             for label, target in (("action", step.action), ("compensate", step.compensate)):
                 if target is None and label == "compensate":
                     continue
-                if isinstance(target, Remote):
+                if isinstance(target, Wait) and label == "action":
+                    found.extend(wait_problems(where, target, step.compensate is not None))
+                elif isinstance(target, Remote):
                     if not target.task_name or not isinstance(target.task_name, str):
                         found.append(f"{where}: remote {label} needs a task_name")
                     if not target.queue or not isinstance(target.queue, str):
@@ -255,9 +279,11 @@ def _numbers_as_floats(value: Any) -> Any:
     return value
 
 
-def _target_shape(target: LocalFunction | Remote | None) -> Any:
+def _target_shape(target: LocalFunction | Remote | Wait | None) -> Any:
     if target is None:
         return None
+    if isinstance(target, Wait):
+        return {"wait": dataclasses.asdict(target)}
     if isinstance(target, Remote):
         return {"remote": target.task_name, "queue": target.queue}
     return "local"

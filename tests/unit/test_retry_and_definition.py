@@ -226,7 +226,7 @@ def test_definition_reports_every_problem_at_once() -> None:
     assert err.saga_type == "order"
     message = str(err)
     expected = [
-        ("step 1 ('reserve')", "duplicate step name"),
+        ("step 1 ('reserve')", "duplicate name"),
         ("step 2 ('bad name')", "name must match"),
         ("step 3 ('charge')", "retry: max_attempts"),
         ("step 4 ('wait')", "timeout_seconds must be a finite number > 0"),
