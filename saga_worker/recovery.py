@@ -21,10 +21,11 @@ from datetime import datetime
 
 from . import registry
 from .core.events import ParkRequested, UnparkRequested
+from .core.model import Attempt
 from .core.recovery import RECOVERY_USER, RecoveryOutcome, recovery_event, recovery_outcome
 from .engine import SagaEngine
 from .errors import UnknownDefinitionVersion
-from .store.codec import pending_from_json
+from .store.codec import attempts_from_json
 from .store.port import LIVE_WINDOW, SkippedLocked, StalledRow, Store, VersionKey
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ def _foreign(engine: SagaEngine, row: StalledRow, live: set[VersionKey]) -> Reco
 
 
 def _park(engine: SagaEngine, row: StalledRow, reason: str) -> RecoveryOutcome | None:
-    pending = pending_from_json(row.pending)
+    pending = _earliest(row)
     if pending is None:
         return RecoveryOutcome.SKIPPED
     event = ParkRequested(
@@ -156,6 +157,14 @@ def _park(engine: SagaEngine, row: StalledRow, reason: str) -> RecoveryOutcome |
         log.warning("saga %s parked: %s", row.saga_id, event.reason)
         return RecoveryOutcome.PARKED
     return RecoveryOutcome.SKIPPED
+
+
+def _earliest(row: StalledRow) -> Attempt | None:
+    """The attempt whose deadline the row's `deadline` is (a group's other branches may be
+    overdue too: once this one is handled, the row's deadline is theirs, and a later page or
+    sweep takes them)."""
+    attempts = attempts_from_json(row.pending)
+    return min(attempts, key=lambda a: (a.deadline, a.step_index)) if attempts else None
 
 
 def _resume_parked(store: Store, engine: SagaEngine, mine: set[VersionKey], batch: int) -> int:
@@ -181,7 +190,7 @@ def _recover_one(engine: SagaEngine, row: StalledRow) -> RecoveryOutcome | None:
     """Recover one saga; never raises (one bad row must not stop the sweep). None: it failed."""
     saga_id = row.saga_id
     try:
-        pending = pending_from_json(row.pending)
+        pending = _earliest(row)
         if pending is None:
             return RecoveryOutcome.SKIPPED
         outcome = engine.handle(saga_id, recovery_event(pending), skip_locked=True)

@@ -89,9 +89,7 @@ class Builder:
 
         `allowance` is its queue allowance (default: the stall grace, a first send's).
         """
-        timeout = self.definition.timeout(
-            step_index, direction, self.limits.default_step_timeout_seconds
-        )
+        timeout = self.timeout(step_index, direction)
         allowance = allowance or self.limits.stall_grace_seconds
         self.update(attempt_seq=max(self.saga.attempt_seq, number))
         if (not_before - self.now).total_seconds() > self.limits.max_broker_delay_seconds:
@@ -107,7 +105,7 @@ class Builder:
                 uncertain=uncertain,
                 allowance=allowance,
             )
-            self.update(pending=held, current_step_index=step_index)
+            self.put(held)
             return
         start_by = not_before + timedelta(seconds=allowance)
         # A copy starts by start_by or never (it expires): after start_by + timeout it has
@@ -125,7 +123,7 @@ class Builder:
             uncertain=uncertain,
             allowance=allowance,
         )
-        self.update(pending=attempt, current_step_index=step_index)
+        self.put(attempt)
         kind = "step_start" if direction is Direction.FORWARD else "compensation_start"
         data: dict[str, Any] = {"attempt": number, "timeout_seconds": timeout, **(extra or {})}
         if not_before > self.now:
@@ -145,18 +143,75 @@ class Builder:
             RunAttempt(self.saga.saga_id, step_index, direction, number, not_before, start_by)
         )
 
+    def timeout(self, step_index: int, direction: Direction) -> float:
+        return self.definition.timeout(
+            step_index, direction, self.limits.default_step_timeout_seconds
+        )
+
+    def put(self, attempt: Attempt) -> None:
+        """Make `attempt` the one in flight for its step (replacing that step's last one)."""
+        others = [a for a in self.saga.attempts if a.step_index != attempt.step_index]
+        self.update(
+            attempts=tuple(sorted([*others, attempt], key=lambda a: a.step_index)),
+            current_step_index=self.definition.stage_of(attempt.step_index).leaves[0],
+        )
+
+    def settle(self, step_index: int) -> None:
+        """The attempt of `step_index` reported for good: it is no longer in flight."""
+        self.update(attempts=tuple(a for a in self.saga.attempts if a.step_index != step_index))
+
+    def forward_in_flight(self) -> bool:
+        return any(a.direction is Direction.FORWARD for a in self.saga.attempts)
+
+    def wait(self, step_index: int) -> None:
+        """Begin a wait: a held attempt whose due time is its timeout (the sweep fires it;
+        nothing is sent), audited as `step_start`."""
+        wait = self.definition.wait_of(step_index)
+        assert wait is not None
+        timeout = self.timeout(step_index, Direction.FORWARD)
+        due = self.now + timedelta(seconds=timeout)
+        self.update(attempt_seq=max(self.saga.attempt_seq, 1))
+        self.put(Attempt(step_index, Direction.FORWARD, 1, due, due, held=True))
+        data: dict[str, Any] = {"attempt": 1, "timeout_seconds": timeout, "wait": wait.kind}
+        if wait.signal is not None:
+            data["signal"] = wait.signal
+        if wait.kind == "approval":
+            data["approvers"] = wait.approvers
+            data["exclude_starter"] = wait.exclude_starter
+        data["due"] = due.isoformat()
+        self.audit("step_start", step_index, event_data=data)
+
     def decision(self) -> Decision:
         # Any transition a worker with the saga's definition made resumes a parked saga. A
         # saga started before versions were recorded adopts the definition it is first
         # decided under, and keeps it from then on.
+        waiting_for = self._waiting_for()
         saga = replace(
             self.saga,
+            waiting_for=waiting_for,
+            waiting_since=(
+                self.saga.waiting_since
+                if waiting_for is not None and waiting_for == self.saga.waiting_for
+                else (self.now if waiting_for is not None else None)
+            ),
+            votes=self.saga.votes if waiting_for is not None else (),
             updated_at=self.now,
             parked_at=None,
             definition_version=self.saga.definition_version or self.definition.version,
             definition_structure=self.saga.definition_structure or self.definition.structure,
         )
         return Decision(saga, tuple(self.events), tuple(self.commands))
+
+    def _waiting_for(self) -> str | None:
+        for attempt in self.saga.attempts:
+            if 0 <= attempt.step_index < len(self.definition.steps):
+                wait = self.definition.wait_of(attempt.step_index)
+                if wait is not None:
+                    name = self.definition.steps[attempt.step_index].name
+                    return (
+                        f"signal:{wait.signal}" if wait.kind == "signal" else f"{wait.kind}:{name}"
+                    )
+        return None
 
 
 def retry_ordinal(attempt: Attempt) -> int:

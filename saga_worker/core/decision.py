@@ -70,9 +70,9 @@ def next_attempt(decision: Decision, failed: StepFailed) -> Attempt | None:
     None when the failure was final for the step (or ignored): the caller reports the failed
     attempt as failed for good rather than as one that will be retried.
     """
-    pending = decision.saga.pending
-    if decision.ignored is not None or pending is None:
+    if decision.ignored is not None:
         return None
-    if (pending.step_index, pending.direction) != (failed.step_index, failed.direction):
-        return None
-    return pending if pending.number == failed.attempt + 1 else None
+    for pending in decision.saga.attempts:
+        if pending.key() == (failed.step_index, failed.direction, failed.attempt + 1):
+            return pending
+    return None

@@ -193,6 +193,7 @@ class SagaDefinition:
         seen: set[str] = {st.name for st in self.stages if st.kind == "parallel"}
         if len(seen) < sum(1 for st in self.stages if st.kind == "parallel"):
             found.append("two groups have the same name; group names must be unique")
+        signals: set[str] = set()
         for index, step in enumerate(self.steps):
             where = f"step {index} ({getattr(step, 'name', '?')!r})"
             if not isinstance(step, Step):
@@ -218,6 +219,13 @@ class SagaDefinition:
                         f"{where}: {label} must be a function taking StepInput or a Remote(...), "
                         f"got {type(target).__name__}"
                     )
+            if isinstance(step.action, Wait) and step.action.signal is not None:
+                if step.action.signal in signals:
+                    found.append(
+                        f"{where}: signal {step.action.signal!r} is awaited twice; one wait "
+                        "per signal name (a signal is delivered once)"
+                    )
+                signals.add(step.action.signal)
             if step.compensate_on_failure and step.compensate is None:
                 found.append(f"{where}: compensate_on_failure=True needs a compensate function")
             for label, policy in (
@@ -237,6 +245,26 @@ class SagaDefinition:
                 if timeout is not None and not _positive_finite(timeout):
                     found.append(f"{where}: {label} must be a finite number > 0, got {timeout!r}")
         return found
+
+    def stage_of(self, leaf: int) -> Stage:
+        """The stage that holds leaf `leaf` (a group for each of its branches)."""
+        return self._stage_by_leaf[leaf]
+
+    @functools.cached_property
+    def _stage_by_leaf(self) -> tuple[Stage, ...]:
+        return tuple(stage for stage in self.stages for _ in stage.leaves)
+
+    def wait_of(self, leaf: int) -> Wait | None:
+        """The wait a leaf is, or None for a step that runs a task."""
+        action = self.steps[leaf].action
+        return action if isinstance(action, Wait) else None
+
+    def signal_wait(self, signal: str) -> int | None:
+        """The leaf of the WaitFor that takes `signal` (names are unique), if any."""
+        for index, step in enumerate(self.steps):
+            if isinstance(step.action, Wait) and step.action.signal == signal:
+                return index
+        return None
 
     @property
     def step_names(self) -> tuple[str, ...]:

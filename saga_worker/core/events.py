@@ -160,6 +160,31 @@ class MigrateRequested:
     reason: str = "operator migration"
 
 
+@dataclass(frozen=True)
+class SignalReceived:
+    """`saga.signal` (or `saga-worker signal`) brought `signal` for the saga, from `user_id`.
+
+    The payload merges into the context when the wait for it is in progress or begins.
+    """
+
+    signal: str
+    payload: JSONObject
+    user_id: str | None = None
+    ip_address: str | None = None
+
+
+@dataclass(frozen=True)
+class VoteCast:
+    """An identified operator approves or rejects the approval wait in progress (`wait`
+    names it; None: the one in progress)."""
+
+    approve: bool
+    user_id: str | None
+    wait: str | None = None
+    reason: str = ""
+    ip_address: str | None = None
+
+
 Event = (
     StepSucceeded
     | StepFailed
@@ -169,4 +194,6 @@ Event = (
     | RetryRequested
     | UnparkRequested
     | AttemptExpired
+    | SignalReceived
+    | VoteCast
 )

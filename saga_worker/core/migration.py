@@ -113,7 +113,8 @@ def migrate(
         completed_steps=tuple(rename[n] for n in saga.completed_steps),
         compensated_steps=tuple(rename[n] for n in saga.compensated_steps),
         failed_compensations=tuple(rename[n] for n in saga.failed_compensations),
-        pending=None,
+        undo=tuple(rename[n] for n in saga.undo if n in rename),
+        attempts=(),
     )
     b.audit(
         "saga_migrated",
@@ -186,6 +187,11 @@ def _precondition(new: SagaDefinition, saga: Saga, shape: Shape, now: datetime) 
         return (
             f"it runs version {saga.definition_version}, not {shape.version} (it was "
             "migrated meanwhile?); look at it again and rerun the migration"
+        )
+    if not new.linear or len(saga.attempts) > 1 or saga.inbox or saga.waiting_for:
+        return (
+            "sagas with parallel groups or waits cannot be migrated yet; let it finish "
+            "under its version (keep a worker with it), or abort it"
         )
     pending = saga.pending
     if pending is None or not 0 <= pending.step_index < len(shape.steps):

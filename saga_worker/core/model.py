@@ -1,4 +1,4 @@
-"""Values that describe a saga at one moment: its state and the attempt it waits for."""
+"""Values that describe a saga at one moment: its state and the attempts it waits for."""
 
 from __future__ import annotations
 
@@ -47,9 +47,9 @@ class Direction(StrEnum):
 
 @dataclass(frozen=True)
 class Attempt:
-    """The single attempt a non-terminal saga waits for.
+    """An attempt a non-terminal saga waits for (one, or one per branch of a group).
 
-    A result is accepted only when its (step_index, direction, number) equals this one,
+    A result is accepted only when its (step_index, direction, number) equals one of them,
     which is what turns duplicated and late messages into no-ops.
 
     A `held` attempt waits in the database, not in a broker ETA, until `not_before`; its
@@ -99,6 +99,26 @@ JSONObject = Mapping[str, Any]
 
 
 @dataclass(frozen=True)
+class Signal:
+    """A signal kept until its wait begins (it arrived early), with who sent it."""
+
+    name: str
+    payload: JSONObject
+    user_id: str | None
+    at: datetime
+
+
+@dataclass(frozen=True)
+class Vote:
+    """An operator's counted vote on an approval wait."""
+
+    wait: str
+    user_id: str
+    approve: bool
+    at: datetime
+
+
+@dataclass(frozen=True)
 class Saga:
     """A saga's checkpoint: everything needed to decide its next transition."""
 
@@ -110,7 +130,9 @@ class Saga:
     total_steps: int
     started_at: datetime
     updated_at: datetime
-    pending: Attempt | None
+    #: The attempts in flight: one, one per running branch of a parallel group, or none
+    #: (terminal). A wait in progress is a held attempt of the wait step.
+    attempts: tuple[Attempt, ...]
     completed_steps: tuple[str, ...] = ()
     compensated_steps: tuple[str, ...] = ()
     failed_compensations: tuple[str, ...] = ()
@@ -133,12 +155,39 @@ class Saga:
     #: Set while no live worker has `definition_version` (docs/deploys.md): the pending
     #: attempt is kept, not re-sent, until a worker with the version resumes it.
     parked_at: datetime | None = None
+    #: Signals that arrived before their wait began (core/signals.py).
+    inbox: tuple[Signal, ...] = ()
+    #: Names of every signal recorded (delivered, kept or ignored): a second one is dropped.
+    seen_signals: tuple[str, ...] = ()
+    #: Counted votes of the approval in progress.
+    votes: tuple[Vote, ...] = ()
+    #: Steps that failed for good but may have taken effect: compensated in the rollback
+    #: although they never completed (their failure and the rollback may be transitions
+    #: apart when other branches of a group were still running).
+    undo: tuple[str, ...] = ()
+    #: What the saga waits for ("signal:<name>", "approval:<wait>", "sleep:<wait>") and
+    #: since when; None when it waits for no signal, vote or timer.
+    waiting_for: str | None = None
+    waiting_since: datetime | None = None
+
+    @property
+    def pending(self) -> Attempt | None:
+        """The attempt in flight with the earliest deadline (the only one of a linear saga)."""
+        if not self.attempts:
+            return None
+        return min(self.attempts, key=lambda a: (a.deadline, a.step_index))
+
+    def attempt_for(self, step_index: int, direction: Direction, number: int) -> Attempt | None:
+        """The attempt in flight that is (step_index, direction, number), if any."""
+        for attempt in self.attempts:
+            if attempt.key() == (step_index, direction, number):
+                return attempt
+        return None
 
     def awaits(self, step_index: int, direction: Direction, attempt: int) -> bool:
-        """True when (step_index, direction, attempt) is the attempt this saga waits for.
+        """True when (step_index, direction, attempt) is an attempt this saga waits for.
 
         Anything else is a duplicate, a late message or a superseded attempt: a step task
         does not run it, and `transition` ignores its result.
         """
-        pending = self.pending
-        return pending is not None and pending.key() == (step_index, direction, attempt)
+        return self.attempt_for(step_index, direction, attempt) is not None

@@ -75,12 +75,18 @@ def operator_retry(
             saga,
             ignored=(f"saga is {saga.state.value}: only FAILED or stalled sagas can be retried"),
         )
-    if pending is None:
+    sendable = [a for a in saga.attempts if definition.wait_of(a.step_index) is None]
+    if pending is None or not sendable:
         return Decision(saga, ignored="saga has no pending attempt to re-send")
-    refusal = _live_retry_refusal(definition, pending, now, limits, event.force)
-    if refusal is not None:
-        return Decision(saga, ignored=refusal)
-    resend(b, pending, note, user_id=event.user_id)
+    refusals = []
+    for attempt in sendable:
+        refusal = _live_retry_refusal(definition, attempt, now, limits, event.force)
+        if refusal is None:
+            resend(b, attempt, note, user_id=event.user_id)
+        else:
+            refusals.append(refusal)
+    if len(refusals) == len(sendable):
+        return Decision(saga, ignored="; ".join(refusals))
     return b.decision()
 
 

@@ -20,13 +20,12 @@ from .model import Saga, SagaState
 
 def park(saga: Saga, event: ParkRequested, now: datetime) -> Decision:
     """Keep the pending attempt and stop re-sending it; audited once as `saga_parked`."""
-    pending = saga.pending
+    pending = saga.attempt_for(event.step_index, event.direction, event.attempt)
     if saga.state.is_terminal:
         return Decision(saga, ignored=f"saga is already {saga.state.value}")
     if saga.parked_at is not None:
         return Decision(saga, ignored="saga is already parked")
-    seen = (event.step_index, event.direction, event.attempt)
-    if pending is None or pending.key() != seen or pending.recoveries != event.recoveries:
+    if pending is None or pending.recoveries != event.recoveries:
         return Decision(saga, ignored="the pending attempt changed since the sweep saw it")
     if not pending.overdue(now):
         return Decision(saga, ignored="the pending attempt is not overdue")

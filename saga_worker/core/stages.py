@@ -8,6 +8,7 @@ stages into those leaves and records which leaves each stage holds.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -17,6 +18,8 @@ from .retry import RetryPolicy
 if TYPE_CHECKING:
     from .definition import Step
 
+#: A signal name, as `saga.signal` and the CLI accept it.
+SIGNAL_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]{0,99}")
 WaitKind = Literal["signal", "sleep", "approval"]
 StageKind = Literal["step", "parallel", "wait"]
 #: A wait is one attempt: its timeout fails it (a sleep's completes it).
@@ -128,8 +131,10 @@ def wait_problems(where: str, wait: Wait, has_compensation: bool) -> list[str]:
     found: list[str] = []
     if has_compensation:
         found.append(f"{where}: a wait takes no effect, so it has no compensation")
-    if wait.kind == "signal" and not wait.signal:
-        found.append(f"{where}: WaitFor needs a signal name")
+    if wait.kind == "signal" and (
+        not isinstance(wait.signal, str) or not SIGNAL_RE.fullmatch(wait.signal)
+    ):
+        found.append(f"{where}: WaitFor signal {wait.signal!r} must match {SIGNAL_RE.pattern}")
     if wait.kind == "approval" and (
         isinstance(wait.approvers, bool)
         or not isinstance(wait.approvers, int)

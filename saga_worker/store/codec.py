@@ -1,9 +1,13 @@
 """Row <-> `Saga` conversion for the checkpoint table.
 
-The `pending` JSON column holds the pending attempt and the saga's `attempt_seq` (the
+The `pending` JSON column holds the attempts in flight and the saga's `attempt_seq` (the
 highest attempt number it has issued), which outlives the attempt: a FAILED saga has none
 pending, and an operator's retry numbers its attempts above it. Kept there, it needs no
 migration; a checkpoint written before it existed falls back to a bound that is safe.
+
+One attempt is stored flat, as before groups existed (a linear saga's row is unchanged);
+several (a group's branches) as `"attempts": [...]`. The state of waits (`inbox`,
+`seen_signals`, `votes`) and `undo` are stored only when not empty.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from ..core.model import Attempt, Direction, Saga, SagaState
+from ..core.model import Attempt, Direction, Saga, SagaState, Signal, Vote
 
 
 def pending_to_json(attempt: Attempt | None) -> dict[str, Any] | None:
@@ -67,8 +71,11 @@ def saga_to_row(saga: Saga) -> dict[str, Any]:
         "user_id": saga.user_id,
         "ip_address": saga.ip_address,
         "pending": _pending_column(saga),
-        # A parked saga keeps its attempt but leaves the stalled scan (docs/deploys.md).
+        # A parked saga keeps its attempts but leaves the stalled scan (docs/deploys.md).
+        # The earliest deadline of a group's attempts: the scan finds the first overdue one.
         "deadline": saga.pending.deadline if saga.pending and saga.parked_at is None else None,
+        "waiting_for": saga.waiting_for,
+        "waiting_since": saga.waiting_since,
         "failed_compensations": list(saga.failed_compensations),
         "abort_requested": saga.abort_requested,
         "definition_version": saga.definition_version,
@@ -87,7 +94,7 @@ def saga_from_row(row: Mapping[Any, Any]) -> Saga:
         total_steps=row["total_steps"],
         started_at=row["started_at"],
         updated_at=row["updated_at"],
-        pending=pending_from_json(row["pending"]),
+        attempts=attempts_from_json(row["pending"]),
         completed_steps=tuple(row["completed_steps"] or ()),
         compensated_steps=tuple(row["compensated_steps"] or ()),
         failed_compensations=tuple(row["failed_compensations"] or ()),
@@ -101,14 +108,66 @@ def saga_from_row(row: Mapping[Any, Any]) -> Saga:
         definition_version=row.get("definition_version"),
         definition_structure=row.get("definition_structure"),
         parked_at=row.get("parked_at"),
+        waiting_for=row.get("waiting_for"),
+        waiting_since=row.get("waiting_since"),
+        **_flow_from_json(row["pending"] or {}),
     )
 
 
+def attempts_from_json(data: Mapping[str, Any] | None) -> tuple[Attempt, ...]:
+    """The attempts in flight a `pending` column holds (flat: one; `attempts`: several)."""
+    if not data:
+        return ()
+    if "attempts" in data:
+        found = (pending_from_json(item) for item in data["attempts"])
+        return tuple(a for a in found if a is not None)
+    one = pending_from_json(data)
+    return () if one is None else (one,)
+
+
 def _pending_column(saga: Saga) -> dict[str, Any] | None:
-    attempt = pending_to_json(saga.pending)
-    if attempt is None and saga.attempt_seq == 0:
+    column: dict[str, Any] = {}
+    if len(saga.attempts) == 1:
+        column.update(pending_to_json(saga.attempts[0]) or {})
+    elif saga.attempts:
+        column["attempts"] = [pending_to_json(a) for a in saga.attempts]
+    if saga.inbox:
+        column["inbox"] = [
+            {
+                "name": s.name,
+                "payload": dict(s.payload),
+                "user_id": s.user_id,
+                "at": s.at.isoformat(),
+            }
+            for s in saga.inbox
+        ]
+    if saga.seen_signals:
+        column["seen_signals"] = list(saga.seen_signals)
+    if saga.votes:
+        column["votes"] = [
+            {"wait": v.wait, "user_id": v.user_id, "approve": v.approve, "at": v.at.isoformat()}
+            for v in saga.votes
+        ]
+    if saga.undo:
+        column["undo"] = list(saga.undo)
+    if not column and saga.attempt_seq == 0:
         return None
-    return {**(attempt or {}), "attempt_seq": saga.attempt_seq}
+    return {**column, "attempt_seq": saga.attempt_seq}
+
+
+def _flow_from_json(data: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "inbox": tuple(
+            Signal(s["name"], s["payload"], s["user_id"], datetime.fromisoformat(s["at"]))
+            for s in data.get("inbox", ())
+        ),
+        "seen_signals": tuple(data.get("seen_signals", ())),
+        "votes": tuple(
+            Vote(v["wait"], v["user_id"], bool(v["approve"]), datetime.fromisoformat(v["at"]))
+            for v in data.get("votes", ())
+        ),
+        "undo": tuple(data.get("undo", ())),
+    }
 
 
 def _attempt_seq(row: Mapping[Any, Any]) -> int:

@@ -83,6 +83,9 @@ checkpoints = Table(
     Column("definition_version", String(64)),
     Column("definition_structure", String(16)),
     Column("parked_at", UTCDateTime),
+    # What the saga waits for (a signal, an approval, a timer) and since when (0005).
+    Column("waiting_for", String(120)),
+    Column("waiting_since", UTCDateTime),
     Index("ix_saga_checkpoints_state", "state"),
     Index("ix_saga_checkpoints_updated_at", "updated_at"),
     Index("ix_saga_checkpoints_saga_type_state", "saga_type", "state"),
@@ -101,6 +104,14 @@ checkpoints = Table(
         "definition_version",
         postgresql_where=text("parked_at IS NOT NULL"),
         sqlite_where=text("parked_at IS NOT NULL"),
+    ),
+    # Few rows: saga_waiting_current and the waiting list read only waiting sagas.
+    Index(
+        "ix_saga_checkpoints_waiting",
+        "saga_type",
+        "waiting_since",
+        postgresql_where=text("waiting_for IS NOT NULL"),
+        sqlite_where=text("waiting_for IS NOT NULL"),
     ),
 )
 

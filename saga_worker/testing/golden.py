@@ -79,8 +79,21 @@ def event_from_json(data: Mapping[str, Any]) -> StartRequested | Event:
     return event
 
 
+#: Fields of waits and groups, recorded only when set: a linear saga's trail reads as it did
+#: before they existed.
+_FLOW_FIELDS = ("inbox", "seen_signals", "votes", "undo", "waiting_for", "waiting_since")
+
+
 def _saga_fields(saga: Saga | None) -> dict[str, Any]:
-    return {} if saga is None else dict(_plain(saga))
+    if saga is None:
+        return {}
+    fields = dict(_plain(saga))
+    attempts = fields.pop("attempts")
+    if len(attempts) <= 1:
+        fields["pending"] = attempts[0] if attempts else None
+    else:
+        fields["attempts"] = attempts
+    return {k: v for k, v in fields.items() if k not in _FLOW_FIELDS or v not in (None, [])}
 
 
 def decision_to_json(before: Saga | None, decision: Decision, after: Saga) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from ..store.port import Loaded
 
 #: Checkpoint columns that travel elsewhere in the message (or are derived).
 _ELSEWHERE = ("saga_id", "saga_type", "context", "deadline")
-_TIMES = ("started_at", "updated_at", "parked_at")
+_TIMES = ("started_at", "updated_at", "parked_at", "waiting_since")
 
 
 def _mac(key: str, fields: Mapping[str, Any], saga_id: str, saga_type: str, context: Any) -> str:
@@ -102,7 +102,7 @@ def decode(
         saga: Saga = saga_from_row(row)
     except (KeyError, TypeError, ValueError):
         return None  # signed by a build that encodes differently: read it instead
-    if saga.pending is None or saga.pending.recoveries > 0:
+    if not saga.attempts or any(a.recoveries > 0 for a in saga.attempts):
         return None  # a re-sent attempt: its first message may have run already
     return Loaded(saga, str(fields["audit_head"]), carried=True)
 

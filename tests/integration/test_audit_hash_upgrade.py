@@ -84,7 +84,7 @@ def test_v1_rows_of_a_migrated_database_verify_with_the_v2_rows_after_them(
         total_steps=2,
         started_at=T0,
         updated_at=T0,
-        pending=None,
+        attempts=(),
     )
     with store.engine.begin() as conn:
         conn.execute(insert(audit_logs), legacy)

@@ -605,7 +605,7 @@ def _synthetic_sagas(
                         total_steps=4,
                         started_at=ts,
                         updated_at=ts,
-                        pending=None,
+                        attempts=(),
                     )
                 ),
                 "version": 9,

@@ -372,7 +372,7 @@ def test_carried_checkpoint_is_trusted_only_when_genuine_and_fresh(stack: Stack)
         current_step_index=0,
         completed_steps=(),
         version=1,
-        pending=Attempt(0, Direction.FORWARD, 1, final.started_at, final.started_at),
+        attempts=(Attempt(0, Direction.FORWARD, 1, final.started_at, final.started_at),),
     )
 
     def step0(signing_key: str, sent_at: float, tag: str) -> str:

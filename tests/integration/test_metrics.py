@@ -141,7 +141,7 @@ def test_state_gauges_come_from_the_checkpoint_table(tmp_path: Path) -> None:
     for saga_id, began in (("g-1", now), ("g-2", now - timedelta(hours=1)), ("g-3", now)):
         decision = start(definition, StartRequested(saga_id, "hooked", {}), began)
         if saga_id == "g-3":
-            failed = replace(decision.saga, state=SagaState.FAILED, pending=None)
+            failed = replace(decision.saga, state=SagaState.FAILED, attempts=())
             decision = replace(decision, saga=failed)
         assert store.create(decision, began)
     store.engine.dispose()

@@ -160,7 +160,7 @@ def _saga(context: dict[str, Any]) -> Saga:
         total_steps=3,
         started_at=TS,
         updated_at=TS,
-        pending=None,
+        attempts=(),
         user_id="user_123",
         ip_address="10.0.0.1",
     )

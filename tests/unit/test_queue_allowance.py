@@ -8,6 +8,7 @@ a backlog longer than timeout + grace drains instead of being re-sent until Stal
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 
 from saga_worker.core.builder import MAX_QUEUE_ALLOWANCE_SECONDS
@@ -83,7 +84,7 @@ def test_the_checkpoint_keeps_the_allowance_and_an_old_one_falls_back_to_the_gra
     restored = pending_from_json(legacy)
     assert restored is not None and restored.allowance == 0.0
     # Written before allowances existed: a re-send doubles the grace.
-    run.saga = run.saga.__class__(**{**run.saga.__dict__, "pending": restored})
+    run.saga = replace(run.saga, attempts=(restored,))
     run.apply(AttemptStalled(0, FWD, 1, recoveries=1), advance=200.0)
     again = run.saga.pending
     assert again is not None and again.allowance == 2 * GRACE

@@ -30,7 +30,9 @@ def checkpoint() -> Loaded:
         total_steps=3,
         started_at=T0,
         updated_at=T0 + timedelta(seconds=2),
-        pending=Attempt(1, Direction.COMPENSATE, 2, T0, T0 + timedelta(seconds=60), 0, False, 1),
+        attempts=(
+            Attempt(1, Direction.COMPENSATE, 2, T0, T0 + timedelta(seconds=60), 0, False, 1),
+        ),
         completed_steps=("create_backtest", "run_strategy"),
         compensated_steps=(),
         failed_compensations=("save_results",),
@@ -113,8 +115,8 @@ def test_a_signed_but_incomplete_checkpoint_is_refused_not_raised() -> None:
 def test_a_resent_attempt_or_no_attempt_is_not_trusted() -> None:
     saga = checkpoint().saga
     assert saga.pending is not None
-    for pending in (replace(saga.pending, recoveries=1), None):
-        loaded = Loaded(replace(saga, pending=pending), "c" * 64)
+    for attempts in ((replace(saga.pending, recoveries=1),), ()):
+        loaded = Loaded(replace(saga, attempts=attempts), "c" * 64)
         assert decode(wire(snapshot.encode(KEY, loaded, NOW))) is None
 
 

@@ -83,7 +83,7 @@ def test_waits_sleeps_and_approvals_change_the_version_by_what_completes_them() 
         ([Parallel("g", [step("a"), step("b")]), step("g")], "must be unique"),
         ([step("a"), Parallel("a", [step("b"), step("c")])], "must be unique"),
         ([Parallel("g", [step("a"), step("a")])], "must be unique"),
-        ([WaitFor("w", signal="", timeout_seconds=5)], "needs a signal name"),
+        ([WaitFor("w", signal="", timeout_seconds=5)], "signal .. must match"),
         ([Approval("w", approvers=0, timeout_seconds=5)], "approvers must be"),
         ([Step("w", Wait("sleep"), compensate=noop, timeout_seconds=5)], "no compensation"),
         ([Sleep("w", -1)], "timeout_seconds must be"),
