@@ -34,7 +34,15 @@ from .errors import (
     UnknownSagaType,
 )
 from .migrator import Migrator
-from .requests import check_time_range, parse_abort, parse_migrate, parse_retry, valid_saga_id
+from .requests import (
+    check_time_range,
+    parse_abort,
+    parse_migrate,
+    parse_retry,
+    parse_signal,
+    parse_vote,
+    valid_saga_id,
+)
 from .store import workers
 from .store.connect import create_db_engine
 from .store.failures import database_errors, first_line, masked_url
@@ -197,7 +205,7 @@ class SagaClient:
         stalled = False
         if saga.pending is not None:
             pending = self._describe_pending(saga.pending, definition)
-            stalled = saga.pending.stalled(self.clock())
+            stalled = any(a.stalled(self.clock()) for a in saga.attempts)
         return SagaStatus(
             saga=saga,
             context=self.redactor.value(dict(saga.context)),
@@ -205,6 +213,7 @@ class SagaClient:
             steps=definition.step_names if definition else None,
             pending=pending,
             stalled=stalled,
+            attempts=tuple(self._describe_pending(a, definition) for a in saga.attempts),
         )
 
     def list_sagas(
@@ -217,6 +226,7 @@ class SagaClient:
         until: datetime | None = None,
         page: int = 1,
         page_size: int = 20,
+        waiting: bool = False,
     ) -> SagaPage:
         """A page of sagas, newest first, plus how many of the filter are in each state."""
         wanted = []
@@ -237,6 +247,7 @@ class SagaClient:
             user_id=user_id,
             started_after=since,
             started_before=until,
+            waiting=waiting,
         )
         with self._database():
             counts = self.store.count_sagas_by_state(query)
@@ -255,6 +266,8 @@ class SagaClient:
                 error=self.redactor.text(s.error),
                 definition_version=s.definition_version,
                 parked_at=s.parked_at,
+                waiting_for=s.waiting_for,
+                waiting_since=s.waiting_since,
             )
             for s in sagas
         ]
@@ -333,6 +346,34 @@ class SagaClient:
             (), {"saga_id": saga_id, "reason": reason, "user_id": user_id}
         )
         return self._operate("abort", parsed_id, event)
+
+    def signal(
+        self,
+        saga_id: str,
+        signal: str,
+        payload: Mapping[str, Any] | None = None,
+        user_id: str | None = None,
+    ) -> OperatorResult:
+        """Send a saga's wait its signal as the producer's saga.signal does, applied now."""
+        kwargs = {"saga_id": saga_id, "signal": signal, "payload": payload or {}}
+        parsed_id, event = parse_signal((), {**kwargs, "user_id": user_id}, self.settings)
+        return self._operate("signal", parsed_id, event)
+
+    def vote(
+        self,
+        saga_id: str,
+        user_id: str,
+        *,
+        approve: bool,
+        wait: str | None = None,
+        reason: str = "",
+    ) -> OperatorResult:
+        """Approve or reject the approval a saga waits for, as the identified `user_id`.
+
+        A vote that may not count (the starter's, a second one) is audited and then
+        refused (OperationRefused)."""
+        event = parse_vote(user_id, approve, wait, reason)
+        return self._operate("approve" if approve else "reject", saga_id, event)
 
     def retry(
         self,
@@ -416,6 +457,11 @@ class SagaClient:
             outcome = self.engine.handle(saga_id, event)
         if outcome.ignored:
             raise OperationRefused(f"{action} of saga {saga_id} not applied: {outcome.ignored}")
+        for row in outcome.decision.audit:
+            # Audited, yet it did nothing: a refused vote, an ignored signal.
+            why = row.event_data.get("refused") or row.event_data.get("ignored")
+            if why:
+                raise OperationRefused(f"{action} of saga {saga_id} recorded, not applied: {why}")
         return OperatorResult(
             saga_id=saga_id,
             action=action,

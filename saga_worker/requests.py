@@ -1,5 +1,6 @@
-"""Validation of what callers ask for: producer messages (saga.start / saga.abort) into core
-events, and the time range of an operator's list or export filter."""
+"""Validation of what callers ask for: producer messages (saga.start / saga.abort /
+saga.signal) and operators' votes into core events, and the time range of an operator's list
+or export filter."""
 
 from __future__ import annotations
 
@@ -13,12 +14,24 @@ from typing import Any
 
 from .audit.chain import iso_utc
 from .config import Settings
-from .core.events import AbortRequested, MigrateRequested, RetryRequested, StartRequested
+from .core.events import (
+    AbortRequested,
+    MigrateRequested,
+    RetryRequested,
+    SignalReceived,
+    StartRequested,
+    VoteCast,
+)
+from .core.stages import SIGNAL_RE
 from .errors import InvalidFilter, InvalidRequest
 
 SAGA_ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,255}")
 START_FIELDS = frozenset({"saga_type", "context", "saga_id", "user_id", "ip_address"})
 ABORT_FIELDS = frozenset({"saga_id", "reason", "user_id", "ip_address"})
+SIGNAL_FIELDS = frozenset({"saga_id", "signal", "payload", "user_id", "ip_address"})
+#: A signal's payload as JSON, at most: a signal that arrives early is kept in the saga's
+#: checkpoint until its wait begins.
+MAX_SIGNAL_PAYLOAD_BYTES = 16384
 MAX_TEXT = 255
 MAX_REASON = 2000
 # JSON can escape a lone UTF-16 surrogate ("\ud800"), which Python decodes into a str that
@@ -118,6 +131,46 @@ def parse_abort(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[str, 
         user_id=_optional_text(kwargs, "user_id"),
         ip_address=_optional_ip(kwargs),
     )
+
+
+def parse_signal(
+    args: tuple[Any, ...], kwargs: Mapping[str, Any], settings: Settings
+) -> tuple[str, SignalReceived]:
+    """(saga_id, SignalReceived) from saga.signal's arguments, checked as saga.start's are."""
+    _no_positional(args, "saga.signal")
+    _known_fields(kwargs, SIGNAL_FIELDS, "saga.signal")
+    saga_id = kwargs.get("saga_id")
+    if not valid_saga_id(saga_id):
+        raise InvalidRequest("saga_id", "is required: 1-255 characters of A-Z a-z 0-9 . _ : -")
+    assert isinstance(saga_id, str)
+    signal = kwargs.get("signal")
+    if not isinstance(signal, str) or not SIGNAL_RE.fullmatch(signal):
+        raise InvalidRequest("signal", f"is required and must match {SIGNAL_RE.pattern}")
+    payload = kwargs.get("payload", {})
+    if payload is None:
+        payload = {}
+    check_context(payload, settings, "payload")
+    size = len(json.dumps(payload, ensure_ascii=False).encode())
+    if size > MAX_SIGNAL_PAYLOAD_BYTES:
+        raise InvalidRequest(
+            "payload", f"is {size} bytes as JSON, over the limit of {MAX_SIGNAL_PAYLOAD_BYTES}"
+        )
+    return saga_id, SignalReceived(
+        signal=signal,
+        payload=payload,
+        user_id=_optional_text(kwargs, "user_id"),
+        ip_address=_optional_ip(kwargs),
+    )
+
+
+def parse_vote(user_id: object, approve: bool, wait: object, reason: object) -> VoteCast:
+    """An operator's vote on an approval: who (required), which wait (optional), why."""
+    who = _optional_text({"user_id": user_id}, "user_id")
+    if who is None:
+        raise InvalidRequest("user_id", f"is required: 1-{MAX_TEXT} characters")
+    if wait is not None and (not isinstance(wait, str) or not SIGNAL_RE.fullmatch(wait)):
+        raise InvalidRequest("wait", f"must match {SIGNAL_RE.pattern}")
+    return VoteCast(approve=approve, user_id=who, wait=wait, reason=_reason(reason or ""))
 
 
 def parse_retry(user_id: object, reason: object, *, force: bool = False) -> RetryRequested:

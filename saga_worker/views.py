@@ -21,6 +21,8 @@ class SagaStatus:
     steps: tuple[str, ...] | None
     pending: dict[str, Any] | None
     stalled: bool
+    #: Every attempt in flight (several while a parallel group runs).
+    attempts: tuple[dict[str, Any], ...] = ()
 
     @property
     def current_step(self) -> str | None:
@@ -55,6 +57,9 @@ class SagaStatus:
             "version": s.version,
             "definition_version": s.definition_version,
             "parked_at": iso_utc(s.parked_at) if s.parked_at else None,
+            "attempts": list(self.attempts),
+            "waiting_for": s.waiting_for,
+            "waiting_since": iso_utc(s.waiting_since) if s.waiting_since else None,
             "context": self.context,
         }
 
@@ -74,6 +79,8 @@ class SagaSummary:
     error: str | None
     definition_version: str | None = None
     parked_at: datetime | None = None
+    waiting_for: str | None = None
+    waiting_since: datetime | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -88,6 +95,8 @@ class SagaSummary:
             "error": self.error,
             "definition_version": self.definition_version,
             "parked_at": iso_utc(self.parked_at) if self.parked_at else None,
+            "waiting_for": self.waiting_for,
+            "waiting_since": iso_utc(self.waiting_since) if self.waiting_since else None,
         }
 
 

@@ -65,10 +65,23 @@ def status(ctx: click.Context, saga_id: str, json_mode: bool) -> None:
                 "see `saga-worker versions`",
             )
         )
+    if data["waiting_for"]:
+        since = datetime.fromisoformat(data["waiting_since"])
+        kind, _, name = data["waiting_for"].partition(":")
+        what = {"signal": f"signal {name!r}", "approval": f"approval {name!r}"}.get(
+            kind, f"timer {name!r}"
+        )
+        due = f"; due {ts(pending['deadline'])}" if pending else ""
+        pairs.append(("waiting for", f"{what} since {ts(since)} ({ago(since, now)}){due}"))
+    if len(data["attempts"]) > 1:
+        running = ", ".join(
+            f"{a['step'] or a['step_index']} #{a['attempt']}" for a in data["attempts"]
+        )
+        pairs.append(("in flight", running))
     if pending:
         of = f" of {pending['max_attempts']}" if pending["max_attempts"] else ""
         attempt = f"{pending['attempt']}{of} ({pending['direction']})"
-        if pending["held"]:
+        if pending["held"] and not data["waiting_for"]:
             attempt += f", waiting until {ts(pending['not_before'])} (retry backoff)"
         pairs.append(("attempt", attempt))
         deadline = datetime.fromisoformat(pending["deadline"])
@@ -107,6 +120,9 @@ def status(ctx: click.Context, saga_id: str, json_mode: bool) -> None:
 @click.option("--user", "user_id", help="Only sagas started by this user_id.")
 @click.option("--since", type=TIME, help="Started at or after: ISO time or an age (2h, 7d).")
 @click.option("--until", type=TIME, help="Started before: ISO time or an age.")
+@click.option(
+    "--waiting", is_flag=True, help="Only sagas waiting for a signal, an approval or a timer."
+)
 @click.option("--page", type=int, default=1, show_default=True, help="Page number (from 1).")
 @click.option(
     "--page-size", type=int, default=20, show_default=True, help="Sagas per page (1-500)."
@@ -120,6 +136,7 @@ def list_(
     user_id: str | None,
     since: datetime | None,
     until: datetime | None,
+    waiting: bool,
     page: int,
     page_size: int,
     json_mode: bool,
@@ -136,6 +153,7 @@ def list_(
         until=until,
         page=page,
         page_size=page_size,
+        waiting=waiting,
     )
     out = Output(json_mode)
     if json_mode:
@@ -151,7 +169,13 @@ def list_(
                 [
                     s.saga_id,
                     s.saga_type,
-                    s.state + (" (parked)" if s.parked_at else ""),
+                    s.state
+                    + (" (parked)" if s.parked_at else "")
+                    + (
+                        f" (waits {s.waiting_for} since {ts(s.waiting_since)})"
+                        if s.waiting_since
+                        else ""
+                    ),
                     f"{s.current_step_index + 1}/{s.total_steps}",
                     dash(s.user_id),
                     ts(s.started_at),
@@ -205,7 +229,7 @@ def retry(
 
     client = client_from(ctx, json_mode)
     result = client.retry(saga_id, user_id or os_user(), force=force, reason=reason)
-    _print_action(Output(json_mode), result)
+    print_action(Output(json_mode), result)
 
 
 @click.command()
@@ -228,10 +252,10 @@ def abort(
 
     client = client_from(ctx, json_mode)
     result = client.abort(saga_id, reason, user_id or os_user())
-    _print_action(Output(json_mode), result)
+    print_action(Output(json_mode), result)
 
 
-def _print_action(out: Output, result: Any) -> None:
+def print_action(out: Output, result: Any) -> None:
     if out.json_mode:
         out.json(result.as_dict())
     else:

@@ -1,6 +1,7 @@
 """Gauges of saga states, read from the checkpoint table at scrape time.
 
-`saga_running_current`, `saga_failed_current`, `saga_stalled_current` and `saga_parked_current`:
+`saga_running_current`, `saga_failed_current`, `saga_stalled_current`, `saga_parked_current`,
+`saga_waiting_current` and `saga_waiting_overdue_current`:
 the database is the only place that knows how many sagas are in flight across every worker,
 including sagas whose process died, so no per-process arithmetic can drift.
 """
@@ -66,8 +67,11 @@ class SagaStateCollector:
         live = (SagaState.RUNNING.value, SagaState.COMPENSATING.value, SagaState.FAILED.value)
         overdue = func.sum(case((c.deadline < datetime.now(UTC), 1), else_=0))
         parked = func.sum(case((c.parked_at.is_not(None), 1), else_=0))
+        waiting = func.sum(case((c.waiting_for.is_not(None), 1), else_=0))
+        late = c.waiting_for.is_not(None) & (c.deadline < datetime.now(UTC))
+        waiting_late = func.sum(case((late, 1), else_=0))
         query = (
-            select(c.saga_type, c.state, func.count(), overdue, parked)
+            select(c.saga_type, c.state, func.count(), overdue, parked, waiting, waiting_late)
             .where(c.state.in_(live))
             .group_by(c.saga_type, c.state)
         )
@@ -75,13 +79,17 @@ class SagaStateCollector:
         with self._engine.begin() as conn:
             if conn.dialect.name == "postgresql":
                 conn.execute(text("SET LOCAL statement_timeout = 5000"))
-            for saga_type, state, count, stalled, parked_count in conn.execute(query):
+            for saga_type, state, count, stalled, parked_count, waits, late_waits in conn.execute(
+                query
+            ):
                 entry = result.setdefault(saga_type, _zero())
                 key = "failed" if state == SagaState.FAILED.value else "running"
                 entry[key] += int(count)
                 if key == "running":
                     entry["stalled"] += int(stalled or 0)
                     entry["parked"] += int(parked_count or 0)
+                    entry["waiting"] += int(waits or 0)
+                    entry["waiting_overdue"] += int(late_waits or 0)
         return result
 
     def collect(self) -> Iterator[Metric]:
@@ -111,6 +119,16 @@ class SagaStateCollector:
                 "Live sagas parked because no live worker has their definition version.",
                 labels=["saga_type"],
             ),
+            "waiting": GaugeMetricFamily(
+                "saga_waiting_current",
+                "Sagas waiting for a signal, an approval or a durable timer.",
+                labels=["saga_type"],
+            ),
+            "waiting_overdue": GaugeMetricFamily(
+                "saga_waiting_overdue_current",
+                "Waiting sagas past their wait's timeout that the recovery sweep has not fired.",
+                labels=["saga_type"],
+            ),
         }
         for saga_type, entry in sorted(counts.items()):
             for key, family in families.items():
@@ -119,4 +137,11 @@ class SagaStateCollector:
 
 
 def _zero() -> dict[str, int]:
-    return {"running": 0, "failed": 0, "stalled": 0, "parked": 0}
+    return {
+        "running": 0,
+        "failed": 0,
+        "stalled": 0,
+        "parked": 0,
+        "waiting": 0,
+        "waiting_overdue": 0,
+    }

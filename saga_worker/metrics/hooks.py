@@ -38,10 +38,19 @@ DESIGN_METRICS = frozenset(
         "saga_audit_log_write_duration_seconds",
         "saga_recovered_total",
         "saga_rejected_total",
+        "saga_waiting_current",
     }
 )
-#: Gauges added to those for the alerts on sagas waiting for an operator, stalled or parked.
-EXTRA_METRICS = frozenset({"saga_failed_current", "saga_stalled_current", "saga_parked_current"})
+#: Gauges added to those for the alerts on sagas waiting for an operator, stalled, parked or
+#: waiting past their wait's timeout.
+EXTRA_METRICS = frozenset(
+    {
+        "saga_failed_current",
+        "saga_stalled_current",
+        "saga_parked_current",
+        "saga_waiting_overdue_current",
+    }
+)
 METRIC_NAMES = DESIGN_METRICS | EXTRA_METRICS
 
 #: reason label of saga_rejected_total: why a message was refused. A fixed set, so that

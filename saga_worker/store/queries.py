@@ -46,6 +46,8 @@ class SagaQuery:
     user_id: str | None = None
     started_after: datetime | None = None
     started_before: datetime | None = None
+    #: Only sagas waiting for a signal, an approval or a timer.
+    waiting: bool = False
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,8 @@ def _saga_filter(query: Select[Any], q: SagaQuery) -> Select[Any]:
         query = query.where(checkpoints.c.started_at >= q.started_after)
     if q.started_before is not None:
         query = query.where(checkpoints.c.started_at < q.started_before)
+    if q.waiting:
+        query = query.where(checkpoints.c.waiting_for.is_not(None))
     return query
 
 

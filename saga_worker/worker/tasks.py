@@ -1,4 +1,5 @@
-"""The Celery tasks: saga.start, saga.abort, saga.advance, saga.recover and step wrappers."""
+"""The Celery tasks: saga.start, saga.abort, saga.signal, saga.advance, saga.recover and step
+wrappers."""
 
 from __future__ import annotations
 
@@ -29,9 +30,17 @@ from ..errors import (
     UnknownDefinitionVersion,
     UnstorableRequest,
 )
-from ..requests import check_context, parse_abort, parse_start, start_saga_id, valid_saga_id
+from ..requests import (
+    check_context,
+    parse_abort,
+    parse_signal,
+    parse_start,
+    start_saga_id,
+    valid_saga_id,
+)
 from ..store.connect import is_transient
 from ..tokens import token_valid
+from .dispatch import version_queue
 from .messages import ADVANCE_FIELDS, AttemptRef, parse_attempt_ref, short
 from .runtime import RuntimeFactory
 
@@ -132,6 +141,21 @@ def register_core_tasks(app: Any, runtimes: RuntimeFactory) -> None:
             return {"accepted": False, "error": str(exc)}
         return {"accepted": outcome.changed, "ignored": outcome.ignored}
 
+    @app.task(name="saga.signal", bind=True, **DB_OUTAGE_RETRY)  # type: ignore[untyped-decorator]
+    @settle_permanent_db_errors(runtimes, "saga.signal")
+    def saga_signal(task: Any, /, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """A signal for a saga's wait (DESIGN section 10): delivered, kept or ignored."""
+        rt = runtimes.get()
+        try:
+            saga_id, event = parse_signal(args, kwargs, rt.settings)
+            outcome = rt.engine.handle(saga_id, event)
+        except UnknownDefinitionVersion as exc:
+            return _forward_signal(task, rt.settings.queue, kwargs, exc, runtimes)
+        except SagaError as exc:
+            refused(runtimes, "invalid_message", "saga.signal refused: %s", exc)
+            return {"accepted": False, "error": str(exc)}
+        return {"accepted": outcome.changed, "ignored": outcome.ignored}
+
     @app.task(name="saga.advance", **DB_OUTAGE_RETRY)  # type: ignore[untyped-decorator]
     @settle_permanent_db_errors(runtimes, "saga.advance")
     def saga_advance(result: Any = None, **kwargs: Any) -> dict[str, Any]:
@@ -183,6 +207,27 @@ def register_core_tasks(app: Any, runtimes: RuntimeFactory) -> None:
             # the broker as forged ones, and the saga did not change (the engine logged why).
             runtimes.rejected("not_pending")
         return {"accepted": outcome.changed, "ignored": outcome.ignored}
+
+
+def _forward_signal(
+    task: Any,
+    base_queue: str,
+    kwargs: Mapping[str, Any],
+    exc: UnknownDefinitionVersion,
+    runtimes: RuntimeFactory,
+) -> dict[str, Any]:
+    """A signal for a saga of a version this worker lacks goes to that version's queue
+    (producers send to the base queue: they know no version), where a worker with it
+    decides it, or where it waits until one starts. Forwarded once: a worker there that
+    lacks the version too refuses it."""
+    queue = version_queue(base_queue, exc.saga_type, exc.version)
+    delivery_info = getattr(task.request, "delivery_info", None) or {}
+    if delivery_info.get("routing_key") == queue:
+        refused(runtimes, "wrong_version", "saga.signal refused: %s", exc)
+        return {"accepted": False, "error": str(exc)}
+    task.app.send_task("saga.signal", kwargs=dict(kwargs), queue=queue)
+    log.info("saga.signal for %s forwarded to %s", kwargs.get("saga_id"), queue)
+    return {"accepted": False, "forwarded": queue}
 
 
 def _start_by(kwargs: Mapping[str, Any]) -> datetime:

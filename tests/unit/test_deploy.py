@@ -32,6 +32,7 @@ ALERTS = {
     "SagaBeatDown",
     "SagasStalled",
     "SagasParked",
+    "SagasWaitingPastTimeout",
     "SagaAttemptsStalling",
     "SagaFailureRateHigh",
     "SagaCompensationFailed",
@@ -271,7 +272,7 @@ def test_metrics_match_contract_names_and_labels() -> None:
             labels = tuple(n for n in labels if n != "le")
         served[name] = labels
     # The state gauges come from the database collector, not from SagaMetrics.
-    gauges = ("running", "failed", "stalled", "parked")
+    gauges = ("running", "failed", "stalled", "parked", "waiting", "waiting_overdue")
     for gauge in (f"saga_{name}_current" for name in gauges):
         served[gauge] = ("saga_type",)
     assert served == contract
