@@ -7,6 +7,7 @@ SAGA_IMPORTS, and start it from any Celery producer with ``send_task("saga.start
 from .core.definition import Remote, SagaDefinition, Step, StepInput
 from .core.model import Direction, SagaState
 from .core.retry import RetryPolicy
+from .core.stages import Approval, Parallel, Sleep, WaitFor
 from .errors import (
     ConfigurationError,
     InvalidRequest,
@@ -23,11 +24,15 @@ __version__ = "0.2.0"
 __all__ = [
     "__version__",
     # defining sagas
+    "Approval",
+    "Parallel",
     "Remote",
     "RetryPolicy",
     "SagaDefinition",
+    "Sleep",
     "Step",
     "StepInput",
+    "WaitFor",
     "register",
     # states
     "Direction",

@@ -222,7 +222,7 @@ def db_grant(
     extra = tables
     with _database(safe_url):
         if examples and engine.dialect.name == "postgresql":
-            from ..examples.backtest import create_tables
+            from ..examples.tables import create_tables
 
             extra = (*extra, *create_tables(engine))
         report = grant_runtime(

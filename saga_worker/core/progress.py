@@ -7,7 +7,8 @@ from typing import Any
 
 from .builder import Builder, retry_ordinal
 from .decision import Decision
-from .events import StepSucceeded
+from .events import StepFailed, StepSucceeded
+from .failing import failed
 from .model import Direction, SagaState, Signal
 from .rollback import begin_rollback, finish, is_rerun, rollback_from
 
@@ -93,17 +94,30 @@ def begin_wait(b: Builder, leaf: int) -> None:
 
 def deliver(b: Builder, leaf: int, signal: Signal, *, early: bool = False) -> None:
     """The wait at `leaf` takes `signal`: its payload merges into the context (audited as
-    `signal_received` with the sender), the wait completes and the saga goes on."""
-    saga = b.saga
+    `signal_received` with the sender), and the wait completes and the saga goes on, or,
+    when the payload lacks the wait's required `true` key, the wait fails."""
+    wait = b.definition.wait_of(leaf)
+    assert wait is not None
     name = b.definition.steps[leaf].name
-    b.settle(leaf)
-    b.update(
-        context={**saga.context, **signal.payload},
-        completed_steps=(*saga.completed_steps, name),
-    )
+    b.update(context={**b.saga.context, **signal.payload})
     data: dict[str, Any] = {"signal": signal.name, "payload_keys": sorted(signal.payload)}
     if early:
         data["kept_since"] = signal.at.isoformat()
     b.audit("signal_received", leaf, event_data=data, user_id=signal.user_id, ip_address=None)
+    if wait.require and signal.payload.get(wait.require) is not True:
+        failed(
+            b,
+            StepFailed(
+                leaf,
+                Direction.FORWARD,
+                1,
+                error_type="SignalRefused",
+                message=f"{name}: signal {signal.name!r} came without {wait.require}=true",
+                retryable=False,
+            ),
+        )
+        return
+    b.settle(leaf)
+    b.update(completed_steps=(*b.saga.completed_steps, name))
     b.audit("step_complete", leaf, event_data={"attempt": 1, "signal": signal.name})
     complete_leaf(b, leaf)

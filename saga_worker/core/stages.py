@@ -34,6 +34,9 @@ class Wait:
     signal: str | None = None
     approvers: int = 0
     exclude_starter: bool = False
+    #: A payload key that must be `true`: a signal without it fails the wait (DESIGN
+    #: section 8: an approval signal with `{"approved": false}` fails `await_approval`).
+    require: str | None = None
 
 
 @dataclass(frozen=True)
@@ -58,10 +61,11 @@ class Stage:
     leaves: tuple[int, ...]
 
 
-def WaitFor(name: str, *, signal: str, timeout_seconds: float) -> Step:
+def WaitFor(name: str, *, signal: str, timeout_seconds: float, require: str | None = None) -> Step:
     """Pause until `saga.signal` brings `signal` (its payload merges into the context) or
-    `timeout_seconds` pass (a failed attempt: compensation follows)."""
-    return _wait(name, Wait("signal", signal=signal), timeout_seconds)
+    `timeout_seconds` pass (a failed attempt: compensation follows). With `require`, the
+    signal's payload must hold that key as `true`, or the wait fails."""
+    return _wait(name, Wait("signal", signal=signal, require=require), timeout_seconds)
 
 
 def Sleep(name: str, seconds: float) -> Step:

@@ -10,115 +10,23 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
-import threading
-import time
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import (
-    JSON,
-    Column,
-    Engine,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    delete,
-    select,
-    update,
-)
+from sqlalchemy import delete, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
-from ..config import Settings
 from ..core.definition import SagaDefinition, Step, StepInput
 from ..core.retry import RetryPolicy
 from ..registry import register
-from ..store.connect import create_db_engine
-from ..store.tables import UTCDateTime
+from .faults import InjectedFailure, after_effect, inject
+from .tables import create_tables, db, example_backtests
+
+__all__ = ["backtest_workflow", "create_tables", "example_backtests", "simulate"]
 
 log = logging.getLogger(__name__)
-
-metadata = MetaData()
-example_backtests = Table(
-    "example_backtests",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("saga_id", String(255), nullable=False, unique=True),
-    Column("strategy_id", Integer, nullable=False),
-    Column("results", JSON),
-    Column("created_at", UTCDateTime, nullable=False),
-)
-
-
-class InjectedFailure(RuntimeError):
-    """Raised by the example steps when the context asks for a failure."""
-
-
-_engine_lock = threading.Lock()
-_engine: tuple[int, Engine] | None = None
-
-
-def _db() -> Engine:
-    """This process's engine for the demo table (prefork children each build their own)."""
-    global _engine
-    pid = os.getpid()
-    if _engine is None or _engine[0] != pid:
-        with _engine_lock:
-            if _engine is None or _engine[0] != pid:
-                # Pre-ping: each pool process would otherwise fail one step attempt on a
-                # connection left from before a database restart, and a step has 3 attempts.
-                engine = create_db_engine(Settings.from_env().database_url, pre_ping=True)
-                metadata.create_all(engine, checkfirst=True)
-                _engine = (pid, engine)
-    return _engine[1]
-
-
-def create_tables(engine: Engine) -> tuple[str, ...]:
-    """Create the demo tables when missing; returns their names.
-
-    Workers create them on first use too, but a run-time role without CREATE cannot: run
-    this as the owner (`saga-worker db grant ROLE --examples` does) before such workers start.
-    """
-    metadata.create_all(engine, checkfirst=True)
-    return tuple(metadata.tables)
-
-
-def _inject(call: StepInput) -> None:
-    ctx = call.context
-    compensating = call.direction.value == "compensate"
-    slow = ctx.get("slow_step")
-    if isinstance(slow, Mapping) and slow.get("step") == call.step_name and not compensating:
-        time.sleep(float(slow.get("seconds", 0)))
-    if compensating:
-        if ctx.get("fail_compensation") == call.step_name:
-            raise InjectedFailure(f"injected failure of {call.step_name}'s compensation")
-        return
-    if ctx.get("fail_step") == call.step_name:
-        raise InjectedFailure(f"injected failure of step {call.step_name}")
-    flaky = ctx.get("flaky_step")
-    if (
-        isinstance(flaky, Mapping)
-        and flaky.get("step") == call.step_name
-        and call.attempt <= int(flaky.get("failures", 0))
-    ):
-        raise InjectedFailure(
-            f"injected flaky failure {call.attempt} of {flaky.get('failures')} in {call.step_name}"
-        )
-
-
-def _after_effect(call: StepInput) -> None:
-    """`slow_after_step`: the step's effect is done; sleep, so a timeout leaves it in place."""
-    slow = call.context.get("slow_after_step")
-    if (
-        isinstance(slow, Mapping)
-        and slow.get("step") == call.step_name
-        and call.direction.value == "forward"
-    ):
-        time.sleep(float(slow.get("seconds", 0)))
 
 
 def _strategy_id(call: StepInput) -> int:
@@ -130,8 +38,8 @@ def _strategy_id(call: StepInput) -> int:
 
 def create_backtest(call: StepInput) -> dict[str, Any]:
     """Insert this saga's backtest row (once, however often it is delivered)."""
-    _inject(call)
-    engine = _db()
+    inject(call)
+    engine = db()
     values = {
         "saga_id": call.saga_id,
         "strategy_id": _strategy_id(call),
@@ -144,45 +52,45 @@ def create_backtest(call: StepInput) -> dict[str, Any]:
         row_id = conn.execute(
             select(example_backtests.c.id).where(example_backtests.c.saga_id == call.saga_id)
         ).scalar_one()
-    _after_effect(call)
+    after_effect(call)
     return {"backtest_id": row_id}
 
 
 def delete_backtest(call: StepInput) -> dict[str, Any]:
-    _inject(call)
-    with _db().begin() as conn:
+    inject(call)
+    with db().begin() as conn:
         conn.execute(delete(example_backtests).where(example_backtests.c.saga_id == call.saga_id))
     return {"backtest_id": None}
 
 
 def run_strategy(call: StepInput) -> dict[str, Any]:
     """Deterministic moving-average crossover over synthetic prices seeded by strategy_id."""
-    _inject(call)
+    inject(call)
     results = simulate(_strategy_id(call))
-    _after_effect(call)
+    after_effect(call)
     return {"results": results}
 
 
 def clear_results(call: StepInput) -> dict[str, Any]:
-    _inject(call)
+    inject(call)
     return {"results": None}
 
 
 def save_results(call: StepInput) -> dict[str, Any]:
-    _inject(call)
-    with _db().begin() as conn:
+    inject(call)
+    with db().begin() as conn:
         conn.execute(
             update(example_backtests)
             .where(example_backtests.c.saga_id == call.saga_id)
             .values(results=call.context.get("results"))
         )
-    _after_effect(call)
+    after_effect(call)
     return {"saved": True}
 
 
 def unsave_results(call: StepInput) -> dict[str, Any]:
-    _inject(call)
-    with _db().begin() as conn:
+    inject(call)
+    with db().begin() as conn:
         conn.execute(
             update(example_backtests)
             .where(example_backtests.c.saga_id == call.saga_id)
@@ -253,6 +161,6 @@ backtest_workflow = register(
 )
 
 try:  # the demo table is created when a worker imports this module (docs/contract.md)
-    _db()
+    db()
 except Exception as exc:  # a missing database must not break importing the definition
     log.warning("example_backtests not created yet: %s", type(exc).__name__)

@@ -95,7 +95,11 @@ EXPECTED = {
     ("saga_audit_anchors", "SELECT"),
     ("saga_audit_anchors", "INSERT"),
 }
-EXAMPLES = {("example_backtests", p) for p in ("SELECT", "INSERT", "UPDATE", "DELETE")}
+EXAMPLES = {
+    (table, p)
+    for table in ("example_backtests", "example_orders")
+    for p in ("SELECT", "INSERT", "UPDATE", "DELETE")
+}
 
 
 def test_db_current_is_none_before_upgrade_and_head_after(pg_admin_url: str) -> None:
