@@ -1,4 +1,8 @@
-"""`saga-worker demo`: example sagas on the embedded default, with a real Celery worker."""
+"""`saga-worker demo`: example sagas on the embedded default, with a real Celery worker.
+
+Three backtests (one completes, one is compensated, one retries a flaky step) and one order
+of `order_workflow`: its two checks run in parallel, then it waits for its approval, which
+the demo sends through the CLI (`saga-worker signal`), as an operator would."""
 
 from __future__ import annotations
 
@@ -30,6 +34,15 @@ SCENARIOS: list[tuple[str, str, dict[str, Any]]] = [
         {"strategy_id": 9, "flaky_step": {"step": "run_strategy", "failures": 2}},
     ),
 ]
+
+
+#: The order of the demo: it waits for signal `approval`, sent through the CLI.
+ORDER = (
+    "demo-order",
+    "runs two checks in parallel, waits for approval (CLI), books",
+    {"amount": 2500},
+)
+APPROVER = "risk-officer"
 
 
 def run_demo(echo: Callable[[str], None], keep: bool = False, timeout: float = 90.0) -> bool:
@@ -64,7 +77,7 @@ def run_demo(echo: Callable[[str], None], keep: bool = False, timeout: float = 9
         start_new_session=True,
     )
     try:
-        echo(f"started a Celery worker (pid {worker.pid}); sending {len(SCENARIOS)} sagas")
+        echo(f"started a Celery worker (pid {worker.pid}); sending {len(SCENARIOS) + 1} sagas")
         for saga_id, _, context in SCENARIOS:
             client.start(
                 "backtest_workflow",
@@ -73,16 +86,19 @@ def run_demo(echo: Callable[[str], None], keep: bool = False, timeout: float = 9
                 user_id="demo",
                 ip_address="127.0.0.1",
             )
+        client.start("order_workflow", ORDER[2], saga_id=ORDER[0], user_id="demo")
         started = time.monotonic()
-        final = client.wait_terminal([s[0] for s in SCENARIOS], timeout=timeout)
+        approved = _approve_when_waiting(client, env, echo, timeout)
+        final = client.wait_terminal([s[0] for s in (*SCENARIOS, ORDER)], timeout=timeout)
         echo(f"all sagas settled in {time.monotonic() - started:.1f}s\n")
         expected = {
             "demo-complete": "COMPLETED",
             "demo-compensate": "COMPENSATED",
             "demo-flaky": "COMPLETED",
+            "demo-order": "COMPLETED",
         }
-        ok = True
-        for saga_id, description, _ in SCENARIOS:
+        ok = approved
+        for saga_id, description, _ in (*SCENARIOS, ORDER):
             saga = final[saga_id]
             state = saga.state.value if saga else "MISSING"
             ok &= state == expected[saga_id]
@@ -93,10 +109,11 @@ def run_demo(echo: Callable[[str], None], keep: bool = False, timeout: float = 9
                 step = row["step_name"] or ""
                 extra = f" retry={row['retry_count']}" if row["retry_count"] else ""
                 duration = f" {row['duration_ms']:.1f}ms" if row["duration_ms"] is not None else ""
+                who = f" by {row['user_id']}" if row["event_type"] == "signal_received" else ""
                 echo(
                     f"   {row['timestamp']:%H:%M:%S.%f}  {row['event_type']:<22} {step:<16}"
                     f"{row['saga_state_before'] or '-':>12} -> {row['saga_state_after']:<12}"
-                    f"{extra}{duration}"
+                    f"{extra}{duration}{who}"
                 )
             echo("")
         return ok
@@ -111,3 +128,43 @@ def run_demo(echo: Callable[[str], None], keep: bool = False, timeout: float = 9
             echo(f"kept {home}")
         else:
             shutil.rmtree(home, ignore_errors=True)
+
+
+def _approve_when_waiting(
+    client: SagaClient, env: dict[str, str], echo: Callable[[str], None], timeout: float
+) -> bool:
+    """Once the order waits for its approval, send it with `saga-worker signal`."""
+    saga_id = ORDER[0]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        saga = client.get(saga_id)
+        if saga is not None and saga.waiting_for == "signal:approval":
+            break
+        if saga is not None and saga.state.is_terminal:
+            return False
+        time.sleep(0.2)
+    else:
+        echo(f"{saga_id} never waited for its approval")
+        return False
+    command = [
+        "saga-worker",
+        "signal",
+        saga_id,
+        "approval",
+        "--payload",
+        '{"approved": true}',
+        "--user",
+        APPROVER,
+    ]
+    echo(f"{saga_id} waits for its approval; $ {' '.join(command)}")
+    done = subprocess.run(
+        [sys.executable, "-c", "from saga_worker.cli import run; run()", *command[1:]],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if done.returncode != 0:
+        echo(f"saga-worker signal failed ({done.returncode}): {done.stderr.strip()}")
+        return False
+    return True
