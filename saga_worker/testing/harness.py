@@ -30,7 +30,7 @@ from ..core.failure import (
 from ..core.model import Saga
 from ..engine import SagaEngine, StartResult
 from ..recovery import SweepResult, registry_versions, sweep
-from ..requests import parse_abort, parse_start
+from ..requests import parse_abort, parse_signal, parse_start, parse_vote
 from .memory import FakeClock, InMemoryStore, RecordingDispatcher, SentAttempt
 
 if TYPE_CHECKING:
@@ -203,6 +203,28 @@ class SagaTestHarness:
         )
         return self._handle(saga_id, event)
 
+    def signal(
+        self, name: str, payload: Mapping[str, Any] | None = None, *, user_id: str | None = None
+    ) -> Decision:
+        """Send signal `name`, as saga.signal does (validated the same way)."""
+        saga_id, event = parse_signal(
+            (),
+            {
+                "saga_id": self._current(),
+                "signal": name,
+                "payload": payload or {},
+                "user_id": user_id,
+            },
+            self._settings,
+        )
+        return self._handle(saga_id, event)
+
+    def vote(
+        self, user_id: str, *, approve: bool = True, wait: str | None = None, reason: str = ""
+    ) -> Decision:
+        """An operator's vote on the approval in progress, as `saga-worker approve|reject`."""
+        return self._handle(self._current(), parse_vote(user_id, approve, wait, reason))
+
     def retry(
         self, reason: str = "operator retry", *, user_id: str = "operator", force: bool = False
     ) -> Decision:
@@ -303,13 +325,22 @@ class SagaTestHarness:
     def _take(self, step_name: str) -> SentAttempt:
         """Consume the message of the pending attempt, which must be of `step_name`."""
         saga = self.saga
-        pending = saga.pending
-        if pending is None:
+        if not saga.attempts:
             raise HarnessError(f"saga {saga.saga_id} is {saga.state.value}: no attempt pending")
-        name = self.definition.steps[pending.step_index].name
-        where = f"{name} ({pending.direction.value}) attempt {pending.number}"
-        if name != step_name:
-            raise HarnessError(f"saga {saga.saga_id} waits for {where}, not for {step_name}")
+        names = self.definition.step_names
+        pending = next((a for a in saga.attempts if names[a.step_index] == step_name), None)
+        if pending is None:
+            waits_for = ", ".join(
+                f"{names[a.step_index]} ({a.direction.value}) attempt {a.number}"
+                for a in saga.attempts
+            )
+            raise HarnessError(f"saga {saga.saga_id} waits for {waits_for}, not for {step_name}")
+        where = f"{step_name} ({pending.direction.value}) attempt {pending.number}"
+        if self.definition.wait_of(pending.step_index) is not None:
+            raise HarnessError(
+                f"{step_name} is a wait: signal() or vote() it, or advance_clock() past its "
+                "timeout and recover()"
+            )
         if pending.held:
             raise HarnessError(
                 f"{where} is held until {pending.not_before.isoformat()}: "
