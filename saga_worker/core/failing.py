@@ -20,8 +20,12 @@ from .rollback import (
 )
 
 
-def failed(b: Builder, event: StepFailed) -> Decision:
-    """A failed attempt: retried per the step's policy, or the step fails for good."""
+def failed(b: Builder, event: StepFailed, *, user_id: str | None = None) -> Decision:
+    """A failed attempt: retried per the step's policy, or the step fails for good.
+
+    `user_id` names who reported it in its audit row (the sweep for a wait's timeout);
+    by default the row carries the saga's user."""
+    who = b.saga.user_id if user_id is None else user_id
     saga = b.saga
     index = event.step_index
     step = b.definition.steps[index]
@@ -53,6 +57,7 @@ def failed(b: Builder, event: StepFailed) -> Decision:
             error_stack_trace=event.stack_trace,
             duration_ms=event.duration_ms,
             retry_count=ordinal,
+            user_id=who,
         )
         b.run(
             index,
@@ -88,6 +93,7 @@ def failed(b: Builder, event: StepFailed) -> Decision:
             error_stack_trace=event.stack_trace,
             duration_ms=event.duration_ms,
             retry_count=ordinal - 1,
+            user_id=who,
         )
         # A branch's retry waiting in the database is not sent any more; branches that run
         # report first (a running task cannot be recalled), then the rollback begins.

@@ -106,6 +106,7 @@ class Signal:
     payload: JSONObject
     user_id: str | None
     at: datetime
+    ip_address: str | None = None
 
 
 @dataclass(frozen=True)

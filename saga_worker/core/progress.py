@@ -95,16 +95,32 @@ def begin_wait(b: Builder, leaf: int) -> None:
 def deliver(b: Builder, leaf: int, signal: Signal, *, early: bool = False) -> None:
     """The wait at `leaf` takes `signal`: its payload merges into the context (audited as
     `signal_received` with the sender), and the wait completes and the saga goes on, or,
-    when the payload lacks the wait's required `true` key, the wait fails."""
+    when the payload lacks the wait's required `true` key, the wait fails.
+
+    A payload adds keys to the context but never replaces one: `saga.signal` is not
+    authenticated, and a key the saga's steps already wrote (an amount, an account) must
+    not be changed by whoever can publish to the broker. Such keys are dropped and named
+    in the audit row."""
     wait = b.definition.wait_of(leaf)
     assert wait is not None
     name = b.definition.steps[leaf].name
-    b.update(context={**b.saga.context, **signal.payload})
-    data: dict[str, Any] = {"signal": signal.name, "payload_keys": sorted(signal.payload)}
+    context = b.saga.context
+    kept = {k: v for k, v in signal.payload.items() if k not in context}
+    b.update(context={**context, **kept})
+    data: dict[str, Any] = {"signal": signal.name, "payload_keys": sorted(kept)}
+    dropped = sorted(set(signal.payload) - set(kept))
+    if dropped:
+        data["dropped_keys"] = dropped
     if early:
         data["kept_since"] = signal.at.isoformat()
-    b.audit("signal_received", leaf, event_data=data, user_id=signal.user_id, ip_address=None)
-    if wait.require and signal.payload.get(wait.require) is not True:
+    b.audit(
+        "signal_received",
+        leaf,
+        event_data=data,
+        user_id=signal.user_id,
+        ip_address=signal.ip_address,
+    )
+    if wait.require and kept.get(wait.require) is not True:
         failed(
             b,
             StepFailed(

@@ -119,7 +119,7 @@ def transition(
         if not pending.held:
             return Decision(saga, ignored="attempt was already sent")
         if wait is not None:
-            return wait_due(b, pending)
+            return wait_due(b, pending, event.user_id)
         return _send_held(b, pending, event.user_id)
     if isinstance(event, AttemptStalled) and pending.held:
         # A held attempt is not stalled, it waits for its due time (AttemptDue sends it).

@@ -25,9 +25,9 @@ from .progress import complete_leaf, deliver
 MAX_SEEN_SIGNALS = 32
 
 
-def wait_due(b: Builder, attempt: Attempt) -> Decision:
+def wait_due(b: Builder, attempt: Attempt, user_id: str | None) -> Decision:
     """A wait reached its timeout: a sleep completes; a signal or an approval wait fails
-    (one attempt, so the saga compensates)."""
+    (one attempt, so the saga compensates). Audited as `user_id`'s (the sweep's)."""
     leaf = attempt.step_index
     wait = b.definition.wait_of(leaf)
     assert wait is not None
@@ -36,7 +36,12 @@ def wait_due(b: Builder, attempt: Attempt) -> Decision:
     if wait.kind == "sleep":
         b.settle(leaf)
         b.update(completed_steps=(*b.saga.completed_steps, step.name))
-        b.audit("step_complete", leaf, event_data={"attempt": 1, "slept_seconds": timeout})
+        b.audit(
+            "step_complete",
+            leaf,
+            event_data={"attempt": 1, "slept_seconds": timeout},
+            user_id=b.saga.user_id if user_id is None else user_id,
+        )
         complete_leaf(b, leaf)
         return b.decision()
     what = f"signal {wait.signal!r}" if wait.kind == "signal" else "approval"
@@ -50,6 +55,7 @@ def wait_due(b: Builder, attempt: Attempt) -> Decision:
             message=f"{step.name}: no {what} within {timeout:g}s",
             retryable=False,
         ),
+        user_id=user_id,
     )
 
 
@@ -65,7 +71,7 @@ def receive_signal(
         return Decision(saga, ignored=f"saga has recorded {MAX_SEEN_SIGNALS} signals already")
     b = Builder(definition, saga, now, limits)
     b.update(seen_signals=(*saga.seen_signals, name))
-    signal = Signal(name, dict(event.payload), event.user_id, now)
+    signal = Signal(name, dict(event.payload), event.user_id, now, event.ip_address)
     leaf = definition.signal_wait(name)
     reason = _ignore_reason(definition, saga, name, leaf)
     if reason is not None or leaf is None:

@@ -44,7 +44,9 @@ def _amount(call: StepInput) -> float:
 def validate_order(call: StepInput) -> dict[str, Any]:
     """Check the order's amount (a bad one fails at once: retrying cannot fix it)."""
     inject(call)
-    return {"amount": _amount(call), "validated": True}
+    amount = _amount(call)
+    after_effect(call)
+    return {"amount": amount, "validated": True}
 
 
 def invalidate_order(call: StepInput) -> dict[str, Any]:

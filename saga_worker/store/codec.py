@@ -138,6 +138,7 @@ def _pending_column(saga: Saga) -> dict[str, Any] | None:
                 "payload": dict(s.payload),
                 "user_id": s.user_id,
                 "at": s.at.isoformat(),
+                "ip_address": s.ip_address,
             }
             for s in saga.inbox
         ]
@@ -158,7 +159,13 @@ def _pending_column(saga: Saga) -> dict[str, Any] | None:
 def _flow_from_json(data: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "inbox": tuple(
-            Signal(s["name"], s["payload"], s["user_id"], datetime.fromisoformat(s["at"]))
+            Signal(
+                s["name"],
+                s["payload"],
+                s["user_id"],
+                datetime.fromisoformat(s["at"]),
+                s.get("ip_address"),
+            )
             for s in data.get("inbox", ())
         ),
         "seen_signals": tuple(data.get("seen_signals", ())),
