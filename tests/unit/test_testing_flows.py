@@ -67,3 +67,26 @@ def test_a_refused_fill_rolls_back_both_branches_in_reverse_order() -> None:
     assert h.saga.state is SagaState.COMPENSATED
     undone = [name for name, _ in script.ran() if name.endswith("_undo")]
     assert undone == ["limits_undo", "reserve_undo", "validate_undo"]
+
+
+def test_a_signal_adds_keys_but_never_replaces_one_a_step_or_the_start_wrote() -> None:
+    h = SagaTestHarness(definition(Script()))
+    h.start({"amount": 10})
+    h.run_until_settled()
+    h.signal("fill", {"amount": 10**9, "validate": 99, "filled": True, "price": 1.5})
+    assert h.saga.context["amount"] == 10
+    assert h.saga.context["validate"] == 1  # what the step wrote
+    assert h.saga.context["price"] == 1.5
+    [row] = [r for r in h.audit_trail() if r["event_type"] == "signal_received"]
+    assert row["event_data"]["dropped_keys"] == ["amount", "validate"]
+    assert row["event_data"]["payload_keys"] == ["filled", "price"]
+
+
+def test_a_timed_out_wait_and_a_finished_sleep_are_audited_as_the_sweep() -> None:
+    h = SagaTestHarness(definition(Script()))
+    h.start({}, user_id="alice")
+    h.run_until_settled()
+    h.advance_clock(61)
+    h.recover()
+    [failed] = [r for r in h.audit_trail() if r["event_type"] == "step_failed"]
+    assert failed["step_name"] == "await_fill" and failed["user_id"] == "system:recovery"
