@@ -89,7 +89,8 @@ def sweep(
             examined += 1
             key = (row.saga_type, row.definition_version)
             if row.definition_version is None or key in mine:
-                counts[_recover_one(engine, row)] += 1
+                for outcome in _recover_overdue(engine, row, now):
+                    counts[outcome] += 1
             else:
                 if live is None:
                     window = LIVE_WINDOW if live_since is None else now - live_since
@@ -186,11 +187,24 @@ def _resume_parked(store: Store, engine: SagaEngine, mine: set[VersionKey], batc
     return resumed
 
 
-def _recover_one(engine: SagaEngine, row: StalledRow) -> RecoveryOutcome | None:
+def _recover_overdue(
+    engine: SagaEngine, row: StalledRow, now: datetime
+) -> list[RecoveryOutcome | None]:
+    """One recovery per overdue attempt of the row (a group's branches may stall together)."""
+    attempts = sorted(attempts_from_json(row.pending), key=lambda a: (a.deadline, a.step_index))
+    overdue = [a for a in attempts if a.overdue(now)] or attempts[:1]
+    if not overdue:
+        return [RecoveryOutcome.SKIPPED]
+    return [_recover_one(engine, row, attempt) for attempt in overdue]
+
+
+def _recover_one(
+    engine: SagaEngine, row: StalledRow, attempt: Attempt | None = None
+) -> RecoveryOutcome | None:
     """Recover one saga; never raises (one bad row must not stop the sweep). None: it failed."""
     saga_id = row.saga_id
     try:
-        pending = _earliest(row)
+        pending = attempt or _earliest(row)
         if pending is None:
             return RecoveryOutcome.SKIPPED
         outcome = engine.handle(saga_id, recovery_event(pending), skip_locked=True)

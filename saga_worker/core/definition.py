@@ -17,6 +17,8 @@ from .model import Direction, JSONObject
 from .retry import RetryPolicy
 from .stages import Parallel, Stage, Wait, flatten, wait_problems
 
+#: The longest step timeout or wait: deadlines must stay inside datetime's range.
+MAX_TIMEOUT_SECONDS = 10 * 365 * 86400.0
 NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,99}")
 #: An explicit version label: it becomes part of a queue name (and of Redis keys).
 VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -242,8 +244,13 @@ class SagaDefinition:
                 ("timeout_seconds", step.timeout_seconds),
                 ("compensation_timeout_seconds", step.compensation_timeout_seconds),
             ):
-                if timeout is not None and not _positive_finite(timeout):
-                    found.append(f"{where}: {label} must be a finite number > 0, got {timeout!r}")
+                if timeout is not None and not (
+                    _positive_finite(timeout) and timeout <= MAX_TIMEOUT_SECONDS
+                ):
+                    found.append(
+                        f"{where}: {label} must be a finite number > 0 and at most "
+                        f"{MAX_TIMEOUT_SECONDS:g} (ten years), got {timeout!r}"
+                    )
         return found
 
     def stage_of(self, leaf: int) -> Stage:

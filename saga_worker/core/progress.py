@@ -65,7 +65,7 @@ def complete_leaf(b: Builder, index: int) -> None:
     if following < len(b.definition.steps):
         begin_stage(b, following)
     else:
-        finish(b, SagaState.COMPLETED, "saga_complete", index)
+        finish(b, SagaState.COMPLETED, "saga_complete", stage.leaves[-1])
 
 
 def begin_stage(b: Builder, first: int) -> None:
@@ -120,7 +120,9 @@ def deliver(b: Builder, leaf: int, signal: Signal, *, early: bool = False) -> No
         user_id=signal.user_id,
         ip_address=signal.ip_address,
     )
-    if wait.require and kept.get(wait.require) is not True:
+    # The signal's own answer decides, whether or not its key could be merged (a key the
+    # context already holds, e.g. an earlier wait's `approved`, is not replaced).
+    if wait.require and signal.payload.get(wait.require) is not True:
         failed(
             b,
             StepFailed(

@@ -30,7 +30,7 @@ from .events import (
 )
 from .failing import failed
 from .migration import outline_event_data
-from .model import Attempt, Saga, SagaState
+from .model import Attempt, Direction, Saga, SagaState
 from .operator import operator_retry
 from .progress import begin_stage, succeeded
 from .rollback import begin_rollback, cancel_held
@@ -118,6 +118,10 @@ def transition(
     if isinstance(event, AttemptDue):
         if not pending.held:
             return Decision(saga, ignored="attempt was already sent")
+        if saga.abort_requested and pending.direction is Direction.FORWARD:
+            # An abort recorded without the definition (core/parking.py record_abort) left
+            # this wait or retry held: it must not start anything now; roll back instead.
+            return _roll_back_held(b)
         if wait is not None:
             return wait_due(b, pending, event.user_id)
         return _send_held(b, pending, event.user_id)
@@ -164,14 +168,19 @@ def _abort(b: Builder, event: AbortRequested) -> Decision:
         user_id=event.user_id,
         ip_address=event.ip_address,
     )
+    # A forward attempt in flight cannot be recalled from the queue: its result decides
+    # whether that step needs compensating, so rollback begins when it reports.
+    return _roll_back_held(b)
+
+
+def _roll_back_held(b: Builder) -> Decision:
+    """Cancel the held forward attempts of an aborted saga; roll back when none runs."""
     cancelled = cancel_held(b)
     if cancelled is not None and not b.forward_in_flight():
         # Nothing of the stage is running (a retry waiting in the database, or a wait, was
         # never sent): roll back now.
         b.update(state=SagaState.COMPENSATING)
         begin_rollback(b, cancelled, completed=False)
-    # A forward attempt in flight cannot be recalled from the queue: its result decides
-    # whether that step needs compensating, so rollback begins when it reports.
     return b.decision()
 
 
@@ -223,6 +232,10 @@ def _unpark(b: Builder, event: UnparkRequested) -> Decision:
     for pending in saga.attempts:
         if b.definition.wait_of(pending.step_index) is not None:
             continue  # nothing to send: the sweep fires a wait at its due time
+        if not pending.overdue(b.now):
+            # Its copy may still start (or run), or a held retry is not due yet: the sweep
+            # re-sends it if it stalls, as for any saga (at most one copy may start).
+            continue
         resend(
             b,
             pending,

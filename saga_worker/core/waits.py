@@ -67,12 +67,15 @@ def receive_signal(
     name = event.signal
     if name in saga.seen_signals:
         return Decision(saga, ignored=f"signal {name!r} was already received")
-    if len(saga.seen_signals) >= MAX_SEEN_SIGNALS:
+    leaf = definition.signal_wait(name)
+    # Names the definition awaits are bounded by it and always taken; only unexpected
+    # names are capped, so that they cannot crowd out the signal a wait needs.
+    unexpected = sum(1 for seen in saga.seen_signals if definition.signal_wait(seen) is None)
+    if leaf is None and unexpected >= MAX_SEEN_SIGNALS:
         return Decision(saga, ignored=f"saga has recorded {MAX_SEEN_SIGNALS} signals already")
     b = Builder(definition, saga, now, limits)
     b.update(seen_signals=(*saga.seen_signals, name))
     signal = Signal(name, dict(event.payload), event.user_id, now, event.ip_address)
-    leaf = definition.signal_wait(name)
     reason = _ignore_reason(definition, saga, name, leaf)
     if reason is not None or leaf is None:
         _audit_signal(b, leaf, event, ignored=reason or "no wait takes it")
@@ -88,14 +91,14 @@ def receive_signal(
 def _ignore_reason(
     definition: SagaDefinition, saga: Saga, name: str, leaf: int | None
 ) -> str | None:
-    if any(
-        (wait := definition.wait_of(i)) is not None
-        and wait.kind == "approval"
-        and step.name == name
-        for i, step in enumerate(definition.steps)
-    ):
-        return "approvals take votes of identified operators (saga-worker approve), not signals"
     if leaf is None:
+        if any(
+            (wait := definition.wait_of(i)) is not None
+            and wait.kind == "approval"
+            and step.name == name
+            for i, step in enumerate(definition.steps)
+        ):
+            return "approvals take votes of identified operators (saga-worker approve), not signals"
         return f"{definition.saga_type} has no wait for signal {name!r}"
     if saga.state.is_terminal:
         return f"saga is already {saga.state.value}"
@@ -143,9 +146,10 @@ def cast_vote(b: Builder, event: VoteCast) -> Decision:
     name = b.definition.steps[leaf].name
     votes = [v for v in saga.votes if v.wait == name]
     refusal = None
-    if wait.exclude_starter and event.user_id == saga.user_id:
+    voter = _person(event.user_id)
+    if wait.exclude_starter and saga.user_id is not None and voter == _person(saga.user_id):
         refusal = f"{event.user_id} started the saga and may not approve it"
-    elif any(v.user_id == event.user_id for v in votes):
+    elif any(_person(v.user_id) == voter for v in votes):
         refusal = f"{event.user_id} has voted on {name} already"
     data: dict[str, Any] = {
         "approval": name,
@@ -190,6 +194,11 @@ def cast_vote(b: Builder, event: VoteCast) -> Decision:
         b.audit("step_complete", leaf, event_data={"attempt": 1, "approvers": approvers})
         complete_leaf(b, leaf)
     return b.decision()
+
+
+def _person(user_id: str) -> str:
+    """Who a user id names, for counting votes: case and surrounding blanks do not count."""
+    return user_id.strip().casefold()
 
 
 def _approval_in_progress(definition: SagaDefinition, saga: Saga, name: str | None) -> int | None:
