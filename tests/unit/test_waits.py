@@ -205,6 +205,23 @@ def test_unknown_signals_are_recorded_up_to_a_bound() -> None:
     assert len(run.saga.seen_signals) == MAX_SEEN_SIGNALS
 
 
+def test_unexpected_signals_filling_the_bound_do_not_shut_out_an_awaited_one() -> None:
+    # MAX_SEEN_SIGNALS bounds what whoever can send saga.signal makes the saga record; every
+    # signal the definition awaits must still fit, or junk would make the wait time out.
+    for early in (False, True):
+        run = Run(PAYMENT) if early else waiting(PAYMENT)
+        for n in range(MAX_SEEN_SIGNALS):
+            run.apply(SignalReceived(f"junk{n}", {}))
+        d = run.apply(SignalReceived("payment", {"paid": 1}, user_id="bank"))
+        assert d.ignored is None
+        if early:
+            assert run.saga.inbox[0].name == "payment"
+            run.ok()
+        assert run.saga.context == {"paid": 1}
+        assert ("step_complete", "await_payment") in steps_of(run.audit())
+        assert len(run.saga.seen_signals) == MAX_SEEN_SIGNALS + 1
+
+
 def test_a_signal_after_the_saga_ended_is_recorded_once_and_changes_nothing_else() -> None:
     run = waiting(PAYMENT)
     run.apply(SignalReceived("payment", {}))
