@@ -19,9 +19,9 @@ from .failing import failed
 from .model import Attempt, Direction, Saga, SagaState, Signal, Vote
 from .progress import complete_leaf, deliver
 
-#: Signal names a saga records at most: every signal a definition awaits, delivered or kept,
-#: fits; past it, an unexpected one is dropped without a write (the table must not grow
-#: by whoever can send `saga.signal`).
+#: Unexpected signal names (no wait takes them) a saga records at most; past it, one is
+#: dropped without a write (the table must not grow by whoever can send `saga.signal`).
+#: Every signal the definition awaits is recorded on top of these, once.
 MAX_SEEN_SIGNALS = 32
 
 
@@ -61,12 +61,14 @@ def receive_signal(
     name = event.signal
     if name in saga.seen_signals:
         return Decision(saga, ignored=f"signal {name!r} was already received")
-    if len(saga.seen_signals) >= MAX_SEEN_SIGNALS:
+    leaf = definition.signal_wait(name)
+    # Only names no wait takes count against the bound: junk must not shut out the awaited
+    # signals (one each, so the definition bounds those).
+    if leaf is None and len(saga.seen_signals) >= MAX_SEEN_SIGNALS:
         return Decision(saga, ignored=f"saga has recorded {MAX_SEEN_SIGNALS} signals already")
     b = Builder(definition, saga, now, limits)
     b.update(seen_signals=(*saga.seen_signals, name))
     signal = Signal(name, dict(event.payload), event.user_id, now)
-    leaf = definition.signal_wait(name)
     reason = _ignore_reason(definition, saga, name, leaf)
     if reason is not None or leaf is None:
         _audit_signal(b, leaf, event, ignored=reason or "no wait takes it")
