@@ -22,6 +22,7 @@ from saga_worker.core.events import (
     VoteCast,
 )
 from saga_worker.core.model import Direction, SagaState
+from saga_worker.core.parking import record_abort
 from saga_worker.core.stages import Approval, Parallel, Sleep, WaitFor
 from saga_worker.core.waits import MAX_SEEN_SIGNALS
 from tests.unit.test_groups import attempt_of, compensate_all, ignored_without_effect, ok_at
@@ -351,6 +352,37 @@ def test_abort_during_a_sleep_rolls_back_at_once() -> None:
     ignored_without_effect(run, AttemptDue(1, FWD, 1))
     compensate_all(run)
     assert run.saga.state is SagaState.ABORTED
+
+
+@pytest.mark.parametrize(
+    ("definition", "ended_by"),
+    [
+        (NAP, ("step_complete", "cool_off")),
+        (PAYMENT, ("step_failed", "await_payment")),
+        (SIGN_OFF, ("step_failed", "sign_off")),
+    ],
+    ids=["sleep", "signal", "approval"],
+)
+def test_a_due_wait_after_an_abort_recorded_without_the_definition_rolls_back(
+    definition: SagaDefinition, ended_by: tuple[str, str]
+) -> None:
+    # A worker without the saga's version records the abort (core/parking.record_abort)
+    # and cannot cancel the wait; a worker with it fires the wait at its due time. As for a
+    # step in flight at an abort, the rollback begins when the wait ends: a sleep completes,
+    # a signal or approval wait times out; the saga never goes on to the next step.
+    run = waiting(definition)
+    recorded = record_abort(run.saga, AbortRequested("stop", user_id="ops"), run.now)
+    assert recorded.ignored is None
+    run.saga = recorded.saga
+    d = due(run)
+    assert steps_of(d.audit) == [ended_by, ("compensation_start", "reserve")]
+    assert (d.audit[0].state_before, d.audit[0].state_after) == (R, C)
+    assert d.audit[1].state_before == C
+    assert [c.step_index for c in d.commands] == [0]
+    assert run.saga.waiting_for is None
+    compensate_all(run)
+    assert run.saga.state is SagaState.ABORTED
+    assert ("step_start", "ship") not in steps_of(run.audit())
 
 
 # ------------------------------------------------------------------- Approval ---
