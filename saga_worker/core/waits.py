@@ -18,6 +18,7 @@ from .events import SignalReceived, StepFailed, VoteCast
 from .failing import failed
 from .model import Attempt, Direction, Saga, SagaState, Signal, Vote
 from .progress import complete_leaf, deliver
+from .rollback import begin_rollback
 
 #: Unexpected signal names (no wait takes them) a saga records at most; past it, one is
 #: dropped without a write (the table must not grow by whoever can send `saga.signal`).
@@ -34,10 +35,25 @@ def wait_due(b: Builder, attempt: Attempt) -> Decision:
     step = b.definition.steps[leaf]
     timeout = b.timeout(leaf, Direction.FORWARD)
     if wait.kind == "sleep":
+        before = b.saga.state
         b.settle(leaf)
         b.update(completed_steps=(*b.saga.completed_steps, step.name))
-        b.audit("step_complete", leaf, event_data={"attempt": 1, "slept_seconds": timeout})
-        complete_leaf(b, leaf)
+        # An abort recorded without the definition (core/parking.record_abort) could not
+        # cancel the sleep: as for a step in flight at an abort, it ends and the rollback
+        # begins; the saga does not go on.
+        aborted = b.saga.abort_requested
+        if aborted:
+            b.update(state=SagaState.COMPENSATING)
+        b.audit(
+            "step_complete",
+            leaf,
+            state_before=before,
+            event_data={"attempt": 1, "slept_seconds": timeout},
+        )
+        if aborted:
+            begin_rollback(b, leaf, completed=True)
+        else:
+            complete_leaf(b, leaf)
         return b.decision()
     what = f"signal {wait.signal!r}" if wait.kind == "signal" else "approval"
     return failed(
