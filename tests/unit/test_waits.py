@@ -15,14 +15,16 @@ from saga_worker.core.events import (
     AttemptDue,
     AttemptExpired,
     AttemptStalled,
+    ParkRequested,
     RetryRequested,
     SignalReceived,
     StepFailed,
     StepSucceeded,
+    UnparkRequested,
     VoteCast,
 )
 from saga_worker.core.model import Direction, SagaState
-from saga_worker.core.parking import record_abort
+from saga_worker.core.parking import park, record_abort
 from saga_worker.core.stages import Approval, Parallel, Sleep, WaitFor
 from saga_worker.core.waits import MAX_SEEN_SIGNALS
 from tests.unit.test_groups import attempt_of, compensate_all, ignored_without_effect, ok_at
@@ -383,6 +385,27 @@ def test_a_due_wait_after_an_abort_recorded_without_the_definition_rolls_back(
     compensate_all(run)
     assert run.saga.state is SagaState.ABORTED
     assert ("step_start", "ship") not in steps_of(run.audit())
+
+
+def test_unparking_a_saga_parked_in_a_wait_is_audited_and_sends_nothing() -> None:
+    # The sweep parks a saga whose wait came due while no live worker had its version;
+    # a worker with it resumes the saga: nothing to send, the due scan fires the wait.
+    run = waiting(NAP)
+    nap = attempt_of(run, 1)
+    run.now = nap.deadline + timedelta(seconds=60)
+    parked = park(run.saga, ParkRequested(1, FWD, 1, 0, "no live worker has it"), run.now)
+    assert parked.ignored is None
+    run.saga = parked.saga
+    d = run.apply(UnparkRequested(user_id="system:recovery"))
+    assert d.ignored is None and d.commands == ()
+    assert steps_of(d.audit) == [("saga_recovered", "cool_off")]
+    data = d.audit[0].event_data
+    assert (data["reason"], data["held"], data["attempt"]) == ("unparked", True, 1)
+    assert d.audit[0].user_id == "system:recovery"
+    assert run.saga.parked_at is None and run.saga.attempts == (nap,)
+    ignored_without_effect(run, UnparkRequested(user_id="system:recovery"))
+    d = run.apply(AttemptDue(1, FWD, 1))
+    assert steps_of(d.audit) == [("step_complete", "cool_off"), ("step_start", "ship")]
 
 
 # ------------------------------------------------------------------- Approval ---
