@@ -229,18 +229,30 @@ def _unpark(b: Builder, event: UnparkRequested) -> Decision:
     saga = b.saga
     if saga.parked_at is None or not saga.attempts:
         return Decision(saga, ignored="saga is not parked")
+    note = {"reason": "unparked", "parked_at": saga.parked_at.isoformat()}
     for pending in saga.attempts:
         if b.definition.wait_of(pending.step_index) is not None:
-            continue  # nothing to send: the sweep fires a wait at its due time
+            # Nothing to send: the sweep fires a wait at its due time (it scans the saga
+            # again once unparked). The resumption is audited all the same: every accepted
+            # transition writes a row.
+            who: dict[str, Any] = {"user_id": event.user_id} if event.user_id is not None else {}
+            b.audit(
+                "saga_recovered",
+                pending.step_index,
+                event_data={
+                    **note,
+                    "attempt": pending.number,
+                    "direction": pending.direction.value,
+                    "recoveries": pending.recoveries,
+                    "held": True,
+                    "deadline": pending.deadline.isoformat(),
+                },
+                **who,
+            )
+            continue
         if not pending.overdue(b.now):
             # Its copy may still start (or run), or a held retry is not due yet: the sweep
             # re-sends it if it stalls, as for any saga (at most one copy may start).
             continue
-        resend(
-            b,
-            pending,
-            {"reason": "unparked", "parked_at": saga.parked_at.isoformat()},
-            user_id=event.user_id,
-            counted=False,
-        )
+        resend(b, pending, note, user_id=event.user_id, counted=False)
     return b.decision()

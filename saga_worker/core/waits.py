@@ -19,9 +19,9 @@ from .failing import failed
 from .model import Attempt, Direction, Saga, SagaState, Signal, Vote
 from .progress import complete_leaf, deliver
 
-#: Signal names a saga records at most: every signal a definition awaits, delivered or kept,
-#: fits; past it, an unexpected one is dropped without a write (the table must not grow
-#: by whoever can send `saga.signal`).
+#: Unexpected signal names (no wait takes them) a saga records at most; past it, one is
+#: dropped without a write (the table must not grow by whoever can send `saga.signal`).
+#: Every signal the definition awaits is recorded on top of these, once.
 MAX_SEEN_SIGNALS = 32
 
 
