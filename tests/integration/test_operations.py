@@ -142,6 +142,7 @@ def test_grant_is_exact_idempotent_and_refuses_unknown_or_owning_roles(
         "saga_audit_logs_id_seq",
         "saga_audit_anchors_id_seq",
         "example_backtests_id_seq",
+        "example_orders_id_seq",
     ]
     assert report["excess"] == []
     assert table_grants(url, role) == EXPECTED | EXAMPLES
