@@ -164,27 +164,18 @@ def test_a_signal_that_arrives_early_is_kept_and_delivered_when_the_wait_begins(
     rig.start_worker()
     saga_id = start(rig, "flow_wait", {"slow_step": {"step": "hold", "seconds": 2}}, user_id="u1")
     wait_for(lambda: rows(rig, saga_id, "step_start", "hold"), 30, "hold to start")
-    rig.producer.send_task(
-        "saga.signal",
-        kwargs={
-            "saga_id": saga_id,
-            "signal": "go",
-            "payload": {"go_ref": "X-7"},
-            "user_id": "desk-9",
-        },
-        queue=rig.queue,
-    )
     # Twice: the second is a duplicate, recorded nowhere.
-    rig.producer.send_task(
-        "saga.signal",
-        kwargs={
-            "saga_id": saga_id,
-            "signal": "go",
-            "payload": {"go_ref": "X-8"},
-            "user_id": "desk-9",
-        },
-        queue=rig.queue,
-    )
+    for ref in ("X-7", "X-8"):
+        rig.producer.send_task(
+            "saga.signal",
+            kwargs={
+                "saga_id": saga_id,
+                "signal": "go",
+                "payload": {"go_ref": ref},
+                "user_id": "desk-9",
+            },
+            queue=rig.queue,
+        )
     saga = rig.wait_all([saga_id], timeout=30)[saga_id]
     assert saga.state.value == "COMPLETED", saga
     assert saga.context["go_ref"] == "X-7"
