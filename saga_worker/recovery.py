@@ -76,7 +76,7 @@ def sweep(
     PostgreSQL (store/workers.py); `live_since` shortens or widens that to `now - live_since`.
     Parked sagas of a local version are resumed first.
     """
-    mine = set(registry_versions() if local is None else local)
+    mine = set(registry.version_keys() if local is None else local)
     counts: Counter[RecoveryOutcome | None] = Counter()
     examined = 0
     began = time.monotonic()
@@ -119,10 +119,6 @@ def sweep(
     if examined or resumed:
         log.info("recovery sweep: %s", result)
     return result
-
-
-def registry_versions() -> set[VersionKey]:
-    return {(d.saga_type, d.version) for d in registry.all_definitions()}
 
 
 def _foreign(engine: SagaEngine, row: StalledRow, live: set[VersionKey]) -> RecoveryOutcome | None:

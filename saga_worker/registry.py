@@ -75,6 +75,11 @@ def versions_of(saga_type: str) -> list[SagaDefinition]:
     return list(_definitions.get(saga_type, {}).values())
 
 
+def version_keys() -> set[tuple[str, str]]:
+    """Every registered (saga_type, version): what this process can run."""
+    return {(d.saga_type, d.version) for d in all_definitions()}
+
+
 def all_definitions() -> list[SagaDefinition]:
     """Every registered definition, every version of every type."""
     return [d for versions in _definitions.values() for d in versions.values()]

@@ -29,7 +29,7 @@ from ..core.failure import (
 )
 from ..core.model import Saga
 from ..engine import SagaEngine, StartResult
-from ..recovery import SweepResult, registry_versions, sweep
+from ..recovery import SweepResult, sweep
 from ..requests import parse_abort, parse_signal, parse_start, parse_vote
 from .memory import FakeClock, InMemoryStore, RecordingDispatcher, SentAttempt
 
@@ -246,7 +246,7 @@ class SagaTestHarness:
 
     def recover(self) -> SweepResult:
         """Run the beat's recovery sweep now: re-send stalled attempts, send due held retries."""
-        here = registry_versions() | {(self.definition.saga_type, self.definition.version)}
+        here = registry.version_keys() | {(self.definition.saga_type, self.definition.version)}
         return sweep(self.store, self.engine, self.clock(), local=here)
 
     # -- inspection ------------------------------------------------------------------------

@@ -32,11 +32,6 @@ log = logging.getLogger(__name__)
 INSTANCE_BYTES = 4
 
 
-def local_versions() -> set[VersionKey]:
-    """Every (saga_type, version) registered in this process."""
-    return {(d.saga_type, d.version) for d in registry.all_definitions()}
-
-
 def version_queues(base: str, versions: Collection[VersionKey]) -> list[str]:
     return [version_queue(base, saga_type, version) for saga_type, version in sorted(versions)]
 
@@ -116,7 +111,7 @@ def install_versions(app: Celery, settings: Settings) -> None:
         if getattr(instance, "app", None) is not app:
             return
         queues = instance.app.amqp.queues
-        for name in version_queues(settings.queue, local_versions()):
+        for name in version_queues(settings.queue, registry.version_keys()):
             # Looked up first: a missing queue is made as a sender makes it (its type from
             # task_create_missing_queue_type), so both declare it alike on RabbitMQ.
             queues.select_add(queues[name])
@@ -124,7 +119,7 @@ def install_versions(app: Celery, settings: Settings) -> None:
     def start(sender: Any = None, **_: Any) -> None:
         if getattr(sender, "app", None) is not app:
             return
-        beat = Heartbeat(settings, str(sender.hostname), local_versions())
+        beat = Heartbeat(settings, str(sender.hostname), registry.version_keys())
         beat.start()
         beats.append(beat)
 

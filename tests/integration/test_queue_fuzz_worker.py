@@ -12,9 +12,7 @@ from __future__ import annotations
 import base64
 import itertools
 import json
-import os
 import re
-import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -22,20 +20,21 @@ from typing import Any
 
 import pytest
 import redis
-from celery import Celery
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from kombu.connection import Connection
 from kombu.entity import Queue
 
-from saga_worker.audit.redaction import Redactor
-from saga_worker.store.connect import create_db_engine
-from saga_worker.store.repository import SagaStore
 from tests.unit.test_queue_fuzz import BODIES, FRAGMENTS, HEADER_NAMES, ITEMS, Envelope
 from tests.waiting import wait_for
 
-from .conftest import Stack, WorkerProcess, fresh_postgres_database, start_worker
-from .test_redis_variants import Variant, tls_redis  # noqa: F401 (a fixture)
+from .conftest import Stack, WorkerProcess, fresh_postgres_database
+from .test_redis_variants import (  # noqa: F401 (tls_redis: a fixture)
+    Variant,
+    VariantRig,
+    tls_redis,
+    wait_completed,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -161,55 +160,21 @@ def test_a_real_worker_on_rediss_survives_hypothesis_items(
     tmp_path: Path,
 ) -> None:
     variant = tls_redis
-    database_url = fresh_postgres_database(pg_admin_url)
-    queue = f"fz-{uuid.uuid4().hex[:8]}"
-    env = {
-        "SAGA_DATABASE_URL": database_url,
-        "SAGA_BROKER_URL": variant.broker_url,
-        "SAGA_QUEUE": queue,
-        "SAGA_IMPORTS": "saga_worker.examples",
-        "SAGA_HOME": str(tmp_path),
-        "SAGA_SIGNING_KEY": "k" * 40,
-        "SAGA_CELERY_CONFIG": variant.config_module,
-        **variant.env,
-    }
-    worker = start_worker("saga_worker.app", env, queue, tmp_path / "worker.log")
-    os.environ.update(variant.env)  # the producer reads the same config module
-    # ... as a module read when first imported: another test's fixture may have imported it
-    # with its own server's CA.
-    sys.modules.pop(variant.config_module, None)
-    producer = Celery("producer", broker=variant.broker_url, set_as_current=False)
-    producer.config_from_object(variant.config_module)
-    producer.conf.update(task_serializer="json", accept_content=["json"])
-    store = SagaStore(create_db_engine(database_url), Redactor([]))
+    rig = VariantRig.start(variant, fresh_postgres_database(pg_admin_url), tmp_path, "fz")
     try:
-        template = _template(broker_url, queue)
-        items = _redis_items(template)
+        items = _redis_items(_template(broker_url, rig.queue))
 
         def push() -> int:
             for item in items:
-                variant.raw.lpush(queue, item)
+                variant.raw.lpush(rig.queue, item)
             return len(items)
 
-        def start(n: int) -> str:
-            saga_id = f"fz-{n}-{uuid.uuid4().hex[:6]}"
-            kwargs = {"saga_type": "backtest_workflow", "context": {"strategy_id": n}}
-            producer.send_task("saga.start", kwargs={**kwargs, "saga_id": saga_id}, queue=queue)
-            return saga_id
-
         def wait(saga_id: str) -> None:
-            saga = wait_for(
-                lambda: s if (s := store.load(saga_id)) and s.state.is_terminal else None,
-                120,
-                f"{saga_id} to be terminal",
-            )
-            assert saga.state.value == "COMPLETED", saga
+            wait_completed(rig.store, saga_id, timeout=120)
 
-        assert _run(worker, push, start, wait) >= ITEM_COUNT * 0.9
+        assert _run(rig.worker, push, rig.start_saga, wait) >= ITEM_COUNT * 0.9
     finally:
-        worker.stop()
-        producer.close()
-        store.engine.dispose()
+        rig.close()
 
 
 # -- RabbitMQ: the same fuzz, as AMQP messages ---------------------------------------------

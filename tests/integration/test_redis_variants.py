@@ -25,7 +25,7 @@ from saga_worker.store.repository import SagaStore
 from tests.requirements import unavailable
 from tests.waiting import wait_for
 
-from .conftest import fresh_postgres_database, start_worker
+from .conftest import WorkerProcess, fresh_postgres_database, start_worker
 
 
 @dataclass
@@ -180,64 +180,77 @@ def sentinel_redis(tmp_path: Path, broker_url: str) -> Iterator[Variant]:
         process.wait(10)
 
 
+@dataclass
+class VariantRig:
+    """A saga worker and a producer on one Redis variant, with a fresh database."""
+
+    queue: str
+    worker: WorkerProcess
+    producer: Celery
+    store: SagaStore
+
+    @classmethod
+    def start(cls, variant: Variant, database_url: str, folder: Path, prefix: str) -> VariantRig:
+        queue = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        env = {
+            "SAGA_DATABASE_URL": database_url,
+            "SAGA_BROKER_URL": variant.broker_url,
+            "SAGA_QUEUE": queue,
+            "SAGA_IMPORTS": "saga_worker.examples",
+            "SAGA_HOME": str(folder),
+            "SAGA_SIGNING_KEY": "k" * 40,
+            "SAGA_CELERY_CONFIG": variant.config_module,
+            **variant.env,
+        }
+        worker = start_worker("saga_worker.app", env, queue, folder / "worker.log")
+        os.environ.update(variant.env)  # the producer reads the same config module
+        # ... as a module read when first imported: another test's fixture may have imported
+        # it with its own server's CA.
+        sys.modules.pop(variant.config_module, None)
+        producer = Celery("producer", broker=variant.broker_url, set_as_current=False)
+        producer.config_from_object(variant.config_module)
+        producer.conf.update(task_serializer="json", accept_content=["json"])
+        store = SagaStore(create_db_engine(database_url), Redactor([]))
+        return cls(queue, worker, producer, store)
+
+    def start_saga(self, n: int) -> str:
+        """Start a backtest saga as a producer does; returns its id."""
+        saga_id = f"{self.queue}-{n}-{uuid.uuid4().hex[:6]}"
+        kwargs = {"saga_type": "backtest_workflow", "context": {"strategy_id": n}}
+        self.producer.send_task(
+            "saga.start", kwargs={**kwargs, "saga_id": saga_id}, queue=self.queue
+        )
+        return saga_id
+
+    def close(self) -> None:
+        self.worker.stop()
+        self.producer.close()
+        self.store.engine.dispose()
+
+
 @pytest.mark.parametrize("flavour", ["tls_redis", "sentinel_redis"])
 def test_the_worker_drops_queue_items_that_are_not_messages_and_keeps_serving(
     flavour: str, request: pytest.FixtureRequest, pg_admin_url: str, tmp_path: Path
 ) -> None:
     variant: Variant = request.getfixturevalue(flavour)
-    database_url = fresh_postgres_database(pg_admin_url)
-    queue = f"rv-{uuid.uuid4().hex[:8]}"
-    env = {
-        "SAGA_DATABASE_URL": database_url,
-        "SAGA_BROKER_URL": variant.broker_url,
-        "SAGA_QUEUE": queue,
-        "SAGA_IMPORTS": "saga_worker.examples",
-        "SAGA_HOME": str(tmp_path),
-        "SAGA_SIGNING_KEY": "k" * 40,
-        "SAGA_CELERY_CONFIG": variant.config_module,
-        **variant.env,
-    }
-    worker = start_worker("saga_worker.app", env, queue, tmp_path / "worker.log")
-    os.environ.update(variant.env)  # the producer reads the same config module
-    # ... as a module read when first imported: another test's fixture may have imported it
-    # with its own server's CA.
-    sys.modules.pop(variant.config_module, None)
-    producer = Celery("producer", broker=variant.broker_url, set_as_current=False)
-    producer.config_from_object(variant.config_module)
-    producer.conf.update(task_serializer="json", accept_content=["json"])
-    store = SagaStore(create_db_engine(database_url), Redactor([]))
+    rig = VariantRig.start(variant, fresh_postgres_database(pg_admin_url), tmp_path, "rv")
     try:
-
-        def start(n: int) -> str:
-            saga_id = f"rv-{n}-{uuid.uuid4().hex[:6]}"
-            producer.send_task(
-                "saga.start",
-                kwargs={
-                    "saga_type": "backtest_workflow",
-                    "context": {"strategy_id": n},
-                    "saga_id": saga_id,
-                },
-                queue=queue,
-            )
-            return saga_id
-
-        first = start(1)
-        _wait_completed(store, first)
+        first = rig.start_saga(1)
+        wait_completed(rig.store, first)
         # Anyone who can write to the broker: garbage on the saga queue's list.
-        variant.raw.lpush(queue, b"\x00\xffgarbage", b"{}", b"[" * 200_000)
-        second = start(2)
-        _wait_completed(store, second)
+        variant.raw.lpush(rig.queue, b"\x00\xffgarbage", b"{}", b"[" * 200_000)
+        second = rig.start_saga(2)
+        wait_completed(rig.store, second)
+        worker = rig.worker
         assert worker.process.poll() is None, worker.log_tail()
         log = worker.log_path.read_text(errors="replace")
         assert "dropped a queue item" in log, worker.log_tail()
         assert "Unrecoverable error" not in log
     finally:
-        worker.stop()
-        producer.close()
-        store.engine.dispose()
+        rig.close()
 
 
-def _wait_completed(store: SagaStore, saga_id: str, timeout: float = 60) -> None:
+def wait_completed(store: SagaStore, saga_id: str, timeout: float = 60) -> None:
     saga = wait_for(
         lambda: saga if (saga := store.load(saga_id)) and saga.state.is_terminal else None,
         timeout,
