@@ -122,9 +122,9 @@ def client_from(ctx: click.Context, json_mode: bool = False) -> Any:
 
 
 def _register() -> None:
-    from . import audit, db, migrate, processes, sagas, start, versions, waits
+    from . import audit, db, migrate, processes, sagas, start, versions, waits, web
 
-    for module in (sagas, waits, migrate, versions, start, audit, db, processes):
+    for module in (sagas, waits, migrate, versions, start, audit, db, processes, web):
         module.register(main)
 
 
