@@ -141,6 +141,15 @@ if [[ ! -e /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1 ]]; then
     phase_done
 fi
 
+# The console's browser tests drive Debian's chromium through Playwright (executable_path):
+# no browser download of Playwright's own.
+if ! command -v chromium >/dev/null 2>&1; then
+    phase "installing chromium with apt-get"
+    apt_install chromium
+    command -v chromium >/dev/null 2>&1 || die "chromium still not on PATH"
+    phase_done
+fi
+
 # ----------------------------------------------------------------- checks ---
 
 # The package, its tests and the benchmark: linted and type-checked alike (mypy --strict,

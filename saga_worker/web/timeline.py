@@ -93,7 +93,7 @@ def build(rows: Sequence[Mapping[str, Any]], now: datetime) -> Timeline:
                 step,
                 direction,
                 attempt,
-                row["timestamp"],
+                _not_before(data) or row["timestamp"],
                 task_id=data.get("task_id") if isinstance(data.get("task_id"), str) else None,
                 wait=data.get("wait") if isinstance(data.get("wait"), str) else None,
             )
@@ -117,6 +117,15 @@ def build(rows: Sequence[Mapping[str, Any]], now: datetime) -> Timeline:
         timeline.end = max(timeline.end, now)
     timeline.chain_problems = [f"row {p.row_id}: {p.problem}" for p in verify_chain(rows)]
     return timeline
+
+
+def _not_before(data: Mapping[str, Any]) -> datetime | None:
+    """A retry's start row is written when it is scheduled; it may run only from then on."""
+    value = data.get("not_before")
+    try:
+        return datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
 
 
 def _close(bar: Bar, row: Mapping[str, Any], outcome: str) -> None:
