@@ -153,7 +153,7 @@ def test_an_operator_finds_an_order_by_business_key_and_reads_its_compensated_ti
     assert console.compensated in rows.first.inner_text()
     rows.first.locator("a").click()
     page.wait_for_url(f"**/sagas/{console.compensated}")
-    assert page.locator(".summary [data-state]").get_attribute("data-state") == "COMPENSATED"
+    assert page.locator(".summary[data-state]").get_attribute("data-state") == "COMPENSATED"
     assert "verified" in page.locator(".badge").inner_text()
     bars = page.locator("svg.timeline rect.bar")
     steps = {bars.nth(i).get_attribute("data-step") for i in range(bars.count())}
@@ -196,7 +196,7 @@ def test_an_operator_retries_a_failed_saga_and_is_named_in_the_audit(
 
 def test_a_viewer_reads_but_every_action_is_refused(browser: Browser, console: Console) -> None:
     page = logged_in(browser, console, VIEWER, f"/sagas/{console.failed}")
-    assert page.locator(".summary [data-state]").count() == 1
+    assert page.locator(".summary[data-state]").count() == 1
     assert page.locator("button[value=retry]").count() == 0  # no buttons for a viewer
     # A hand-made request with the page's own CSRF token is refused all the same.
     status = page.evaluate(
