@@ -322,6 +322,7 @@ def test_compose_services_ports_and_health_checks() -> None:
         "worker",
         "beat",
         "flower",
+        "console",
         "prometheus",
         "alertmanager",
         "grafana",
@@ -375,7 +376,7 @@ def test_compose_wiring_matches_prometheus_and_flower_auth() -> None:
         "${FLOWER_BASIC_AUTH:?"
     )
     assert "./deploy/prometheus:/etc/prometheus:ro" in services["prometheus"]["volumes"]
-    for name in ("migrate", "worker", "beat", "flower"):
+    for name in ("migrate", "worker", "beat", "flower", "console"):
         env = services[name]["environment"]
         assert env["SAGA_DATABASE_URL"].endswith("@postgres:5432/saga")
         assert env["SAGA_BROKER_URL"] == "redis://redis:6379/0"
@@ -400,7 +401,7 @@ def test_compose_migrates_as_owner_and_runs_everything_else_as_the_runtime_role(
     assert "--password-env SAGA_APP_DB_PASSWORD" in script and "--examples" in script
     assert migrate["environment"]["SAGA_APP_DB_PASSWORD"].startswith("${SAGA_APP_DB_PASSWORD")
     long_running = [n for n, s in services.items() if s.get("image") == "saga-worker:latest"]
-    assert set(long_running) == {"migrate", "worker", "beat", "flower"}
+    assert set(long_running) == {"migrate", "worker", "beat", "flower", "console"}
     for name in long_running:
         if name == "migrate":
             continue
@@ -477,7 +478,7 @@ def test_dockerfile_installs_the_package_with_its_migrations() -> None:
         "COPY saga_worker ./saga_worker",
         "COPY saga_remote.py ./",  # pyproject's py-modules
         "COPY migrations ./migrations",
-        "RUN pip install '.[flower]'",  # Flower runs from the same image
+        "RUN pip install '.[flower,web]'",  # Flower and the console run from the same image
     ):
         assert line in dockerfile
     assert "USER saga" in dockerfile
@@ -496,7 +497,7 @@ def test_compose_gives_every_saga_process_the_signing_key_from_a_file_secret() -
     secret = loaded["secrets"][SIGNING_SECRET]
     assert secret == {"file": f"./secrets/{SIGNING_SECRET}"}
     saga_services = [n for n, s in services.items() if s.get("image") == "saga-worker:latest"]
-    assert set(saga_services) == {"migrate", "worker", "beat", "flower"}
+    assert set(saga_services) == {"migrate", "worker", "beat", "flower", "console"}
     for name in saga_services:
         env = services[name]["environment"]
         assert env["SAGA_SIGNING_KEY_FILE"] == f"/run/secrets/{SIGNING_SECRET}", name
