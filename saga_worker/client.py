@@ -9,6 +9,7 @@ traceback.
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -87,6 +88,8 @@ class SagaClient:
         self._dispatcher = dispatcher
         self._engine: SagaEngine | None = None
         self._imported = False
+        # The console calls one client from a thread pool: build app, dispatcher and engine once.
+        self._lazy = threading.RLock()
 
     @property
     def safe_url(self) -> str:
@@ -95,6 +98,10 @@ class SagaClient:
 
     @property
     def app(self) -> Any:
+        with self._lazy:
+            return self._make_app()
+
+    def _make_app(self) -> Any:
         if self._app is None:
             from .worker.app import create_app
 
@@ -107,6 +114,10 @@ class SagaClient:
 
     @property
     def dispatcher(self) -> Dispatcher:
+        with self._lazy:
+            return self._make_dispatcher()
+
+    def _make_dispatcher(self) -> Dispatcher:
         if self._dispatcher is None:
             from .worker.dispatch import CeleryDispatcher
 
@@ -118,11 +129,12 @@ class SagaClient:
     @property
     def engine(self) -> SagaEngine:
         """The same engine the workers run, for operator events (abort, retry)."""
-        if self._engine is None:
-            self._engine = SagaEngine(
-                self.store, self.dispatcher, self.limits, clock=self.clock, hooks=self.hooks
-            )
-        return self._engine
+        with self._lazy:
+            if self._engine is None:
+                self._engine = SagaEngine(
+                    self.store, self.dispatcher, self.limits, clock=self.clock, hooks=self.hooks
+                )
+            return self._engine
 
     def close(self) -> None:
         self.store.engine.dispose()
@@ -475,9 +487,10 @@ class SagaClient:
         )
 
     def _import_definitions(self) -> None:
-        if not self._imported:
-            self._imported = True
-            registry.import_modules(self.settings.imports)
+        with self._lazy:
+            if not self._imported:
+                registry.import_modules(self.settings.imports)
+                self._imported = True
 
     # -- audit ---------------------------------------------------------------------------
 

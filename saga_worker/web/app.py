@@ -16,6 +16,8 @@ from urllib.parse import quote
 from sqlalchemy import text
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import MutableHeaders
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.requests import Request
@@ -23,21 +25,34 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..audit.chain import iso_utc
 from ..client import SagaClient
-from ..errors import InvalidFilter, InvalidRequest, OperationRefused, SagaError, SagaNotFound
+from ..errors import (
+    BrokerUnavailable,
+    ConcurrencyConflict,
+    DatabaseUnavailable,
+    InvalidFilter,
+    InvalidRequest,
+    OperationRefused,
+    SagaError,
+    SagaNotFound,
+)
 from ..keys import subkey
 from ..store.keyring import signing_key_for
 from . import overview, timeline
 from .auth import (
     CSRF_FIELD,
     CSRF_HEADER,
-    SESSION_USER,
-    basic_user,
+    SESSION_ID,
+    Revoked,
+    Throttle,
+    basic_credentials,
     csrf_ok,
     csrf_token,
     session_user,
+    start_session,
 )
 from .settings import WebSettings
 from .users import User, UsersFile
@@ -46,6 +61,19 @@ HERE = Path(__file__).parent
 PURPOSE_WEB_SESSION = "web session"
 ACTIONS = ("retry", "abort", "approve", "reject")
 PAGE_SIZE = 25
+#: A login session's lifetime (the cookie's Max-Age) in seconds.
+SESSION_SECONDS = 8 * 3600
+#: Far beyond any real page: keeps OFFSET inside a 64-bit integer.
+MAX_PAGE = 1_000_000
+#: The largest body the console reads: forms and API requests are a few short fields.
+MAX_BODY = 64 * 1024
+#: Sent with every response: no framing, no caching of saga data, no MIME sniffing.
+SECURITY_HEADERS = {
+    "x-frame-options": "DENY",
+    "content-security-policy": "frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "same-origin",
+}
 
 
 class Console:
@@ -55,6 +83,8 @@ class Console:
         self.client = client
         self.web = web
         self.users = UsersFile(web.users_file)
+        self.revoked = Revoked(SESSION_SECONDS)
+        self.throttle = Throttle()
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))
         self.templates.env.filters["ts"] = _ts
         self.templates.env.filters["tojson_pretty"] = lambda v: json.dumps(
@@ -77,13 +107,15 @@ class Console:
         rows = self.client.audit_trail(saga_id)
         return {"status": status, "rows": rows, "timeline": timeline.build(rows, self.now())}
 
-    def act(self, user: User, saga_id: str, action: str, form: dict[str, Any]) -> str:
-        """Run an operator action as `user`; returns what happened, in words."""
+    def act(
+        self, user: User, saga_id: str, action: str, form: dict[str, Any]
+    ) -> tuple[str, tuple[str, ...]]:
+        """Run an operator action as `user`: what happened, in words, and the messages that
+        could not be sent (recovery re-sends them after their deadline)."""
         reason = str(form.get("reason") or f"{action} from the console")
         if action == "retry":
-            result = self.client.retry(
-                saga_id, user.name, force=bool(form.get("force")), reason=reason
-            )
+            force = _flag(form.get("force", False))
+            result = self.client.retry(saga_id, user.name, force=force, reason=reason)
         elif action == "abort":
             result = self.client.abort(saga_id, reason, user.name)
         else:
@@ -91,7 +123,7 @@ class Console:
             result = self.client.vote(
                 saga_id, user.name, approve=action == "approve", wait=wait, reason=reason
             )
-        return f"{action}: {result.state_before} -> {result.state_after}"
+        return f"{action}: {result.state_before} -> {result.state_after}", result.send_errors
 
 
 def create_app(client: SagaClient | None = None, web: WebSettings | None = None) -> Starlette:
@@ -101,9 +133,10 @@ def create_app(client: SagaClient | None = None, web: WebSettings | None = None)
     console = Console(client, web)
     key = signing_key_for(client.settings, client.store)
     routes = [
+        Route("/sagas/find", pages(console, find_page)),
         Route("/healthz", lambda request: healthz(console), methods=["GET"]),
         Route("/login", login_page(console), methods=["GET", "POST"]),
-        Route("/logout", logout, methods=["POST"]),
+        Route("/logout", logout(console), methods=["POST"]),
         Route("/", pages(console, overview_page)),
         Route("/sagas", pages(console, search_page)),
         Route("/sagas/{saga_id}", pages(console, saga_page)),
@@ -120,12 +153,37 @@ def create_app(client: SagaClient | None = None, web: WebSettings | None = None)
             SessionMiddleware,
             secret_key=subkey(key, PURPOSE_WEB_SESSION).hex(),
             session_cookie="saga_console",
-            max_age=8 * 3600,
+            max_age=SESSION_SECONDS,
             same_site="strict",
             https_only=web.secure_cookies,
         )
     ]
+    middleware.append(Middleware(SecurityHeaders))
     return Starlette(routes=routes, middleware=middleware)
+
+
+class SecurityHeaders:
+    """SECURITY_HEADERS on every response, and `Cache-Control: no-store` but for /static."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        static = str(scope.get("path", "")).startswith("/static/")
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in SECURITY_HEADERS.items():
+                    headers[name] = value
+                if not static:
+                    headers["cache-control"] = "no-store"
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 # -- plumbing ------------------------------------------------------------------------------
@@ -139,9 +197,11 @@ def pages(console: Console, handler: Handler) -> Callable[[Request], Awaitable[R
     """A page: logged-in users only (else to the login); a POST needs the form's CSRF."""
 
     async def endpoint(request: Request) -> Response:
-        user = session_user(request, console.users)
+        user = await run_in_threadpool(session_user, request, console.users, console.revoked)
         if user is None:
-            if request.method != "GET":
+            # The live fragment is fetched by the page's script: a redirect would paste the
+            # login page into the saga page; the script reloads the page on a 401.
+            if request.method != "GET" or request.url.path.endswith("/live"):
                 return Response("log in first", status_code=401)
             target = quote(
                 request.url.path + (f"?{request.url.query}" if request.url.query else "")
@@ -156,15 +216,30 @@ def api(console: Console, handler: Handler) -> Callable[[Request], Awaitable[Res
     """The API: HTTP Basic, or the login session plus the X-CSRF-Token header for writes."""
 
     async def endpoint(request: Request) -> Response:
-        found = basic_user(request, console.users)
-        if found is False:
+        credentials = basic_credentials(request)
+        if credentials is False:
             return _unauthorized()
-        user = found if isinstance(found, User) else session_user(request, console.users)
-        if user is None:
-            return _unauthorized()
-        csrf_needed = found is None and request.method != "GET"
-        if csrf_needed and not csrf_ok(request, request.headers.get(CSRF_HEADER)):
-            return JSONResponse({"error": "missing or wrong X-CSRF-Token"}, status_code=403)
+        user: User | None
+        if isinstance(credentials, tuple):
+            name, password = credentials
+            wait = console.throttle.retry_after(request, name)
+            if wait:
+                return _throttled(request, wait)
+            user = await run_in_threadpool(console.users.check, name, password)
+            if user is None:
+                console.throttle.failed(request, name)
+                return _unauthorized()
+        else:
+            user = await run_in_threadpool(session_user, request, console.users, console.revoked)
+            if user is None:
+                return _unauthorized()
+            csrf_needed = request.method not in ("GET", "HEAD")
+            if csrf_needed and not csrf_ok(request, request.headers.get(CSRF_HEADER)):
+                return JSONResponse({"error": "missing or wrong X-CSRF-Token"}, status_code=403)
+        if request.method == "POST" and not _is_json(request):
+            # A cross-site form (or a browser's cached Basic credentials) cannot send JSON
+            # without a CORS preflight, which this API never grants.
+            return JSONResponse({"error": "send application/json"}, status_code=415)
         return await _guarded(console, request, user, handler)
 
     return endpoint
@@ -174,7 +249,9 @@ async def _guarded(console: Console, request: Request, user: User, handler: Hand
     body: dict[str, Any] = {}
     if request.method == "POST":
         if request.url.path.startswith("/api/"):
-            raw = await request.body()
+            raw = await _read_body(request)
+            if raw is None:
+                return _error(request, f"the body is over {MAX_BODY} bytes", 413)
             try:
                 parsed = json.loads(raw) if raw.strip() else {}
             except ValueError:
@@ -183,17 +260,71 @@ async def _guarded(console: Console, request: Request, user: User, handler: Hand
                 return _error(request, "the body must be a JSON object", 400)
             body = parsed
         else:
-            body = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
+            form = await _small_form(request)
+            if form is None:
+                return _error(request, "the form is too large", 413)
+            body = form
     try:
         return await run_in_threadpool(handler, console, request, user, body)
     except SagaNotFound as exc:
         return _error(request, str(exc), 404)
     except (InvalidFilter, InvalidRequest) as exc:
         return _error(request, str(exc), 400)
-    except OperationRefused as exc:
+    except (OperationRefused, ConcurrencyConflict) as exc:
         return _error(request, str(exc), 409)
+    except (DatabaseUnavailable, BrokerUnavailable) as exc:
+        return _error(request, str(exc), 503)
     except SagaError as exc:
         return _error(request, str(exc), 400)
+
+
+def _is_json(request: Request) -> bool:
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    return media == "application/json"
+
+
+async def _read_body(request: Request) -> bytes | None:
+    """The body, or None when it is over MAX_BODY (read no further)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _small_form(request: Request) -> dict[str, str] | None:
+    """A form of a few short text fields (login, logout, actions), or None when too large."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY:
+        return None
+    try:
+        form = await request.form(max_files=0, max_fields=16, max_part_size=8 * 1024)
+    except HTTPException:
+        return None
+    return {k: v for k, v in form.items() if isinstance(v, str)}
+
+
+def _throttled(request: Request, wait: int) -> Response:
+    response = _error(request, f"too many failed logins; try again in {wait} s", 429)
+    response.headers["retry-after"] = str(wait)
+    return response
+
+
+def _flag(value: object) -> bool:
+    """A yes/no field: a JSON boolean, or a form's checkbox value."""
+    if isinstance(value, bool):
+        return value
+    if value in ("1", "on", "true"):
+        return True
+    if value in ("", "0", "off", "false"):
+        return False
+    raise InvalidRequest("force", "must be true or false")
 
 
 def _error(request: Request, message: str, status: int) -> Response:
@@ -260,9 +391,12 @@ def _time(value: str | None) -> datetime | None:
 
 def _int(value: str | None, default: int) -> int:
     try:
-        return int(value) if value else default
+        number = int(value) if value else default
     except ValueError:
         raise InvalidFilter(f"{value!r} is not a number") from None
+    if number > MAX_PAGE:
+        raise InvalidFilter(f"{number} is too large (at most {MAX_PAGE})")
+    return number
 
 
 # -- pages ---------------------------------------------------------------------------------
@@ -283,39 +417,56 @@ def login_page(console: Console) -> Callable[[Request], Awaitable[Response]]:
         if not target.startswith("/") or target.startswith("//"):
             target = "/"  # only our own pages: no open redirect
         error = None
+        status = 200
         if request.method == "POST":
-            form = await request.form()
+            form = await _small_form(request)
+            if form is None:
+                return Response("the form is too large", status_code=413)
+            name = form.get("name", "")
+            wait = console.throttle.retry_after(request, name)
             if not csrf_ok(request, form.get(CSRF_FIELD)):
-                error = "The form expired; try again."
+                error, status = "The form expired; try again.", 401
+            elif wait:
+                error, status = f"Too many failed logins; try again in {wait} s.", 429
             else:
-                user = console.users.check(
-                    str(form.get("name") or ""), str(form.get("password") or "")
-                )
+                password = form.get("password", "")
+                user = await run_in_threadpool(console.users.check, name, password)
                 if user is not None:
-                    request.session.clear()
-                    request.session[SESSION_USER] = user.name
-                    csrf_token(request)  # a new token for the new session
+                    start_session(request, user)  # a new session and CSRF token
                     return RedirectResponse(target, status_code=303)
-                error = "Wrong name or password."
+                console.throttle.failed(request, name)
+                error, status = "Wrong name or password.", 401
         return console.templates.TemplateResponse(
             request,
             "login.html",
             {"csrf": csrf_token(request), "error": error, "next": target},
-            status_code=401 if error else 200,
+            status_code=status,
         )
 
     return endpoint
 
 
-async def logout(request: Request) -> Response:
-    form = await request.form()
-    if csrf_ok(request, form.get(CSRF_FIELD)):
+def logout(console: Console) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        form = await _small_form(request)
+        if form is None or not csrf_ok(request, form.get(CSRF_FIELD)):
+            # Say so: a redirect to the login would look like a logout that happened.
+            return Response(
+                "not logged out: the page was stale; reload it and log out again",
+                status_code=403,
+                media_type="text/plain; charset=utf-8",
+            )
+        sid = request.session.get(SESSION_ID)
+        if isinstance(sid, str):
+            console.revoked.add(sid)  # a copy of the cookie is worth nothing from now on
         request.session.clear()
-    return RedirectResponse("/login", status_code=303)
+        return RedirectResponse("/login", status_code=303)
+
+    return endpoint
 
 
 def overview_page(console: Console, request: Request, user: User, body: dict[str, Any]) -> Response:
-    data = overview.read(console.client.store.engine, console.now())
+    data = overview.read(console.client.store.engine, console.now(), console.client.redactor.text)
     return console.page(request, "overview.html", user, data=data)
 
 
@@ -348,7 +499,11 @@ def saga_action(console: Console, request: Request, user: User, body: dict[str, 
     if not user.can_act:
         return _forbidden(request, user)
     try:
-        request.session["flash"] = console.act(user, saga_id, action, form)
+        done, not_sent = console.act(user, saga_id, action, form)
+        request.session["flash"] = done + "".join(
+            f"; warning: not sent ({error}), recovery re-sends it after its deadline"
+            for error in not_sent
+        )
     except OperationRefused as exc:
         request.session["flash"] = str(exc)
     return RedirectResponse(f"/sagas/{quote(saga_id)}", status_code=303)
@@ -358,12 +513,26 @@ def saga_action(console: Console, request: Request, user: User, body: dict[str, 
 
 
 def api_overview(console: Console, request: Request, user: User, body: dict[str, Any]) -> Response:
-    data = overview.read(console.client.store.engine, console.now())
+    data = overview.read(console.client.store.engine, console.now(), console.client.redactor.text)
     return JSONResponse(_jsonable(data.as_dict()))
 
 
 def api_search(console: Console, request: Request, user: User, body: dict[str, Any]) -> Response:
+    saga_id = request.query_params.get("saga_id")
+    if saga_id:  # one saga by its id, as a page of zero or one
+        try:
+            found = [_jsonable(console.client.status(saga_id).as_dict())]
+        except SagaNotFound:
+            found = []
+        return JSONResponse({"items": found, "page": 1, "pages": 1, "total": len(found)})
     return JSONResponse(_jsonable(console.client.list_sagas(**_search_args(request)).as_dict()))
+
+
+def find_page(console: Console, request: Request, user: User, body: dict[str, Any]) -> Response:
+    """The search form's saga id field: straight to that saga's page."""
+    saga_id = request.query_params.get("saga_id", "")
+    console.client.status(saga_id)  # 400 for a malformed id, 404 for an unknown one
+    return RedirectResponse(f"/sagas/{quote(saga_id)}", status_code=303)
 
 
 def api_saga(console: Console, request: Request, user: User, body: dict[str, Any]) -> Response:
@@ -379,5 +548,5 @@ def api_action(console: Console, request: Request, user: User, body: dict[str, A
         return _error(request, f"no action {action!r}; use one of {', '.join(ACTIONS)}", 404)
     if not user.can_act:
         return _forbidden(request, user)
-    done = console.act(user, request.path_params["saga_id"], action, body)
-    return JSONResponse({"ok": True, "result": done})
+    done, not_sent = console.act(user, request.path_params["saga_id"], action, body)
+    return JSONResponse({"ok": True, "result": done, "send_errors": list(not_sent)})

@@ -5,6 +5,7 @@ audit table's (event_type, timestamp)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -53,7 +54,8 @@ _SUMMARY = (
 )
 
 
-def read(engine: Engine, now: datetime) -> Overview:
+def read(engine: Engine, now: datetime, redact: Callable[[str | None], str | None]) -> Overview:
+    """`redact` masks each listed saga's error, as `SagaClient.status` and `list_sagas` do."""
     c = checkpoints.c
     result = Overview()
     with engine.connect() as conn:
@@ -73,7 +75,10 @@ def read(engine: Engine, now: datetime) -> Overview:
         }
         for name, query in lists.items():
             rows = conn.execute(query.limit(LIST_LIMIT)).mappings()
-            setattr(result, name, [dict(r) for r in rows])
+            listed = [dict(r) for r in rows]
+            for row in listed:
+                row["error"] = redact(row["error"])
+            setattr(result, name, listed)
         a = audit_logs.c
         since = now - timedelta(hours=1)
         for event_type in OUTCOMES:

@@ -14,7 +14,7 @@ import json
 import os
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -35,6 +35,9 @@ _MAXMEM = 64 * 1024 * 1024
 class User:
     name: str
     role: Role
+    #: Changes with the user's password hash: a session remembers it, and a password reset
+    #: (or a remove and re-add) ends the sessions opened before it.
+    stamp: str = field(default="", compare=False)
 
     @property
     def can_act(self) -> bool:
@@ -66,6 +69,11 @@ def password_matches(password: str, stored: str) -> bool:
     except (ValueError, TypeError):
         return False
     return hmac.compare_digest(got, expected)
+
+
+def _stamp(stored: str) -> str:
+    """A short digest of a stored hash (not the hash: the session cookie is readable)."""
+    return hashlib.sha256(b"saga console session\0" + stored.encode()).hexdigest()[:16]
 
 
 def _b64(data: bytes) -> str:
@@ -103,13 +111,14 @@ class UsersFile:
         role = entry.get("role") if isinstance(entry, dict) else None
         if not ok or not stored or role not in ROLES:
             return None
-        return User(name, role)
+        return User(name, role, _stamp(stored))
 
     def lookup(self, name: str) -> User | None:
         """The user of that name as the file says now (no password check: for sessions)."""
         entry = self._load().get(name)
         role = entry.get("role") if isinstance(entry, dict) else None
-        return User(name, role) if role in ROLES else None
+        stored = entry.get("hash", "") if isinstance(entry, dict) else ""
+        return User(name, role, _stamp(str(stored))) if role in ROLES else None
 
     def add(self, name: str, role: str, password: str) -> bool:
         """Add or replace a user; True when the name was new. The file is written 0600."""
