@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -179,12 +179,8 @@ class OperatorQueries:
 
     def count_sagas_by_state(self, query: SagaQuery) -> dict[str, int]:
         """How many sagas match `query` in each state (the state filter itself ignored)."""
-        unfiltered = SagaQuery(
-            saga_type=query.saga_type,
-            user_id=query.user_id,
-            started_after=query.started_after,
-            started_before=query.started_before,
-        )
+        # Every other filter applies (a field added to SagaQuery is not forgotten here).
+        unfiltered = replace(query, states=())
         with self.engine.connect() as conn:
             rows = conn.execute(
                 _saga_filter(
