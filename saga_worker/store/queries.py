@@ -48,6 +48,8 @@ class SagaQuery:
     started_before: datetime | None = None
     #: Only sagas waiting for a signal, an approval or a timer.
     waiting: bool = False
+    #: Only the sagas with this business key (exact match; ix_saga_checkpoints_business_key).
+    business_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,8 @@ def _saga_filter(query: Select[Any], q: SagaQuery) -> Select[Any]:
         query = query.where(checkpoints.c.started_at < q.started_before)
     if q.waiting:
         query = query.where(checkpoints.c.waiting_for.is_not(None))
+    if q.business_key is not None:
+        query = query.where(checkpoints.c.business_key == q.business_key)
     return query
 
 

@@ -4,6 +4,7 @@ and what the version fingerprint covers."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,6 +19,7 @@ from saga_worker.core.model import Direction
 from saga_worker.core.transition import start, transition
 from saga_worker.errors import InvalidSagaDefinition
 from saga_worker.examples import backtest_workflow
+from saga_worker.testing import SagaTestHarness
 
 NOW = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
 
@@ -173,6 +175,35 @@ def test_no_later_transition_changes_it_even_when_the_context_does() -> None:
     after = transition(definition, saga, StepSucceeded(0, Direction.FORWARD, 1, output), NOW)
     assert after.saga.context["order_id"] == "B-2"
     assert after.saga.business_key == "A-1"
+
+
+def test_a_saga_keeps_its_key_through_the_harness_to_the_end() -> None:
+    harness = SagaTestHarness(keyed("order_id"))
+    harness.start({"order_id": "A-1"})
+    harness.run_until_settled()
+    assert harness.saga.state.value == "COMPLETED"
+    assert harness.saga.business_key == "A-1"
+
+
+def test_the_in_memory_store_like_the_sql_one_never_updates_the_key() -> None:
+    """A transition decided on a copy without the key (a step message's checkpoint signed by
+    an older build) must not erase it: the store writes it at creation only."""
+    harness = SagaTestHarness(keyed("order_id"))
+    harness.start({"order_id": "A-1"})
+    saga_id = harness.saga.saga_id
+    definition = harness.definition
+    harness.store.apply(
+        saga_id,
+        lambda saga: transition(
+            definition,
+            replace(saga, business_key=None),
+            StepSucceeded(0, Direction.FORWARD, 1, {}),
+            NOW,
+        ),
+        NOW,
+    )
+    assert harness.saga.completed_steps == ("reserve",)
+    assert harness.saga.business_key == "A-1"
 
 
 # -- definition time ------------------------------------------------------------------------
