@@ -18,7 +18,8 @@ from saga_worker.core.events import StartRequested, StepSucceeded
 from saga_worker.core.model import Direction
 from saga_worker.core.transition import start, transition
 from saga_worker.errors import InvalidSagaDefinition
-from saga_worker.examples import backtest_workflow
+from saga_worker.examples import backtest_workflow, order_workflow
+from saga_worker.examples.orders import order_ref
 from saga_worker.testing import SagaTestHarness
 
 NOW = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
@@ -249,3 +250,10 @@ def test_with_it_the_version_covers_the_key_name_not_the_functions_code() -> Non
     assert keyed(noop).version == keyed(lambda ctx: "other code").version
     # Not part of the structure: a labelled version may add or change its key.
     assert keyed("order_id").structure == SagaDefinition("keyed", STEPS).structure
+
+
+def test_order_workflow_keys_orders_by_their_string_order_ref() -> None:
+    assert order_workflow.business_key is order_ref
+    assert order_ref({"amount": 1, "order_ref": "ORD-1"}) == "ORD-1"
+    assert order_ref({"amount": 1, "order_ref": 1}) is None
+    assert order_ref({"amount": 1}) is None
