@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+from saga_worker.config import Settings
 from saga_worker.core.commands import TASK_ID_NAMESPACE, RunAttempt, attempt_task_id
 from saga_worker.core.decision import Decision, Limits
-from saga_worker.core.definition import SagaDefinition, Step, StepInput
+from saga_worker.core.definition import Remote, SagaDefinition, Step, StepInput
 from saga_worker.core.events import (
     AttemptDue,
     AttemptExpired,
@@ -28,9 +30,12 @@ from saga_worker.core.retry import RetryPolicy
 from saga_worker.core.stages import WaitFor
 from saga_worker.core.transition import start, transition
 from saga_worker.testing import SagaTestHarness
+from saga_worker.worker.dispatch import CeleryDispatcher
+from tests.unit.fake_celery import FakeApp
 
 T0 = datetime(2026, 12, 1, 9, 0, tzinfo=UTC)
 FWD, COMP = Direction.FORWARD, Direction.COMPENSATE
+KEY = "k" * 64
 
 
 def noop(call: StepInput) -> dict[str, Any]:
@@ -184,6 +189,30 @@ def test_a_wait_sends_nothing_and_records_no_task_id() -> None:
     decision = start(waits, StartRequested("w-1", "waits", {}), T0)
     (row,) = [e for e in decision.audit if e.event_type == "step_start"]
     assert decision.commands == () and "task_id" not in row.event_data
+
+
+def test_the_dispatcher_sends_local_and_remote_steps_with_the_commands_task_id(
+    tmp_path: Path,
+) -> None:
+    definition = SagaDefinition(
+        "disp",
+        [Step("local", noop, compensate=Remote("svc.undo", "svc")), Step("remote", noop)],
+    )
+    decision = start(definition, StartRequested("d-1", "disp", {}), T0)
+    (command,) = decision.commands
+    settings = Settings.from_env(
+        {"SAGA_HOME": str(tmp_path), "SAGA_BROKER_URL": "redis://127.0.0.1:1/0"}
+    )
+    app = FakeApp()
+    dispatcher = CeleryDispatcher(app, settings, KEY)
+    dispatcher.send(definition, decision.saga, command)
+    undo = RunAttempt("d-1", 0, COMP, 1, T0, T0, task_id=attempt_task_id("d-1", 0, COMP, 1, 0))
+    dispatcher.send(definition, decision.saga, undo)
+    (local_name, local), (remote_name, remote) = app.sent
+    assert (local_name, local["task_id"]) == ("saga.disp.local", command.task_id)
+    assert (remote_name, remote["task_id"]) == ("svc.undo", undo.task_id)
+    # The replies the remote service's Celery sends back get ids of their own.
+    assert "task_id" not in remote["link"] and "task_id" not in remote["link_error"]
 
 
 def test_the_harness_shows_the_id_of_each_attempt_it_sent() -> None:
