@@ -38,6 +38,7 @@ from ..errors import (
     OperationRefused,
     SagaError,
     SagaNotFound,
+    UnknownDefinitionVersion,
 )
 from ..keys import subkey
 from ..store.keyring import signing_key_for
@@ -59,7 +60,7 @@ from .users import User, UsersFile
 
 HERE = Path(__file__).parent
 PURPOSE_WEB_SESSION = "web session"
-ACTIONS = ("retry", "abort", "approve", "reject")
+ACTIONS = ("retry", "abort", "approve", "reject", "migrate")
 PAGE_SIZE = 25
 #: A login session's lifetime (the cookie's Max-Age) in seconds.
 SESSION_SECONDS = 8 * 3600
@@ -118,12 +119,32 @@ class Console:
             result = self.client.retry(saga_id, user.name, force=force, reason=reason)
         elif action == "abort":
             result = self.client.abort(saga_id, reason, user.name)
+        elif action == "migrate":
+            return self._migrate(user, saga_id, form, reason)
         else:
             wait = form.get("wait") or None
             result = self.client.vote(
                 saga_id, user.name, approve=action == "approve", wait=wait, reason=reason
             )
         return f"{action}: {result.state_before} -> {result.state_after}", result.send_errors
+
+    def _migrate(
+        self, user: User, saga_id: str, form: dict[str, Any], reason: str
+    ) -> tuple[str, tuple[str, ...]]:
+        """`saga-worker migrate SAGA_ID --to VERSION --map OLD=NEW ...` as `user`; the map is
+        a JSON object or list of `OLD=NEW` (API), or `OLD=NEW` lines or commas (form)."""
+        to_version = form.get("to_version")
+        if not isinstance(to_version, str) or not to_version.strip():
+            raise InvalidFilter("migrate needs to_version: the definition version to move to")
+        mapping = form.get("map") or []
+        if isinstance(mapping, str):
+            mapping = [p.strip() for p in mapping.replace(",", "\n").splitlines() if p.strip()]
+        result = self.client.migrate(
+            saga_id, to_version.strip(), user.name, mapping=mapping, reason=reason
+        )
+        where = f" (resumes at {result.resume_step})" if result.resume_step else ""
+        text = f"migrate: {result.from_version} -> {result.to_version}{where}"
+        return text, result.send_errors
 
 
 def create_app(client: SagaClient | None = None, web: WebSettings | None = None) -> Starlette:
@@ -504,7 +525,8 @@ def saga_action(console: Console, request: Request, user: User, body: dict[str, 
             f"; warning: not sent ({error}), recovery re-sends it after its deadline"
             for error in not_sent
         )
-    except OperationRefused as exc:
+    except (OperationRefused, InvalidFilter, InvalidRequest, UnknownDefinitionVersion) as exc:
+        # What the operator asked cannot be done: said on the saga's page, where they act.
         request.session["flash"] = str(exc)
     return RedirectResponse(f"/sagas/{quote(saga_id)}", status_code=303)
 
