@@ -21,6 +21,7 @@ from . import registry
 from .audit.chain import iso_utc
 from .audit.redaction import Redactor
 from .config import Settings, check_broker_url
+from .core.business_key import MAX_BUSINESS_KEY, key_text
 from .core.definition import SagaDefinition
 from .core.events import Event, MigrateRequested
 from .core.model import Attempt, Saga, SagaState
@@ -227,8 +228,12 @@ class SagaClient:
         page: int = 1,
         page_size: int = 20,
         waiting: bool = False,
+        business_key: str | None = None,
     ) -> SagaPage:
-        """A page of sagas, newest first, plus how many of the filter are in each state."""
+        """A page of sagas, newest first, plus how many of the filter are in each state.
+
+        `business_key` matches exactly (`SagaDefinition.business_key`).
+        """
         wanted = []
         for state in states:
             try:
@@ -241,6 +246,12 @@ class SagaClient:
         if not 1 <= page_size <= MAX_PAGE_SIZE:
             raise InvalidFilter(f"page size must be 1-{MAX_PAGE_SIZE}, got {page_size}")
         check_time_range(since, until)
+        if business_key is not None and key_text(business_key) != business_key:
+            # No saga has such a key, and PostgreSQL would refuse a NUL in the query.
+            raise InvalidFilter(
+                f"a business key is 1-{MAX_BUSINESS_KEY} characters without control "
+                f"characters, got {business_key[:60]!r}"
+            )
         query = SagaQuery(
             states=tuple(wanted),
             saga_type=saga_type,
@@ -248,6 +259,7 @@ class SagaClient:
             started_after=since,
             started_before=until,
             waiting=waiting,
+            business_key=business_key,
         )
         with self._database():
             counts = self.store.count_sagas_by_state(query)
@@ -268,6 +280,7 @@ class SagaClient:
                 parked_at=s.parked_at,
                 waiting_for=s.waiting_for,
                 waiting_since=s.waiting_since,
+                business_key=s.business_key,
             )
             for s in sagas
         ]

@@ -36,11 +36,12 @@ SCENARIOS: list[tuple[str, str, dict[str, Any]]] = [
 ]
 
 
-#: The order of the demo: it waits for signal `approval`, sent through the CLI.
+#: The order of the demo: it waits for signal `approval`, sent through the CLI. Its
+#: `order_ref` is its business key (`saga-worker list --key ORD-0001`).
 ORDER = (
     "demo-order",
     "runs two checks in parallel, waits for approval (CLI), books",
-    {"amount": 2500},
+    {"amount": 2500, "order_ref": "ORD-0001"},
 )
 APPROVER = "risk-officer"
 

@@ -36,6 +36,7 @@ class SagaStatus:
         return {
             "saga_id": s.saga_id,
             "saga_type": s.saga_type,
+            "business_key": s.business_key,
             "state": s.state.value,
             "current_step_index": s.current_step_index,
             "current_step": self.current_step,
@@ -81,11 +82,13 @@ class SagaSummary:
     parked_at: datetime | None = None
     waiting_for: str | None = None
     waiting_since: datetime | None = None
+    business_key: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "saga_id": self.saga_id,
             "saga_type": self.saga_type,
+            "business_key": self.business_key,
             "state": self.state,
             "current_step_index": self.current_step_index,
             "total_steps": self.total_steps,

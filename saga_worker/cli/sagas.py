@@ -52,6 +52,7 @@ def status(ctx: click.Context, saga_id: str, json_mode: bool) -> None:
     pairs = [
         ("saga", data["saga_id"]),
         ("type", data["saga_type"]),
+        ("key", dash(data["business_key"])),
         ("state", data["state"]),
         ("version", dash(data["definition_version"])),
         ("step", step),
@@ -123,6 +124,12 @@ def status(ctx: click.Context, saga_id: str, json_mode: bool) -> None:
 @click.option(
     "--waiting", is_flag=True, help="Only sagas waiting for a signal, an approval or a timer."
 )
+@click.option(
+    "--key",
+    "business_key",
+    metavar="VALUE",
+    help="Only sagas with this business key (exact match), e.g. an order id.",
+)
 @click.option("--page", type=int, default=1, show_default=True, help="Page number (from 1).")
 @click.option(
     "--page-size", type=int, default=20, show_default=True, help="Sagas per page (1-500)."
@@ -137,6 +144,7 @@ def list_(
     since: datetime | None,
     until: datetime | None,
     waiting: bool,
+    business_key: str | None,
     page: int,
     page_size: int,
     json_mode: bool,
@@ -154,6 +162,7 @@ def list_(
         page=page,
         page_size=page_size,
         waiting=waiting,
+        business_key=business_key,
     )
     out = Output(json_mode)
     if json_mode:
@@ -163,12 +172,26 @@ def list_(
     if not result.items:
         out.line(f"no sagas match (page {result.page} of {result.pages})")
     else:
+        # The KEY column only when a saga on the page has one: most types define none.
+        keyed = any(s.business_key is not None for s in result.items)
+        key_column = ["KEY"] if keyed else []
         out.table(
-            ["SAGA ID", "TYPE", "STATE", "STEP", "USER", "STARTED (UTC)", "UPDATED (UTC)", "ERROR"],
+            [
+                "SAGA ID",
+                "TYPE",
+                *key_column,
+                "STATE",
+                "STEP",
+                "USER",
+                "STARTED (UTC)",
+                "UPDATED (UTC)",
+                "ERROR",
+            ],
             [
                 [
                     s.saga_id,
                     s.saga_type,
+                    *([dash(s.business_key)] if keyed else []),
                     s.state
                     + (" (parked)" if s.parked_at else "")
                     + (

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import InvalidSagaDefinition
+from .business_key import BusinessKey, key_name_problem, key_shape
 from .model import Direction, JSONObject
 from .retry import RetryPolicy
 from .stages import Parallel, Stage, Wait, flatten, wait_problems
@@ -100,6 +101,10 @@ class SagaDefinition:
     saga runs only under the version it started with; a worker may register several
     versions of one type, and new starts use the one marked `default=True`, else the one
     registered last (docs/deploys.md).
+
+    `business_key` names what people search the saga by: a context key (its value, a string
+    or an integer, becomes the key) or a function of the start context returning a string
+    or None. It is computed once, at start (core/business_key.py).
     """
 
     saga_type: str
@@ -109,6 +114,7 @@ class SagaDefinition:
     default: bool = False
     #: The stages the steps were given in (core/stages.py); `steps` are their flat leaves.
     stages: tuple[Stage, ...] = ()
+    business_key: BusinessKey | None = None
 
     def __init__(
         self,
@@ -118,6 +124,7 @@ class SagaDefinition:
         default_timeout_seconds: float | None = None,
         version: str | None = None,
         default: bool = False,
+        business_key: BusinessKey | None = None,
     ) -> None:
         leaves, stages, stage_problems = flatten(steps)
         object.__setattr__(self, "saga_type", saga_type)
@@ -125,6 +132,7 @@ class SagaDefinition:
         object.__setattr__(self, "stages", stages)
         object.__setattr__(self, "default_timeout_seconds", default_timeout_seconds)
         object.__setattr__(self, "default", default)
+        object.__setattr__(self, "business_key", business_key)
         problems = stage_problems + self.problems()
         if version is not None and (
             not isinstance(version, str) or not VERSION_RE.fullmatch(version)
@@ -149,6 +157,9 @@ class SagaDefinition:
         if not self.linear:
             # Only then: a linear definition keeps the version it had before stages existed.
             shape["stages"] = self._stage_shape()
+        if self.business_key is not None:
+            # Only then, for the same reason: a definition without one keeps its version.
+            shape["business_key"] = key_shape(self.business_key)
         return shape
 
     @property
@@ -185,6 +196,13 @@ class SagaDefinition:
             )
         if not self.steps:
             found.append("a saga needs at least one step")
+        if self.business_key is not None and not callable(self.business_key):
+            problem = key_name_problem(self.business_key)
+            if problem is not None:
+                found.append(
+                    f"business_key {problem} (a context key name, or a function of the "
+                    "context returning str | None)"
+                )
         if self.default_timeout_seconds is not None and not _positive_finite(
             self.default_timeout_seconds
         ):

@@ -170,6 +170,9 @@ class Saga:
     #: since when; None when it waits for no signal, vote or timer.
     waiting_for: str | None = None
     waiting_since: datetime | None = None
+    #: What people search the saga by (`SagaDefinition.business_key`): computed once, at
+    #: start, and never changed (a migration to another version keeps it).
+    business_key: str | None = None
 
     @property
     def pending(self) -> Attempt | None:

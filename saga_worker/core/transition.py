@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any, assert_never
 
 from .builder import Builder, resend, send_now
+from .business_key import business_key_of
 from .decision import DEFAULT_LIMITS, Decision, Limits
 from .definition import SagaDefinition
 from .events import (
@@ -43,7 +44,9 @@ def start(
     now: datetime,
     limits: Limits = DEFAULT_LIMITS,
 ) -> Decision:
-    """Create a saga from a validated start request and schedule its first step."""
+    """Create a saga from a validated start request and schedule its first step.
+
+    The saga's business key is computed here, once: no later transition changes it."""
     saga = Saga(
         saga_id=event.saga_id,
         saga_type=definition.saga_type,
@@ -58,17 +61,18 @@ def start(
         ip_address=event.ip_address,
         definition_version=definition.version,
         definition_structure=definition.structure,
+        business_key=business_key_of(definition.business_key, event.context),
     )
     b = Builder(definition, saga, now, limits)
-    b.audit(
-        "saga_start",
-        None,
-        event_data={
-            "saga_type": definition.saga_type,
-            "definition_version": definition.version,
-            "steps": outline_event_data(definition),
-        },
-    )
+    started: dict[str, Any] = {
+        "saga_type": definition.saga_type,
+        "definition_version": definition.version,
+        "steps": outline_event_data(definition),
+    }
+    if saga.business_key is not None:
+        # An audit export holds no checkpoint: its saga_start row names the key.
+        started["business_key"] = saga.business_key
+    b.audit("saga_start", None, event_data=started)
     begin_stage(b, 0)
     return b.decision()
 

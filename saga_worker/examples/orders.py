@@ -5,12 +5,16 @@ await_approval (signal `approval` with payload `{"approved": true|false}`, one h
 `false` or the timeout fails it) -> book_trade. A rollback compensates both branches, then
 validate_order. `example_orders` holds one row per saga: `reserved`, `booked`, `released`.
 The fault-injection keys of `backtest_workflow` apply to these steps too.
+
+Its business key (`saga-worker list --key`) is the context's `order_ref` when that is a
+string: the demo and the tests start orders with one. An order without it has no key.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -129,6 +133,16 @@ def unbook_trade(call: StepInput) -> dict[str, Any]:
     return {"booked": False}
 
 
+def order_ref(context: Mapping[str, Any]) -> str | None:
+    """The order's own reference, when the producer gave one: what operators search by.
+
+    The function form of `business_key` (`business_key="order_ref"` would do the same for
+    a string, and take an integer too): references are text here.
+    """
+    ref = context.get("order_ref")
+    return ref if isinstance(ref, str) else None
+
+
 _policy = RetryPolicy(
     max_attempts=3, initial_delay_seconds=0.5, backoff_factor=2.0, max_delay_seconds=5.0
 )
@@ -153,6 +167,7 @@ order_workflow = register(
             WaitFor("await_approval", signal="approval", timeout_seconds=3600, require="approved"),
             _step("book_trade", book_trade, unbook_trade),
         ],
+        business_key=order_ref,
     )
 )
 

@@ -18,6 +18,11 @@ from typing import Any
 
 from ..core.model import Attempt, Direction, Saga, SagaState, Signal, Vote
 
+#: Checkpoint columns written when a saga is created and never updated: a transition
+#: decided on a checkpoint that lacks them (a step message's carried copy signed by an
+#: older build during a rolling deploy, worker/snapshot.py) cannot erase them.
+WRITE_ONCE_COLUMNS = frozenset({"business_key"})
+
 
 def pending_to_json(attempt: Attempt | None) -> dict[str, Any] | None:
     if attempt is None:
@@ -81,6 +86,7 @@ def saga_to_row(saga: Saga) -> dict[str, Any]:
         "definition_version": saga.definition_version,
         "definition_structure": saga.definition_structure,
         "parked_at": saga.parked_at,
+        "business_key": saga.business_key,
     }
 
 
@@ -110,6 +116,7 @@ def saga_from_row(row: Mapping[Any, Any]) -> Saga:
         parked_at=row.get("parked_at"),
         waiting_for=row.get("waiting_for"),
         waiting_since=row.get("waiting_since"),
+        business_key=row.get("business_key"),
         **_flow_from_json(row["pending"] or {}),
     )
 

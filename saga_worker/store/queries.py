@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -48,6 +48,8 @@ class SagaQuery:
     started_before: datetime | None = None
     #: Only sagas waiting for a signal, an approval or a timer.
     waiting: bool = False
+    #: Only the sagas with this business key (exact match; ix_saga_checkpoints_business_key).
+    business_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,8 @@ def _saga_filter(query: Select[Any], q: SagaQuery) -> Select[Any]:
         query = query.where(checkpoints.c.started_at < q.started_before)
     if q.waiting:
         query = query.where(checkpoints.c.waiting_for.is_not(None))
+    if q.business_key is not None:
+        query = query.where(checkpoints.c.business_key == q.business_key)
     return query
 
 
@@ -179,12 +183,8 @@ class OperatorQueries:
 
     def count_sagas_by_state(self, query: SagaQuery) -> dict[str, int]:
         """How many sagas match `query` in each state (the state filter itself ignored)."""
-        unfiltered = SagaQuery(
-            saga_type=query.saga_type,
-            user_id=query.user_id,
-            started_after=query.started_after,
-            started_before=query.started_before,
-        )
+        # Every other filter applies (a field added to SagaQuery is not forgotten here).
+        unfiltered = replace(query, states=())
         with self.engine.connect() as conn:
             rows = conn.execute(
                 _saga_filter(

@@ -86,6 +86,9 @@ checkpoints = Table(
     # What the saga waits for (a signal, an approval, a timer) and since when (0005).
     Column("waiting_for", String(120)),
     Column("waiting_since", UTCDateTime),
+    # What people search the saga by (core/business_key.py), written at start only
+    # (codec.WRITE_ONCE_COLUMNS); 0006.
+    Column("business_key", String(255)),
     Index("ix_saga_checkpoints_state", "state"),
     Index("ix_saga_checkpoints_updated_at", "updated_at"),
     Index("ix_saga_checkpoints_saga_type_state", "saga_type", "state"),
@@ -112,6 +115,13 @@ checkpoints = Table(
         "waiting_since",
         postgresql_where=text("waiting_for IS NOT NULL"),
         sqlite_where=text("waiting_for IS NOT NULL"),
+    ),
+    # Exact lookups by business key; sagas of definitions without one are not in it.
+    Index(
+        "ix_saga_checkpoints_business_key",
+        "business_key",
+        postgresql_where=text("business_key IS NOT NULL"),
+        sqlite_where=text("business_key IS NOT NULL"),
     ),
 )
 

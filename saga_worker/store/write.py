@@ -33,6 +33,7 @@ from sqlalchemy import JSON, Boolean, Connection, Float, Integer, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from ..audit.chain import GENESIS_HASH, iso_utc
+from .codec import WRITE_ONCE_COLUMNS
 from .tables import UTCDateTime, audit_logs, checkpoints
 
 #: SQLSTATE of the chain trigger's refusal (class 23, integrity constraint violation: the
@@ -46,7 +47,8 @@ class Write:
 
     `checkpoint` is the row to write (without `version`), or None for audit rows alone (a
     refused start: no saga exists). `version` is the version the update replaces; None
-    inserts a new saga at version 1. `prev_hash` is the chain head `rows` were built on.
+    inserts a new saga at version 1 (an update leaves `WRITE_ONCE_COLUMNS` as they are).
+    `prev_hash` is the chain head `rows` were built on.
     """
 
     saga_id: str
@@ -116,10 +118,11 @@ def _execute_generic(conn: Connection, write: Write) -> Written:
                 return Written.CONFLICT  # a concurrent start of the same saga_id won
     else:
         assert write.checkpoint is not None
+        changed = {k: v for k, v in write.checkpoint.items() if k not in WRITE_ONCE_COLUMNS}
         result = conn.execute(
             update(checkpoints)
             .where(checkpoints.c.saga_id == write.saga_id, checkpoints.c.version == write.version)
-            .values(**write.checkpoint, version=write.version + 1)
+            .values(**changed, version=write.version + 1)
         )
         if result.rowcount != 1:
             return Written.CONFLICT
@@ -233,7 +236,11 @@ def _execute_pg(conn: Connection, write: Write) -> Written:
         kind = "rows"
     else:
         kind = "insert" if write.version is None else "update"
-        params.update(write.checkpoint)
+        params.update(
+            write.checkpoint
+            if kind == "insert"
+            else {k: v for k, v in write.checkpoint.items() if k not in WRITE_ONCE_COLUMNS}
+        )
         for column in _CHECKPOINT_JSON:
             if params.get(column) is not None:
                 params[column] = Json(params[column])

@@ -79,9 +79,17 @@ def event_from_json(data: Mapping[str, Any]) -> StartRequested | Event:
     return event
 
 
-#: Fields of waits and groups, recorded only when set: a linear saga's trail reads as it did
-#: before they existed.
-_FLOW_FIELDS = ("inbox", "seen_signals", "votes", "undo", "waiting_for", "waiting_since")
+#: Fields of waits, groups and business keys, recorded only when set: the trail of a linear
+#: saga without a key reads as it did before they existed.
+_WHEN_SET = (
+    "inbox",
+    "seen_signals",
+    "votes",
+    "undo",
+    "waiting_for",
+    "waiting_since",
+    "business_key",
+)
 
 
 def _saga_fields(saga: Saga | None) -> dict[str, Any]:
@@ -93,7 +101,7 @@ def _saga_fields(saga: Saga | None) -> dict[str, Any]:
         fields["pending"] = attempts[0] if attempts else None
     else:
         fields["attempts"] = attempts
-    return {k: v for k, v in fields.items() if k not in _FLOW_FIELDS or v not in (None, [])}
+    return {k: v for k, v in fields.items() if k not in _WHEN_SET or v not in (None, [])}
 
 
 def decision_to_json(before: Saga | None, decision: Decision, after: Saga) -> dict[str, Any]:

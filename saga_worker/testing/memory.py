@@ -26,7 +26,7 @@ from ..core.decision import AuditEvent, Decision
 from ..core.definition import Remote, SagaDefinition
 from ..core.model import Direction, Saga
 from ..errors import ConcurrencyConflict
-from ..store.codec import saga_from_row, saga_to_row
+from ..store.codec import WRITE_ONCE_COLUMNS, saga_from_row, saga_to_row
 from ..store.port import Applied, Loaded, StalledRow, Store, VersionKey
 
 #: Where a `FakeClock` starts unless told otherwise.
@@ -267,6 +267,9 @@ class InMemoryStore:
         rows = build_rows(saga.saga_id, saga.context, events, now, prev_hash, self.redactor)
         head = rows[-1]["hash"] if rows else prev_hash
         row = saga_to_row(saga)
+        previous = self._checkpoints.get(saga.saga_id)
+        if previous is not None:  # as the SQL store's UPDATE, which leaves them alone
+            row.update({k: previous.get(k) for k in WRITE_ONCE_COLUMNS})
         for column in _JSON_COLUMNS:
             row[column] = _json_copy(row[column])
         row.update(version=version, audit_head=head)
