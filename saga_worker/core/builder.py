@@ -10,7 +10,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from .commands import Command, RunAttempt
+from .commands import Command, RunAttempt, attempt_task_id
 from .decision import AuditEvent, Decision, Limits
 from .definition import SagaDefinition
 from .model import Attempt, Direction, Saga, SagaState
@@ -84,10 +84,12 @@ class Builder:
         user_id: str | None = None,
         uncertain: bool = False,
         allowance: float | None = None,
+        unparked: datetime | None = None,
     ) -> None:
         """Make (step, direction, number) the pending attempt and send it (or hold it).
 
         `allowance` is its queue allowance (default: the stall grace, a first send's).
+        `unparked` is when the saga this send resumes was parked (`attempt_task_id`).
         """
         timeout = self.timeout(step_index, direction)
         allowance = allowance or self.limits.stall_grace_seconds
@@ -125,7 +127,16 @@ class Builder:
         )
         self.put(attempt)
         kind = "step_start" if direction is Direction.FORWARD else "compensation_start"
-        data: dict[str, Any] = {"attempt": number, "timeout_seconds": timeout, **(extra or {})}
+        task_id = attempt_task_id(
+            self.saga.saga_id, step_index, direction, number, recoveries, unparked
+        )
+        data: dict[str, Any] = {
+            "attempt": number,
+            "timeout_seconds": timeout,
+            # The Celery task id the message is sent with: the console links it to Flower.
+            "task_id": task_id,
+            **(extra or {}),
+        }
         if not_before > self.now:
             data["not_before"] = not_before.isoformat()
         if allowance != self.limits.stall_grace_seconds:
@@ -140,7 +151,15 @@ class Builder:
             **who,
         )
         self.commands.append(
-            RunAttempt(self.saga.saga_id, step_index, direction, number, not_before, start_by)
+            RunAttempt(
+                self.saga.saga_id,
+                step_index,
+                direction,
+                number,
+                not_before,
+                start_by,
+                task_id=task_id,
+            )
         )
 
     def timeout(self, step_index: int, direction: Direction) -> float:
@@ -266,6 +285,8 @@ def resend(
         # (A parked saga's copy waited for want of a worker with its version, not behind a
         # backlog: resumed with the same allowance.)
         allowance=base if pending.held or not counted else next_allowance(base, grace),
+        # Same recoveries count as the copy that was parked: the id must differ all the same.
+        unparked=None if counted else b.saga.parked_at,
     )
 
 
@@ -277,6 +298,7 @@ def send_now(
     user_id: str | None = None,
     uncertain: bool | None = None,
     allowance: float | None = None,
+    unparked: datetime | None = None,
 ) -> None:
     """Send the pending attempt (same number, same run) now, with a fresh deadline."""
     b.run(
@@ -290,4 +312,5 @@ def send_now(
         user_id=user_id,
         uncertain=pending.uncertain if uncertain is None else uncertain,
         allowance=pending.allowance if allowance is None else allowance,
+        unparked=unparked,
     )

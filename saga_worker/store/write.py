@@ -193,7 +193,7 @@ cp AS (
     ", ".join(
         f'"{n}" = %({"new_version" if n == "version" else n})s'
         for n in _CHECKPOINT_NAMES
-        if n != "saga_id"
+        if n != "saga_id" and n not in WRITE_ONCE_COLUMNS
     )
 }
     WHERE saga_id = %(saga_id)s AND version = %(version)s

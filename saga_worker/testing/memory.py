@@ -302,6 +302,12 @@ class SentAttempt:
         return (self.command.step_index, self.command.direction, self.command.attempt)
 
     @property
+    def task_id(self) -> str:
+        """The Celery task id a worker would have received it with (recorded in its
+        `step_start` or `compensation_start` row)."""
+        return self.command.task_id
+
+    @property
     def step_name(self) -> str:
         """The name of the attempt's step."""
         return self.definition.steps[self.command.step_index].name

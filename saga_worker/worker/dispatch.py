@@ -95,6 +95,9 @@ class CeleryDispatcher:
         )
         token = self.token(saga.saga_id, command.step_index, command.direction, command.attempt)
         options: dict[str, Any] = {
+            # The id its step_start row records (core/commands.py attempt_task_id), so the
+            # audit trail names the task Flower and the worker log show.
+            "task_id": command.task_id,
             "soft_time_limit": timeout,
             "time_limit": timeout + HARD_LIMIT_MARGIN_SECONDS,
         }

@@ -282,6 +282,13 @@ def test_flower_shows_failed_and_retried_attempts(watched: Watched) -> None:
         assert len(ids) == sum(expected.values())
         for task_id in ids:
             assert log.count(f"[{as_logged(task_id)}] received") == 1, task_id
+        # The console links each attempt to Flower by the task id its start row records.
+        recorded = {
+            r["event_data"]["task_id"]
+            for r in watched.store.audit_trail(sagas[name])
+            if r["event_type"] in ("step_start", "compensation_start")
+        }
+        assert ids == recorded, name
     # Acked, not left for redelivery: kombu's Redis transport keeps a message it delivered
     # in the `unacked` hash until the worker acks it.
     failed_ids = [

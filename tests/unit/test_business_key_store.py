@@ -191,3 +191,12 @@ def test_the_cli_lists_by_key_and_status_shows_it(client: SagaClient, home: Path
     assert any(line.split() == ["key", "A-1"] for line in shown.output.splitlines())
     as_json = runner.invoke(main, ["status", "s-3", "--json"], env=env)
     assert json.loads(as_json.output)["business_key"] is None
+
+
+def test_the_postgresql_update_statement_leaves_the_key_alone() -> None:
+    """The one PostgreSQL statement is built from the table: its UPDATE must not name the
+    write-once column, whose parameter an update does not pass ("query parameter missing")."""
+    from saga_worker.store.write import _STATEMENTS
+
+    assert '"business_key"' in _STATEMENTS["insert"]
+    assert "business_key" not in _STATEMENTS["update"]

@@ -47,7 +47,13 @@ def test_local_and_remote_step_messages_expire_at_their_start_by(tmp_path: Path)
     dispatcher = CeleryDispatcher(app, _settings(tmp_path), KEY)
     dispatcher.send(definition, decision.saga, command)
     remote = type(command)(
-        "s-1", 1, command.direction, 1, command.not_before, command.start_by + timedelta(1)
+        "s-1",
+        1,
+        command.direction,
+        1,
+        command.not_before,
+        command.start_by + timedelta(1),
+        task_id="remote-task-id",
     )
     dispatcher.send(definition, decision.saga, remote)
     (local_name, local), (remote_name, remote_options) = app.sent
@@ -130,7 +136,13 @@ def test_a_rounded_up_amqp_countdown_ends_by_the_messages_expiry(tmp_path: Path)
     decision = start(definition, StartRequested("s-cd", "cd", {}), now, settings.limits())
     not_before = now + timedelta(seconds=1.2)
     command = RunAttempt(
-        "s-cd", 0, Direction.FORWARD, 2, not_before, not_before + timedelta(seconds=grace)
+        "s-cd",
+        0,
+        Direction.FORWARD,
+        2,
+        not_before,
+        not_before + timedelta(seconds=grace),
+        task_id="t-2",
     )
     app = FakeApp()
     CeleryDispatcher(app, settings, KEY).send(definition, decision.saga, command)

@@ -491,7 +491,7 @@ def test_a_stalled_branch_is_re_sent_alone() -> None:
     d = run.apply(AttemptStalled(2, FWD, 1, recoveries=0), advance=100)
     assert steps_of(d.audit) == [("saga_recovered", "middle"), ("step_start", "middle")]
     assert only_command(d) == replace(
-        sent(2, FWD, 1, run.now), start_by=run.now + timedelta(seconds=60)
+        sent(2, FWD, 1, run.now, recoveries=1), start_by=run.now + timedelta(seconds=60)
     )
     assert attempt_of(run, 2).recoveries == 1 and attempt_of(run, 2).uncertain
     assert attempt_of(run, 3) == right

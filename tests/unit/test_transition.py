@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from saga_worker.core.commands import RunAttempt
+from saga_worker.core.commands import RunAttempt, attempt_task_id
 from saga_worker.core.decision import AuditEvent, Decision, Limits, next_attempt
 from saga_worker.core.definition import SagaDefinition, Step
 from saga_worker.core.events import (
@@ -142,10 +142,13 @@ def steps_of(events: Iterable[AuditEvent]) -> list[tuple[str, str | None]]:
     return [(e.event_type, e.step_name) for e in events]
 
 
-def sent(step_index: int, direction: Direction, attempt: int, at: datetime) -> RunAttempt:
+def sent(
+    step_index: int, direction: Direction, attempt: int, at: datetime, recoveries: int = 0
+) -> RunAttempt:
     """The command of an attempt sent at `at` with the first queue allowance (the grace)."""
     start_by = at + timedelta(seconds=LIMITS.stall_grace_seconds)
-    return RunAttempt("saga-1", step_index, direction, attempt, at, start_by)
+    task_id = attempt_task_id("saga-1", step_index, direction, attempt, recoveries)
+    return RunAttempt("saga-1", step_index, direction, attempt, at, start_by, task_id=task_id)
 
 
 def only_command(decision: Decision) -> RunAttempt:
@@ -605,7 +608,7 @@ def test_attempt_stalled_resends_the_same_attempt() -> None:
     assert d.audit[1].event_data["attempt"] == 2
     # A re-send: twice the queue allowance (the first copy may still wait in a backlog).
     assert only_command(d) == replace(
-        sent(1, FWD, 2, run.now), start_by=run.now + timedelta(seconds=60)
+        sent(1, FWD, 2, run.now, recoveries=1), start_by=run.now + timedelta(seconds=60)
     )
     after = run.saga
     assert after.pending is not None
@@ -640,7 +643,7 @@ def test_stalled_compensation_is_recovered_with_compensation_start() -> None:
     d = run.apply(AttemptStalled(0, COMP, 1, 0))
     assert types(d.audit) == ["saga_recovered", "compensation_start"]
     assert only_command(d) == replace(
-        sent(0, COMP, 1, run.now), start_by=run.now + timedelta(seconds=60)
+        sent(0, COMP, 1, run.now, recoveries=1), start_by=run.now + timedelta(seconds=60)
     )
     assert run.saga.state is C
 
