@@ -250,5 +250,16 @@ def test_list_key_reads_the_partial_business_key_index(pg_admin_url: str) -> Non
                 "Shared Read Blocks", 0
             )
             assert touched < 20, shown
+        # A prepared statement's generic plan (psycopg prepares a query run 5 times, and the
+        # server may then plan it without the value) still proves the index's predicate.
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
+            conn.exec_driver_sql(
+                "PREPARE by_key(varchar) AS SELECT saga_id FROM saga_checkpoints "
+                "WHERE business_key = $1 ORDER BY started_at DESC, saga_id DESC LIMIT 20"
+            )
+            generic = "\n".join(conn.exec_driver_sql("EXPLAIN EXECUTE by_key('ORD-7')").scalars())
+        print(f"\n[list --key] generic plan:\n{generic}")
+        assert "ix_saga_checkpoints_business_key" in generic and "$1" in generic, generic
     finally:
         engine.dispose()
