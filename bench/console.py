@@ -29,6 +29,7 @@ import os
 import platform
 import random
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -403,6 +404,7 @@ def measure(url: str, args: argparse.Namespace, facts: dict[str, Any]) -> dict[s
                 log(f"  {done}/{len(measured)} ({time.monotonic() - began:.0f}s)")
         measured_s = time.monotonic() - began
     client.store.engine.dispose()
+    shutil.rmtree(home, ignore_errors=True)
     pages: dict[str, Any] = {}
     for kind in kinds:
         pages[kind] = {
