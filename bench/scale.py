@@ -3,7 +3,8 @@
 The schema comes from saga_worker's own Alembic migration (same indexes and triggers). The
 secondary indexes are dropped before the bulk load and rebuilt from the same definitions
 afterwards (faster than maintaining them row by row; the result is the same index), then
-the tables are vacuumed and analysed as autovacuum would eventually do.
+the tables are vacuumed and analysed as autovacuum would eventually do. The audit chain's
+trigger (migration 0002) is off during the load too; the generated rows chain all the same.
 
 Rows of one saga are spread over the audit table (saga = row number mod number of sagas),
 the unfavourable layout of many sagas in flight at once: each of a saga's rows sits on its
@@ -27,6 +28,7 @@ from saga_worker.store.migrate import upgrade
 from saga_worker.store.repository import SagaStore
 from saga_worker.store.tables import audit_logs, checkpoints
 
+DATABASE = "bench_scale"
 LIVE_NOT_DUE = 1000  # in-flight sagas whose deadline has not passed: in the index, not due
 AUDIT_EVENTS = (
     "saga_start",
@@ -43,26 +45,9 @@ AUDIT_EVENTS = (
 
 
 def run_scale(admin_url: str, sagas: int, stalled: int, audit_rows: int) -> dict[str, Any]:
-    url = admin_url.rsplit("/", 1)[0] + "/bench_scale"
-    admin = create_db_engine(admin_url, pool=False).execution_options(isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text("DROP DATABASE IF EXISTS bench_scale"))
-        conn.execute(text("CREATE DATABASE bench_scale"))
+    url = fresh_database(admin_url)
     engine = create_db_engine(url)
-    upgrade(engine)
-    timings: dict[str, float] = {}
-    began = time.monotonic()
-    _load_checkpoints(engine, sagas, stalled)
-    timings["load_checkpoints_s"] = time.monotonic() - began
-    began = time.monotonic()
-    _load_audit(engine, sagas, audit_rows)
-    timings["load_audit_s"] = time.monotonic() - began
-    began = time.monotonic()
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.execute(text("VACUUM ANALYZE saga_checkpoints"))
-        conn.execute(text("VACUUM ANALYZE saga_audit_logs"))
-    timings["vacuum_analyze_s"] = time.monotonic() - began
-
+    timings = load(engine, sagas, stalled, audit_rows)
     store = SagaStore(engine, Redactor([]))
     result: dict[str, Any] = {
         "sagas_terminal": sagas,
@@ -75,10 +60,60 @@ def run_scale(admin_url: str, sagas: int, stalled: int, audit_rows: int) -> dict
         "audit_show": _time_audit_show(engine, store, sagas, audit_rows),
     }
     engine.dispose()
-    with admin.connect() as conn:
-        conn.execute(text("DROP DATABASE IF EXISTS bench_scale"))
-    admin.dispose()
+    drop_database(admin_url)
     return result
+
+
+def fresh_database(admin_url: str, name: str = DATABASE) -> str:
+    """Drop and create database `name` on the server of `admin_url`, migrated; its URL."""
+    url = admin_url.rsplit("/", 1)[0] + "/" + name
+    admin = create_db_engine(admin_url, pool=False).execution_options(isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    engine = create_db_engine(url, pool=False)
+    upgrade(engine)
+    engine.dispose()
+    return url
+
+
+def drop_database(admin_url: str, name: str = DATABASE) -> None:
+    admin = create_db_engine(admin_url, pool=False).execution_options(isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+    admin.dispose()
+
+
+def load(
+    engine: Engine,
+    sagas: int,
+    stalled: int,
+    audit_rows: int,
+    *,
+    checkpoint_columns: dict[str, str] | None = None,
+    live_columns: dict[str, str] | None = None,
+    audit_extra: list[str] | None = None,
+) -> dict[str, float]:
+    """Load the checkpoints and the audit rows, then VACUUM ANALYZE; seconds per phase.
+
+    `checkpoint_columns` overrides columns of the sagas 'scale-<g>' (SQL over g, see
+    `terminal_columns`), `live_columns` those of the stalled and not-yet-due ones;
+    `audit_extra` are more INSERTs run in the audit load.
+    """
+    timings: dict[str, float] = {}
+    began = time.monotonic()
+    _load_checkpoints(engine, sagas, stalled, checkpoint_columns or {}, live_columns or {})
+    timings["load_checkpoints_s"] = time.monotonic() - began
+    began = time.monotonic()
+    _load_audit(engine, sagas, audit_rows, audit_extra or [])
+    timings["load_audit_s"] = time.monotonic() - began
+    began = time.monotonic()
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("VACUUM ANALYZE saga_checkpoints"))
+        conn.execute(text("VACUUM ANALYZE saga_audit_logs"))
+    timings["vacuum_analyze_s"] = time.monotonic() - began
+    return timings
 
 
 def _rebuilding_indexes(
@@ -96,52 +131,74 @@ def _rebuilding_indexes(
             conn.execute(CreateIndex(index))
 
 
-def _load_checkpoints(engine: Engine, sagas: int, stalled: int) -> None:
-    steps = '\'["reserve","compute","record"]\'::json'
-    common = """
-        'bench_saga', {state}, {index}, {completed}, '[]'::json,
-        '{{"n": 1, "a": 2, "b": 4, "c": 7}}'::json, NULL,
-        now() - make_interval(secs => g), now() - make_interval(secs => g) + interval '1 s',
-        3, 0, 'user_' || (g % 1000), '10.0.' || (g % 250) || '.' || (g % 200), 4,
-        {pending}, {deadline}, '[]'::json, false, md5(g::text) || md5((g + 1)::text)
-    """
-    pending = (
-        "json_build_object('step_index', 1, 'direction', 'forward', 'number', 1, "
-        "'not_before', {iso}, 'deadline', {iso_deadline}, "
-        "'recoveries', 0, 'held', false)"
+#: A checkpoint row of a stalled or not-yet-due saga: its pending attempt (as the codec writes
+#: it) with not_before and deadline given as SQL.
+PENDING = (
+    "json_build_object('step_index', 1, 'direction', 'forward', 'number', 1, "
+    "'not_before', {iso}, 'deadline', {iso_deadline}, "
+    "'recoveries', 0, 'held', false)"
+)
+
+
+def terminal_columns() -> dict[str, str]:
+    """The columns of saga 'scale-<g>' (COMPLETED, every 50th COMPENSATED), as SQL over g."""
+    return {
+        "saga_id": "'scale-' || g",
+        "saga_type": "'bench_saga'",
+        "state": "CASE WHEN g % 50 = 0 THEN 'COMPENSATED' ELSE 'COMPLETED' END",
+        "current_step_index": "3",
+        "completed_steps": '\'["reserve","compute","record"]\'::json',
+        "compensated_steps": "'[]'::json",
+        "context": '\'{"n": 1, "a": 2, "b": 4, "c": 7}\'::json',
+        "error": "NULL",
+        "started_at": "now() - make_interval(secs => g)",
+        "updated_at": "now() - make_interval(secs => g) + interval '1 s'",
+        "total_steps": "3",
+        "retries": "0",
+        "user_id": "'user_' || (g % 1000)",
+        "ip_address": "'10.0.' || (g % 250) || '.' || (g % 200)",
+        "version": "4",
+        "pending": "NULL",
+        "deadline": "NULL",
+        "failed_compensations": "'[]'::json",
+        "abort_requested": "false",
+        "audit_head": "md5(g::text) || md5((g + 1)::text)",
+    }
+
+
+def _insert(prefix: str, columns: dict[str, str], count: str) -> str:
+    values = {**columns, "saga_id": f"'{prefix}-' || g"}
+    return (
+        f"INSERT INTO saga_checkpoints ({', '.join(values)}) "
+        f"SELECT {', '.join(values.values())} FROM generate_series({count}) g"
     )
-    terminal = common.format(
-        state="CASE WHEN g % 50 = 0 THEN 'COMPENSATED' ELSE 'COMPLETED' END",
-        index="3",
-        completed=steps,
-        pending="NULL",
-        deadline="NULL",
-    )
+
+
+def _load_checkpoints(
+    engine: Engine,
+    sagas: int,
+    stalled: int,
+    overrides: dict[str, str],
+    live_overrides: dict[str, str],
+) -> None:
+    live = {
+        **terminal_columns(),
+        **live_overrides,
+        "state": "'RUNNING'",
+        "current_step_index": "1",
+        "completed_steps": "'[\"reserve\"]'::json",
+    }
     late = "now() - make_interval(mins => g)"
-    due = common.format(
-        state="'RUNNING'",
-        index="1",
-        completed="'[\"reserve\"]'::json",
-        pending=pending.format(iso=_iso(late), iso_deadline=_iso(late)),
-        deadline=late,
-    )
+    due = {**live, "pending": PENDING.format(iso=_iso(late), iso_deadline=_iso(late))}
+    due["deadline"] = late
     early = "now() + make_interval(hours => 1, secs => g)"
-    not_due = common.format(
-        state="'RUNNING'",
-        index="1",
-        completed="'[\"reserve\"]'::json",
-        pending=pending.format(iso=_iso("now()"), iso_deadline=_iso(early)),
-        deadline=early,
-    )
-    sql = f"""
-        INSERT INTO saga_checkpoints
-        SELECT 'scale-' || g, {terminal} FROM generate_series(0, :sagas - 1) g;
-        INSERT INTO saga_checkpoints
-        SELECT 'stalled-' || g, {due} FROM generate_series(1, :stalled) g;
-        INSERT INTO saga_checkpoints
-        SELECT 'live-' || g, {not_due} FROM generate_series(1, :live) g;
-    """
-    statements = [s for s in sql.split(";") if s.strip()]
+    not_due = {**live, "pending": PENDING.format(iso=_iso("now()"), iso_deadline=_iso(early))}
+    not_due["deadline"] = early
+    statements = [
+        _insert("scale", {**terminal_columns(), **overrides}, "0, :sagas - 1"),
+        _insert("stalled", due, "1, :stalled"),
+        _insert("live", not_due, "1, :live"),
+    ]
     params = {"sagas": sagas, "stalled": stalled, "live": LIVE_NOT_DUE}
     _rebuilding_indexes(engine, checkpoints, statements, params)
 
@@ -151,7 +208,7 @@ def _iso(expression: str) -> str:
     return f"to_char(({expression}) AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"+00:00\"')"
 
 
-def _load_audit(engine: Engine, sagas: int, rows: int) -> None:
+def _load_audit(engine: Engine, sagas: int, rows: int, extra: list[str]) -> None:
     events = "ARRAY[" + ",".join(f"'{e}'" for e in AUDIT_EVENTS) + "]"
     sql = f"""
         INSERT INTO saga_audit_logs (
@@ -171,12 +228,23 @@ def _load_audit(engine: Engine, sagas: int, rows: int) -> None:
             'user_' || (g % 1000),
             '10.0.0.1',
             'RUNNING', 'RUNNING', 0,
-            md5((g - 1)::text) || md5(g::text),
+            CASE WHEN g < :sagas THEN repeat('0', 64)
+                 ELSE md5((g - :sagas)::text) || md5((g - :sagas + 1)::text) END,
             md5(g::text) || md5((g + 1)::text)
         FROM generate_series(0, :rows - 1) g
         ORDER BY g
     """
-    _rebuilding_indexes(engine, audit_logs, [sql], {"sagas": sagas, "rows": rows})
+    # The chain trigger (migration 0002) checks each row against its saga's latest one, an
+    # index lookup per row: off for the bulk load, like the indexes. The rows chain anyway
+    # (each prev_hash is the hash of the saga's row before), as the trigger requires.
+    trigger = "saga_audit_logs_check_chain"
+    statements = [
+        f"ALTER TABLE saga_audit_logs DISABLE TRIGGER {trigger}",
+        sql,
+        *extra,
+        f"ALTER TABLE saga_audit_logs ENABLE TRIGGER {trigger}",
+    ]
+    _rebuilding_indexes(engine, audit_logs, statements, {"sagas": sagas, "rows": rows})
 
 
 def _sizes(engine: Engine) -> dict[str, int]:

@@ -241,10 +241,13 @@ class SagaClient:
         page_size: int = 20,
         waiting: bool = False,
         business_key: str | None = None,
+        count_limit: int | None = None,
     ) -> SagaPage:
         """A page of sagas, newest first, plus how many of the filter are in each state.
 
-        `business_key` matches exactly (`SagaDefinition.business_key`).
+        `business_key` matches exactly (`SagaDefinition.business_key`). With `count_limit`,
+        each state's count stops there (the console: a bounded scan per state instead of
+        counting a million rows per page) and `total_at_least` says a count reached it.
         """
         wanted = []
         for state in states:
@@ -273,9 +276,16 @@ class SagaClient:
             waiting=waiting,
             business_key=business_key,
         )
+        if count_limit is not None and count_limit < 1:
+            raise InvalidFilter(f"count limit must be 1 or more, got {count_limit}")
         with self._database():
-            counts = self.store.count_sagas_by_state(query)
+            counts = self.store.count_sagas_by_state(query, limit=count_limit)
             sagas = self.store.list_sagas(query, limit=page_size, offset=(page - 1) * page_size)
+        capped = count_limit is not None and any(
+            n > count_limit for s, n in counts.items() if not wanted or s in wanted
+        )
+        if count_limit is not None:
+            counts = {s: min(n, count_limit) for s, n in counts.items()}
         total = sum(n for s, n in counts.items() if not wanted or s in wanted)
         items = [
             SagaSummary(
@@ -297,7 +307,7 @@ class SagaClient:
             for s in sagas
         ]
         ordered = {s.value: counts.get(s.value, 0) for s in SagaState}
-        return SagaPage(items, page, page_size, total, ordered)
+        return SagaPage(items, page, page_size, total, ordered, total_at_least=capped)
 
     def wait_terminal(
         self, saga_ids: Iterable[str], timeout: float = 60.0

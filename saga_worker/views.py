@@ -112,6 +112,8 @@ class SagaPage:
     page_size: int
     total: int
     counts: dict[str, int]
+    #: A count stopped at `list_sagas`'s count_limit: `total` and `pages` are lower bounds.
+    total_at_least: bool = False
 
     @property
     def pages(self) -> int:
@@ -124,6 +126,7 @@ class SagaPage:
             "page_size": self.page_size,
             "pages": self.pages,
             "total": self.total,
+            "total_at_least": self.total_at_least,
             "counts": self.counts,
         }
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, Select, func, select, tuple_
 
-from ..core.model import TERMINAL_STATES, Saga
+from ..core.model import TERMINAL_STATES, Saga, SagaState
 from .codec import saga_from_row
 from .tables import audit_logs, checkpoints
 
@@ -181,10 +181,16 @@ class OperatorQueries:
             ).mappings()
             return [saga_from_row(r) for r in rows]
 
-    def count_sagas_by_state(self, query: SagaQuery) -> dict[str, int]:
-        """How many sagas match `query` in each state (the state filter itself ignored)."""
+    def count_sagas_by_state(self, query: SagaQuery, *, limit: int | None = None) -> dict[str, int]:
+        """How many sagas match `query` in each state (the state filter itself ignored).
+
+        With `limit`, each state's count stops at limit + 1 (one bounded index scan per
+        state instead of counting every match): a count above `limit` means "more".
+        """
         # Every other filter applies (a field added to SagaQuery is not forgotten here).
         unfiltered = replace(query, states=())
+        if limit is not None:
+            return self._bounded_counts(unfiltered, limit)
         with self.engine.connect() as conn:
             rows = conn.execute(
                 _saga_filter(
@@ -193,6 +199,23 @@ class OperatorQueries:
                 )
             ).all()
         return {str(state): int(count) for state, count in rows}
+
+    def _bounded_counts(self, query: SagaQuery, limit: int) -> dict[str, int]:
+        c = checkpoints.c
+        per_state = [
+            select(func.count())
+            .select_from(
+                _saga_filter(select(c.saga_id).where(c.state == state.value), query)
+                .limit(limit + 1)
+                .subquery()
+            )
+            .scalar_subquery()
+            .label(state.value)
+            for state in SagaState
+        ]
+        with self.engine.connect() as conn:
+            row = conn.execute(select(*per_state)).one()
+        return {state.value: int(n) for state, n in zip(SagaState, row, strict=True) if n}
 
     def saga_chain(self, saga_id: str) -> tuple[list[dict[str, Any]], str | None]:
         """One saga's audit rows and its checkpoint's audit_head, read in one transaction."""

@@ -93,6 +93,9 @@ checkpoints = Table(
     Index("ix_saga_checkpoints_updated_at", "updated_at"),
     Index("ix_saga_checkpoints_saga_type_state", "saga_type", "state"),
     Index("ix_saga_checkpoints_user_id", "user_id"),
+    # The search's order and time range (list_sagas: newest first, since/until); 0007.
+    # Neither column changes after the start: checkpoint updates stay HOT.
+    Index("ix_saga_checkpoints_started_at", "started_at", "saga_id"),
     # Terminal sagas have no deadline, so the recovery scan's index holds only live ones.
     Index(
         "ix_saga_checkpoints_deadline_live",
