@@ -132,6 +132,26 @@ def exact_numbers(value: Any) -> Any:
     return value
 
 
+#: Events whose audit row carries the saga's context after the transition (redacted): the
+#: start, every event that may change the context, the end, and a rejected start (its
+#: submitted context, bounded). Other rows leave it null: the saga's context at any row is
+#: that of the last row before it that has one.
+SNAPSHOT_EVENTS = frozenset(
+    {
+        "saga_start",
+        "step_complete",
+        "compensation_complete",
+        "signal_received",
+        "saga_migrated",
+        "saga_complete",
+        "saga_compensated",
+        "saga_aborted",
+        "saga_failed",
+        "saga_rejected",
+    }
+)
+
+
 def build_rows(
     saga_id: str,
     context: Mapping[str, Any],
@@ -142,18 +162,21 @@ def build_rows(
 ) -> list[dict[str, Any]]:
     """Audit rows of one transition, chained from `prev_hash`; the last one is the new head.
 
-    `context` is the saga's context after the transition (the snapshot, redacted here).
+    `context` is the saga's context after the transition (the snapshot, redacted here),
+    written on the rows of SNAPSHOT_EVENTS only.
     """
     snapshot = exact_numbers(redactor.value(dict(context)))
     rows: list[dict[str, Any]] = []
     for event in events:
+        # Only rows of events that change the context, start or end a saga carry it
+        # (DESIGN section 4): a step_start copied the context of the row before it.
         row: dict[str, Any] = {
             "saga_id": saga_id,
             "event_type": event.event_type,
             "step_name": event.step_name,
             "step_index": event.step_index,
             "event_data": exact_numbers(redactor.value(dict(event.event_data))),
-            "context_snapshot": snapshot,
+            "context_snapshot": snapshot if event.event_type in SNAPSHOT_EVENTS else None,
             "error_message": redactor.text(event.error_message),
             "error_stack_trace": redactor.text(event.error_stack_trace),
             "timestamp": now,

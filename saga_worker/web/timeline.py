@@ -110,7 +110,9 @@ def build(rows: Sequence[Mapping[str, Any]], now: datetime) -> Timeline:
             change = _diff(previous, row)
             if change is not None:
                 timeline.changes.append(change)
-        previous = row
+        if row.get("context_snapshot") is not None:
+            # Rows of events that do not change the context carry none (DESIGN section 4).
+            previous = row
     for bar in open_bars.values():
         bar.end = None  # still running: drawn up to the end of the axis
     if open_bars:
