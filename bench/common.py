@@ -284,3 +284,21 @@ def as_json(value: Any) -> Any:
 def write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def package_shim(checkout: Path, folder: Path) -> Path:
+    """A folder to put first on PYTHONPATH so that `checkout`'s saga_worker is imported.
+
+    Its saga_worker is a real folder of links to the checkout's modules plus `migrations`
+    (installed as saga_worker.migrations): linking the package alone would take the
+    migrations of the installed (editable) project, whose finder maps that name.
+    """
+    package = folder / "saga_worker"
+    package.mkdir(parents=True, exist_ok=True)
+    for entry in (checkout / "saga_worker").iterdir():
+        link = package / entry.name
+        if not link.exists():
+            link.symlink_to(entry, target_is_directory=entry.is_dir())
+    if not (package / "migrations").exists():
+        (package / "migrations").symlink_to(checkout / "migrations", target_is_directory=True)
+    return folder

@@ -5,6 +5,7 @@
 #   bash bench/run.sh --n 200 --reps 1 --scale-sagas 10000 --scale-audit 100000   # smoke
 #   bash bench/run.sh --profile        # also py-spy the saga_worker worker during a burst
 #   bash bench/run.sh ab base=/tmp/wt-a new=/tmp/wt-b   # A/B of saga_worker checkouts
+#   bash bench/run.sh wal base=/tmp/wt-a new=/tmp/wt-b   # WAL per saga by relation, per checkout
 #   bash bench/run.sh console          # the web console's pages at 1M sagas / 10M audit rows
 #   bash bench/run.sh console --scale-sagas 10000 --scale-audit 100000 --requests 50  # smoke
 #
@@ -81,6 +82,10 @@ start_bench_redis() {
 if [[ "${1:-}" == ab ]]; then
     shift
     .venv/bin/python -m bench.ab "$@"      # A/B of saga_worker checkouts (bench/ab.py)
+elif [[ "${1:-}" == wal ]]; then
+    shift
+    PG_BIN=${PG_BIN:-$(printf '%s\n' /usr/lib/postgresql/*/bin | sort -V | tail -n 1)} \
+        .venv/bin/python -m bench.wal "$@"    # WAL per saga by relation (bench/wal.py)
 elif [[ "${1:-}" == console ]]; then
     shift
     .venv/bin/python -m bench.console "$@" # the console's pages at size (bench/console.py)

@@ -25,6 +25,7 @@ from .common import (
     DoneList,
     PgProbe,
     as_json,
+    package_shim,
     percentile,
     redis_client,
     run_burst,
@@ -65,11 +66,7 @@ class Context:
             return str(REPO)
         # A folder holding only a link to the checkout's package: putting the checkout
         # itself first would also take its (possibly older) bench/ package.
-        shim = self.work_dir / "saga-src"
-        shim.mkdir(parents=True, exist_ok=True)
-        link = shim / "saga_worker"
-        if not link.exists():
-            link.symlink_to(self.saga_src / "saga_worker", target_is_directory=True)
+        shim = package_shim(self.saga_src, self.work_dir / "saga-src")
         return os.pathsep.join([str(shim), str(REPO)])
 
 
