@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -33,18 +34,28 @@ def create_db_engine(url: str, *, pool: bool = True, pre_ping: bool = False) -> 
             connect_args={"timeout": 30, "check_same_thread": False},
             poolclass=NullPool,
             hide_parameters=True,
+            json_serializer=compact_json,
         )
         _sqlite_immediate_transactions(engine)
         return engine
     # Errors quote SQL parameters, which hold saga contexts: keep them out of messages.
     # No pool_pre_ping: it costs a round trip per checkout, and a connection found dead by
     # the real statement raises OperationalError, which retry_transient retries anyway.
-    kwargs: dict[str, Any] = {"hide_parameters": True, "pool_pre_ping": pre_ping}
+    kwargs: dict[str, Any] = {
+        "hide_parameters": True,
+        "pool_pre_ping": pre_ping,
+        "json_serializer": compact_json,
+    }
     if not pool:
         kwargs["poolclass"] = NullPool
     else:
         kwargs.update(pool_size=5, max_overflow=5, pool_recycle=1800)
     return create_engine(url, **kwargs)
+
+
+def compact_json(value: Any) -> str:
+    """JSON without whitespace: JSON columns store the text as sent, whitespace included."""
+    return json.dumps(value, separators=(",", ":"))
 
 
 def _sqlite_immediate_transactions(engine: Engine) -> None:

@@ -34,6 +34,7 @@ from sqlalchemy.exc import IntegrityError
 
 from ..audit.chain import GENESIS_HASH, iso_utc
 from .codec import WRITE_ONCE_COLUMNS
+from .connect import compact_json
 from .tables import UTCDateTime, audit_logs, checkpoints
 
 #: SQLSTATE of the chain trigger's refusal (class 23, integrity constraint violation: the
@@ -243,7 +244,7 @@ def _execute_pg(conn: Connection, write: Write) -> Written:
         )
         for column in _CHECKPOINT_JSON:
             if params.get(column) is not None:
-                params[column] = Json(params[column])
+                params[column] = Json(params[column], dumps=compact_json)
         if write.version is not None:
             params.update(version=write.version, new_version=write.version + 1)
     try:
@@ -264,10 +265,15 @@ def _rows_json(rows: Sequence[Mapping[str, Any]]) -> str:
             {
                 **r,
                 "timestamp": iso_utc(r["timestamp"]),
-                "event_data": json.dumps(r["event_data"], ensure_ascii=False),
-                "context_snapshot": json.dumps(r["context_snapshot"], ensure_ascii=False),
+                "event_data": json.dumps(
+                    r["event_data"], ensure_ascii=False, separators=(",", ":")
+                ),
+                "context_snapshot": json.dumps(
+                    r["context_snapshot"], ensure_ascii=False, separators=(",", ":")
+                ),
             }
             for r in rows
         ],
         ensure_ascii=False,
+        separators=(",", ":"),
     )
