@@ -94,11 +94,16 @@ toast = dict(
     ).fetchall()
 )
 rels.update(toast)
+probe.execute("SELECT pg_stat_force_next_flush()")
+time.sleep(0.6)
+upd, hot = probe.execute(
+    "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'saga_checkpoints'"
+).fetchone()
 db_oid = probe.execute(
     "SELECT oid FROM pg_database WHERE datname = current_database()"
 ).fetchone()[0]
 print(json.dumps({"start": start, "end": end, "seconds": seconds, "relations": rels,
-                  "db_oid": db_oid}))
+                  "db_oid": db_oid, "hot_ratio": hot / upd if upd else None}))
 """
 
 _RECORD = re.compile(r"rel (\d+)/(\d+)/(\d+)")
@@ -180,6 +185,7 @@ def measure(
         "wal_bytes_per_saga": total / n,
         "wal_bytes_per_saga_without_fpi": (total - fpi) / n,
         "records_per_saga": sum(e["records"] for e in by_relation.values()) / n,
+        "checkpoint_hot_update_ratio": child["hot_ratio"],
         "serial_seconds_per_saga": child["seconds"] / n,
         "by_relation": {
             k: {kk: vv / n for kk, vv in v.items()}
@@ -197,6 +203,7 @@ def print_table(report: dict[str, Any]) -> None:
         ("total", "wal_bytes_per_saga", 1.0),
         ("total without FPI", "wal_bytes_per_saga_without_fpi", 1.0),
         ("records", "records_per_saga", 1.0),
+        ("checkpoint updates HOT (%, whole run)", "checkpoint_hot_update_ratio", 100.0),
         ("in-process ms per saga (serial)", "serial_seconds_per_saga", 1000.0),
     ]
     for label, key, scale in rows:

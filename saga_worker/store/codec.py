@@ -13,7 +13,7 @@ several (a group's branches) as `"attempts": [...]`. The state of waits (`inbox`
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ..core.model import Attempt, Direction, Saga, SagaState, Signal, Vote
@@ -22,6 +22,10 @@ from ..core.model import Attempt, Direction, Saga, SagaState, Signal, Vote
 #: decided on a checkpoint that lacks them (a step message's carried copy signed by an
 #: older build during a rolling deploy, worker/snapshot.py) cannot erase them.
 WRITE_ONCE_COLUMNS = frozenset({"business_key"})
+
+#: Grains of the indexed `deadline` column, in seconds (`scan_deadline`).
+DEADLINE_GRAINS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def pending_to_json(attempt: Attempt | None) -> dict[str, Any] | None:
@@ -78,7 +82,11 @@ def saga_to_row(saga: Saga) -> dict[str, Any]:
         "pending": _pending_column(saga),
         # A parked saga keeps its attempts but leaves the stalled scan (docs/deploys.md).
         # The earliest deadline of a group's attempts: the scan finds the first overdue one.
-        "deadline": saga.pending.deadline if saga.pending and saga.parked_at is None else None,
+        "deadline": (
+            scan_deadline(saga.pending)
+            if saga.pending and saga.parked_at is None
+            else None
+        ),
         "waiting_for": saga.waiting_for,
         "waiting_since": saga.waiting_since,
         "failed_compensations": list(saga.failed_compensations),
@@ -88,6 +96,23 @@ def saga_to_row(saga: Saga) -> dict[str, Any]:
         "parked_at": saga.parked_at,
         "business_key": saga.business_key,
     }
+
+
+def scan_deadline(attempt: Attempt) -> datetime:
+    """The deadline the recovery scan indexes: the attempt's, rounded up to a grain of at
+    most a tenth of the time the attempt was given (`DEADLINE_GRAINS`).
+
+    The scan's index is on this column, so an update that changes it cannot be HOT. The
+    next step of a saga is sent a little after the one before, with the same timeout, so
+    its deadline is a little later: rounded up, mostly the same value, and the update
+    leaves every index alone. The scan finds a saga at most one grain (a tenth of its
+    timeout) after its attempt's own deadline, which `pending` keeps exactly, never before.
+    """
+    span = (attempt.deadline - attempt.not_before).total_seconds()
+    grain = max([g for g in DEADLINE_GRAINS if g <= span / 10], default=DEADLINE_GRAINS[0])
+    micros = (attempt.deadline - _EPOCH) // timedelta(microseconds=1)
+    step = grain * 1_000_000
+    return _EPOCH + timedelta(microseconds=-(-micros // step) * step)
 
 
 def saga_from_row(row: Mapping[Any, Any]) -> Saga:
