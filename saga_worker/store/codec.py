@@ -31,18 +31,29 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 def pending_to_json(attempt: Attempt | None) -> dict[str, Any] | None:
     if attempt is None:
         return None
-    return {
+    data: dict[str, Any] = {
         "step_index": attempt.step_index,
         "direction": attempt.direction.value,
         "number": attempt.number,
         "not_before": attempt.not_before.isoformat(),
         "deadline": attempt.deadline.isoformat(),
-        "recoveries": attempt.recoveries,
-        "held": attempt.held,
-        "first": attempt.first,
-        "uncertain": attempt.uncertain,
-        "allowance": attempt.allowance,
     }
+    # Fields at their defaults are left out (`pending_from_json` reads them back as such):
+    # the column is rewritten on every transition.
+    for name, default in _ATTEMPT_DEFAULTS.items():
+        value = getattr(attempt, name)
+        if value != default:
+            data[name] = value
+    return data
+
+
+_ATTEMPT_DEFAULTS: dict[str, Any] = {
+    "recoveries": 0,
+    "held": False,
+    "first": 1,
+    "uncertain": False,
+    "allowance": 0.0,
+}
 
 
 def pending_from_json(data: Mapping[str, Any] | None) -> Attempt | None:
