@@ -353,13 +353,20 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--big", type=int, default=10_000, help="second burst (0 skips)")
     parser.add_argument("--waiting", type=int, default=1000, help="waiting sagas (0 skips)")
     parser.add_argument("--through", type=int, default=100_000, help="long run (0 skips)")
-    parser.add_argument("--batch", type=int, default=5000, help="sagas per batch of the long run")
+    parser.add_argument(
+        "--batch",
+        type=int,
+        help="sagas per batch of the long run (default: 5,000, fewer below 100,000 so that "
+        "a short run still has about 20 samples after its baseline)",
+    )
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--label", default="scale", help="file name of the JSON")
     parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--keep-logs", action="store_true")
     parser.add_argument("--note", default="", help="free text kept in the JSON (conditions)")
     args = parser.parse_args()
+    if args.batch is None:
+        args.batch = max(1, min(5000, args.through // 20))
     if args.batch < 1:
         parser.error("--batch must be 1 or more")
     return args
@@ -494,7 +501,8 @@ def _disk_rows(d: dict[str, Any] | None) -> Rows:
     rows.append(
         (
             "checkpoint HOT updates",
-            f"{cp['n_tup_hot_upd']:,} of {cp['n_tup_upd']:,} ({cp['hot_update_ratio']:.1%}){stale}",
+            f"{cp['n_tup_hot_upd']:,} of {cp['n_tup_upd']:,} ({cp['hot_update_ratio']:.1%}), "
+            f"{cp['n_dead_tup']:,} dead tuples{stale}",
         )
     )
     return rows
