@@ -8,6 +8,8 @@
 #   bash bench/run.sh wal base=/tmp/wt-a new=/tmp/wt-b   # WAL per saga by relation, per checkout
 #   bash bench/run.sh console          # the web console's pages at 1M sagas / 10M audit rows
 #   bash bench/run.sh console --scale-sagas 10000 --scale-audit 100000 --requests 50  # smoke
+#   bash bench/run.sh scale            # saga_worker at size: 10k burst, 1k waiting, 100k through
+#   bash bench/run.sh scale --small 200 --big 600 --waiting 100 --through 2000 --label scale-smoke
 #
 # Creates/uses .venv, installs the project with its `bench` extra, starts a throwaway
 # PostgreSQL (fsync=on, synchronous_commit=on, as the unprivileged `postgres` user, like
@@ -89,6 +91,9 @@ elif [[ "${1:-}" == wal ]]; then
 elif [[ "${1:-}" == console ]]; then
     shift
     .venv/bin/python -m bench.console "$@" # the console's pages at size (bench/console.py)
+elif [[ "${1:-}" == scale ]]; then
+    shift
+    .venv/bin/python -m bench.load "$@"    # saga_worker under load (bench/load.py)
 else
     .venv/bin/python -m bench.main "$@"
 fi

@@ -165,6 +165,7 @@ class SagaWorker:
     name = "saga_worker"
     queue = "bench-saga"
     worker_args: tuple[str, ...] = ()
+    imports = "bench.sagas"  # SAGA_IMPORTS: bench/load.py adds its wait saga
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -179,7 +180,7 @@ class SagaWorker:
             "SAGA_DATABASE_URL": self.url,
             "SAGA_BROKER_URL": self.ctx.redis_url,
             "SAGA_QUEUE": self.queue,
-            "SAGA_IMPORTS": "bench.sagas",
+            "SAGA_IMPORTS": self.imports,
             # Required with PostgreSQL (a checkout from before 0.2 ignores it).
             "SAGA_SIGNING_KEY": "saga-worker-benchmark-signing-key-0001",
             "SAGA_HOME": str(self.ctx.work_dir / "saga-home"),
