@@ -37,6 +37,7 @@ from .runtime import RuntimeFactory
 from .shutdown import size_soft_shutdown
 from .steps import register_step_tasks
 from .tasks import register_core_tasks
+from .timers import install_timer_compaction
 
 log = logging.getLogger(__name__)
 #: Exit code of a configuration error, as the CLI gives it.
@@ -347,6 +348,7 @@ def create_app(settings: Settings | None = None) -> Celery:
     for module in settings.imports:
         importlib.import_module(module)
     install_versions(app, settings)
+    install_timer_compaction(app)
     # After the imports: sized from the sagas they registered (why: worker/shutdown.py).
     size_soft_shutdown(app, registry.all_definitions(), settings.default_step_timeout_seconds)
     return app
