@@ -94,9 +94,7 @@ def saga_to_row(saga: Saga) -> dict[str, Any]:
         # A parked saga keeps its attempts but leaves the stalled scan (docs/deploys.md).
         # The earliest deadline of a group's attempts: the scan finds the first overdue one.
         "deadline": (
-            scan_deadline(saga.pending)
-            if saga.pending and saga.parked_at is None
-            else None
+            scan_deadline(saga.pending) if saga.pending and saga.parked_at is None else None
         ),
         "waiting_for": saga.waiting_for,
         "waiting_since": saga.waiting_since,
