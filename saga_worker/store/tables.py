@@ -125,8 +125,9 @@ checkpoints = Table(
         postgresql_where=text("business_key IS NOT NULL"),
         sqlite_where=text("business_key IS NOT NULL"),
     ),
-    # Room on each page for updated row versions, so that updates can be HOT (0009).
-    postgresql_with={"fillfactor": 85},
+    # fillfactor 85 (room on each page for updated row versions, so that updates can be
+    # HOT) is set by migration 0009, not here: `postgresql_with` on a Table is SQLAlchemy
+    # 2.1's, and 2.0 (which pyproject.toml allows) refuses it when this module is imported.
 )
 
 #: One row per live worker (process group), refreshed every few seconds: which definition
