@@ -171,7 +171,7 @@ audit_logs = Table(
     Index("ix_saga_audit_logs_event_type_timestamp", "event_type", "timestamp"),
     # What one person did; rows without a user are not in it.
     Index(
-        "ix_saga_audit_logs_user_id_timestamp",
+        "ix_saga_audit_logs_user_id_timestamp_partial",
         "user_id",
         "timestamp",
         postgresql_where=text("user_id IS NOT NULL"),
@@ -179,7 +179,7 @@ audit_logs = Table(
     ),
     # Time-range scans (exports): rows arrive in time order in an append-only table, so a
     # BRIN summary of block ranges does what a B-tree of every row did (SQLite: a B-tree).
-    Index("ix_saga_audit_logs_timestamp", "timestamp", postgresql_using="brin"),
+    Index("ix_saga_audit_logs_timestamp_brin", "timestamp", postgresql_using="brin"),
 )
 
 #: Digests of every saga's chain head (`saga-worker audit anchor`), chained, append-only.
