@@ -2,7 +2,7 @@
 
 Every audit row paid for nine secondary indexes and every checkpoint write for eight; an
 index entry costs about 130 bytes of WAL, so indexes were most of what a saga wrote
-(`bash bench/run.sh wal`, docs/benchmark.md "The write diet"). Kept, with their readers:
+(`bash bench/run.sh wal`). Kept, with their readers:
 
 - saga_audit_logs (saga_id, id): a saga's trail in order, its chain head (the write path,
   the chain trigger, `audit show`, the console's timeline, anchors);
