@@ -157,9 +157,10 @@ def _park(engine: SagaEngine, row: StalledRow, reason: str) -> RecoveryOutcome |
 
 
 def _earliest(row: StalledRow) -> Attempt | None:
-    """The attempt whose deadline the row's `deadline` is (a group's other branches may be
-    overdue too: once this one is handled, the row's deadline is theirs, and a later page or
-    sweep takes them)."""
+    """The attempt with the earliest exact deadline (the row's `deadline` is only the scan's
+    key, rounded up: store/codec.py `scan_deadline`). A group's other branches may be overdue
+    too: once this one is handled, the row's deadline is theirs, and a later page or sweep
+    takes them."""
     attempts = attempts_from_json(row.pending)
     return min(attempts, key=lambda a: (a.deadline, a.step_index)) if attempts else None
 

@@ -5,7 +5,7 @@ nothing for VACUUM to clean in the indexes) only if no indexed column changed an
 row version fits on the row's own page. Inserts now fill a page to 85%, leaving room for
 a few updated versions until pruning reclaims the old ones. Together with the rounded
 `deadline` (store/codec.py, `scan_deadline`) and migration 0008 (no index on updated_at),
-most checkpoint updates are HOT (docs/benchmark.md, "The write diet").
+most checkpoint updates are HOT (`bash bench/run.sh wal` counts them).
 
 Only pages written from now on are filled to 85%; existing ones keep their rows.
 

@@ -83,7 +83,7 @@ class Attempt:
         return (self.step_index, self.direction, self.number)
 
     def overdue(self, now: datetime) -> bool:
-        """Past its deadline: what the recovery scan selects (`deadline < now` in SQL too)."""
+        """Past its deadline (the SQL scan's `deadline < now` is on it rounded up: codec.py)."""
         return self.deadline < now
 
     def stalled(self, now: datetime) -> bool:

@@ -92,9 +92,12 @@ def saga_to_row(saga: Saga) -> dict[str, Any]:
         "ip_address": saga.ip_address,
         "pending": _pending_column(saga),
         # A parked saga keeps its attempts but leaves the stalled scan (docs/deploys.md).
-        # The earliest deadline of a group's attempts: the scan finds the first overdue one.
+        # The earliest scan deadline of a group's attempts: the scan finds the first overdue
+        # one, each within its own grain (a short branch's grain is not a long branch's).
         "deadline": (
-            scan_deadline(saga.pending) if saga.pending and saga.parked_at is None else None
+            min(scan_deadline(a) for a in saga.attempts)
+            if saga.attempts and saga.parked_at is None
+            else None
         ),
         "waiting_for": saga.waiting_for,
         "waiting_since": saga.waiting_since,

@@ -125,8 +125,9 @@ checkpoints = Table(
         postgresql_where=text("business_key IS NOT NULL"),
         sqlite_where=text("business_key IS NOT NULL"),
     ),
-    # Room on each page for updated row versions, so that updates can be HOT (0009).
-    postgresql_with={"fillfactor": 85},
+    # fillfactor 85 (room on each page for updated row versions, so that updates can be
+    # HOT) is set by migration 0009, not here: `postgresql_with` on a Table is SQLAlchemy
+    # 2.1's, and 2.0 (which pyproject.toml allows) refuses it when this module is imported.
 )
 
 #: One row per live worker (process group), refreshed every few seconds: which definition
@@ -170,7 +171,7 @@ audit_logs = Table(
     Index("ix_saga_audit_logs_event_type_timestamp", "event_type", "timestamp"),
     # What one person did; rows without a user are not in it.
     Index(
-        "ix_saga_audit_logs_user_id_timestamp",
+        "ix_saga_audit_logs_user_id_timestamp_partial",
         "user_id",
         "timestamp",
         postgresql_where=text("user_id IS NOT NULL"),
@@ -178,7 +179,7 @@ audit_logs = Table(
     ),
     # Time-range scans (exports): rows arrive in time order in an append-only table, so a
     # BRIN summary of block ranges does what a B-tree of every row did (SQLite: a B-tree).
-    Index("ix_saga_audit_logs_timestamp", "timestamp", postgresql_using="brin"),
+    Index("ix_saga_audit_logs_timestamp_brin", "timestamp", postgresql_using="brin"),
 )
 
 #: Digests of every saga's chain head (`saga-worker audit anchor`), chained, append-only.

@@ -267,6 +267,11 @@ class InMemoryStore:
         rows = build_rows(saga.saga_id, saga.context, events, now, prev_hash, self.redactor)
         head = rows[-1]["hash"] if rows else prev_hash
         row = saga_to_row(saga)
+        if row["deadline"] is not None:
+            # The SQL column is rounded up (codec.scan_deadline: so that updates can be HOT
+            # in PostgreSQL, at most a grain late). Here nothing is saved by it: the exact
+            # earliest deadline, so that recover() just past it re-sends the attempt.
+            row["deadline"] = min(a.deadline for a in saga.attempts)
         previous = self._checkpoints.get(saga.saga_id)
         if previous is not None:  # as the SQL store's UPDATE, which leaves them alone
             row.update({k: previous.get(k) for k in WRITE_ONCE_COLUMNS})
