@@ -114,8 +114,10 @@ class AuditReader:
 
     def rows(self, query: AuditQuery) -> Iterator[dict[str, Any]]:
         """Matching audit rows in id order, one at a time, never all in memory."""
-        stmt = _audit_filter(select(audit_logs), query).order_by(audit_logs.c.id)
         if self.conn is not None:
+            stmt = self._by_id(self.conn, query)
+            if stmt is None:
+                return
             result = self.conn.execute(stmt.execution_options(yield_per=self.batch))
             try:
                 for row in result.mappings():
@@ -123,6 +125,11 @@ class AuditReader:
             finally:
                 result.close()
             return
+        with self.engine.connect() as conn:
+            found = self._by_id(conn, query)
+        if found is None:
+            return
+        stmt = found
         last = 0
         while True:
             with self.engine.connect() as conn:
@@ -136,6 +143,34 @@ class AuditReader:
                 return
             yield from batch
             last = batch[-1]["id"]
+
+    @staticmethod
+    def _by_id(conn: Connection, query: AuditQuery) -> Select[Any] | None:
+        """The rows' statement in id order; None when a time range holds no row.
+
+        A time range is first turned into the ids it spans (min and max id of its rows,
+        read through the timestamp index). Without that bound the planner walks the primary
+        key from the table's first row for `ORDER BY id` (it assumes matching rows are
+        spread evenly over the ids, where in an append-only table they are one stretch) and
+        filters every row before the range.
+        """
+        stmt = _audit_filter(select(audit_logs), query).order_by(audit_logs.c.id)
+        if query.since is None and query.until is None:
+            return stmt
+        a = audit_logs.c
+        # `id + 0`: min(id) alone would be planned as that same walk of the primary key.
+        low, high = conn.execute(
+            _audit_filter(select(func.min(a.id + 0), func.max(a.id + 0)), query)
+        ).one()
+        if low is None:
+            return None
+        # Only the bounds the range has: rows appended later (an open-ended range read in
+        # batches, not in one snapshot) still come after `high`.
+        if query.since is not None:
+            stmt = stmt.where(a.id >= low)
+        if query.until is not None:
+            stmt = stmt.where(a.id <= high)
+        return stmt
 
     def heads(self, saga_type: str | None = None) -> Iterator[tuple[str, str]]:
         """(saga_id, audit_head) of every checkpoint (of one saga type), streamed."""
