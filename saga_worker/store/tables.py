@@ -95,10 +95,12 @@ checkpoints = Table(
     # The search's order and time range (list_sagas: newest first, since/until); 0007.
     # Neither column changes after the start: checkpoint updates stay HOT.
     Index("ix_saga_checkpoints_started_at", "started_at", "saga_id"),
-    # Terminal sagas have no deadline, so the recovery scan's index holds only live ones.
+    # Terminal sagas have no deadline, so the recovery scan's index holds only live ones;
+    # saga_id makes the sweep's (deadline, saga_id) paging an index condition (0009).
     Index(
         "ix_saga_checkpoints_deadline_live",
         "deadline",
+        "saga_id",
         postgresql_where=text("deadline IS NOT NULL"),
         sqlite_where=text("deadline IS NOT NULL"),
     ),

@@ -21,7 +21,7 @@ from saga_worker import SagaDefinition, Step
 from saga_worker.audit.redaction import Redactor
 from saga_worker.engine import SagaEngine, utcnow
 from saga_worker.store.connect import create_db_engine
-from saga_worker.store.queries import AuditQuery, AuditReader, _audit_filter
+from saga_worker.store.queries import AuditQuery, AuditReader, _audit_filter, stalled_query
 from saga_worker.store.repository import SagaStore
 from saga_worker.store.tables import audit_logs, checkpoints
 from saga_worker.testing import SagaTestHarness
@@ -235,3 +235,34 @@ def test_checkpoint_updates_between_start_and_end_are_hot(pg_admin_url: str) -> 
     assert updates == 3 * sagas, updates
     # The two updates in the middle of each saga, barring a grain boundary between steps.
     assert hot >= 2 * sagas - 2, (hot, updates)
+
+
+def test_a_mass_stall_pages_through_one_shared_deadline_by_index(pg_admin_url: str) -> None:
+    """5,000 live sagas whose rounded deadline is the same second: each page of the sweep
+    starts where the last one ended, by (deadline, saga_id) in the index, instead of reading
+    the sagas of that deadline again."""
+    engine = create_db_engine(fresh_postgres_database(pg_admin_url))
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO saga_checkpoints (saga_id, saga_type, state, current_step_index,"
+                " completed_steps, compensated_steps, context, started_at, updated_at,"
+                " total_steps, retries, version, failed_compensations, abort_requested,"
+                " audit_head, deadline) SELECT 'stalled-' || lpad(g::text, 5, '0'), 'order',"
+                " 'RUNNING', 0, CAST('[]' AS json), CAST('[]' AS json), CAST('{}' AS json),"
+                " now(), now(), 3, 0, 1, CAST('[]' AS json), false, repeat('0', 64),"
+                " date_trunc('minute', now()) - interval '1 hour'"
+                " FROM generate_series(1, 5000) AS g"
+            )
+        )
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(text("VACUUM ANALYZE saga_checkpoints"))
+        shared = conn.execute(text("SELECT min(deadline) FROM saga_checkpoints")).scalar_one()
+    page = stalled_query(utcnow(), 500, (shared, "stalled-04000"))
+    nodes, readable = explain(engine, page)
+    engine.dispose()
+    assert indexes_used(nodes) == {"ix_saga_checkpoints_deadline_live"}, readable
+    assert nodes[0]["Actual Rows"] == 500, readable
+    assert removed(nodes) == 0, readable
+    scanned = [n for n in nodes if n.get("Index Name") == "ix_saga_checkpoints_deadline_live"]
+    assert scanned[0]["Actual Rows"] <= 1000, readable  # not the 4,000 before the page
