@@ -302,3 +302,13 @@ def package_shim(checkout: Path, folder: Path) -> Path:
     if not (package / "migrations").exists():
         (package / "migrations").symlink_to(checkout / "migrations", target_is_directory=True)
     return folder
+
+
+def servers_from_env() -> tuple[str, str] | None:
+    """(admin PostgreSQL URL, Redis URL) that bench/run.sh exports, or None (said why)."""
+    admin_url = os.environ.get("BENCH_DATABASE_URL")
+    redis_url = os.environ.get("BENCH_REDIS_URL")
+    if not admin_url or not redis_url:
+        print("BENCH_DATABASE_URL and BENCH_REDIS_URL must be set (bench/run.sh sets them)")
+        return None
+    return admin_url, redis_url

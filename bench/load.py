@@ -40,6 +40,7 @@ from .common import (
     pg_dsn,
     redis_client,
     run_burst,
+    servers_from_env,
     write_json,
 )
 from .footprint import RssSeries, disk_per_saga
@@ -297,11 +298,10 @@ def pool_settings(ctx: Context, worker: SagaWorker) -> dict[str, Any]:
 
 def main() -> int:
     args = parse_args()
-    admin_url = os.environ.get("BENCH_DATABASE_URL")
-    redis_url = os.environ.get("BENCH_REDIS_URL")
-    if not admin_url or not redis_url:
-        print("BENCH_DATABASE_URL and BENCH_REDIS_URL must be set (bench/run.sh sets them)")
+    servers = servers_from_env()
+    if servers is None:
         return 2
+    admin_url, redis_url = servers
     work_dir = Path(tempfile.mkdtemp(prefix="saga-bench-scale-"))
     ctx = Context(admin_url, redis_url, work_dir)
     began = time.monotonic()

@@ -22,7 +22,7 @@ from sqlalchemy import text
 
 from saga_worker.store.connect import create_db_engine
 
-from .common import write_json
+from .common import servers_from_env, write_json
 from .systems import REPO, SYSTEMS, Context, Plan
 
 RESULTS = REPO / "bench" / "results"
@@ -48,11 +48,10 @@ METRICS = (
 
 def main() -> int:
     args = parse_args()
-    admin_url = os.environ.get("BENCH_DATABASE_URL")
-    redis_url = os.environ.get("BENCH_REDIS_URL")
-    if not admin_url or not redis_url:
-        print("BENCH_DATABASE_URL and BENCH_REDIS_URL must be set (bench/run.sh sets them)")
+    servers = servers_from_env()
+    if servers is None:
         return 2
+    admin_url, redis_url = servers
     work_dir = Path(tempfile.mkdtemp(prefix="saga-bench-"))
     ctx = Context(admin_url, redis_url, work_dir, Path(args.saga_src) if args.saga_src else None)
     plan = Plan(args.n, args.serial, args.warmup)
