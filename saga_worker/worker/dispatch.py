@@ -29,11 +29,16 @@ def shown_kwargs(redactor: Redactor, kwargs: dict[str, Any]) -> str:
     """What task events, Flower and worker logs show instead of a message's kwargs (its
     `kwargsrepr`): the context, outputs and free text redacted, tokens and checkpoints
     hidden."""
-    shown: dict[str, Any] = {key: redactor.value(value) for key, value in kwargs.items()}
-    if "token" in shown:
-        shown["token"] = REDACTED
-    if isinstance(shown.get("checkpoint"), dict):
-        shown["checkpoint"] = f"<version {shown['checkpoint'].get('version')}>"
+    shown: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        if key == "token":
+            shown[key] = REDACTED
+        elif key == "checkpoint" and isinstance(value, dict):
+            # Replaced whole, so not redacted first: a step message carries the context in
+            # it, and walking that once more per step is work on the hot path.
+            shown[key] = f"<version {value.get('version')}>"
+        else:
+            shown[key] = redactor.value(value)
     return repr(shown)[:2000]
 
 
