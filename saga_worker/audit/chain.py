@@ -165,9 +165,12 @@ def build_rows(
     `context` is the saga's context after the transition (the snapshot, redacted here),
     written on the rows of SNAPSHOT_EVENTS only.
     """
-    snapshot = exact_numbers(redactor.value(dict(context)))
+    snapshot: Any = None
     rows: list[dict[str, Any]] = []
     for event in events:
+        if snapshot is None and event.event_type in SNAPSHOT_EVENTS:
+            # Redacted once, and only for a transition that has a row carrying it.
+            snapshot = exact_numbers(redactor.value(dict(context)))
         # Only rows of events that change the context, start or end a saga carry it
         # (DESIGN section 4): a step_start copied the context of the row before it.
         row: dict[str, Any] = {
